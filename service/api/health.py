@@ -1,0 +1,48 @@
+"""Operational endpoints, open without an API key: liveness, readiness, Prometheus metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from rellax.errors import HistoryStoreError
+from service.deps import MetricsDep, StoreDep
+from service.schemas import HealthResponse, ReadyResponse
+
+__all__ = ["router"]
+
+router = APIRouter(tags=["operations"])
+
+
+@router.get("/healthz", response_model=HealthResponse)
+async def healthz() -> HealthResponse:
+    """The process is alive (no dependency is checked: restarting would not fix Redis)."""
+    return HealthResponse(status="ok")
+
+
+@router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
+async def readyz(request: Request, store: StoreDep) -> JSONResponse:
+    """Ready when the bundle is loaded, Redis answers, the canary scored and the batcher runs."""
+    state = request.app.state
+    try:
+        redis_ok = await store.ping()
+    except HistoryStoreError:
+        redis_ok = False
+    checks = {
+        "bundle": getattr(state, "bundle", None) is not None,
+        "redis": redis_ok,
+        "canary": getattr(state, "canary_ok", False),
+        "batcher": state.batcher.alive,
+    }
+    ready = all(checks.values())
+    body = ReadyResponse(
+        ready=ready, checks=checks, model_version=getattr(state.bundle, "model_version", None)
+    )
+    return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
+
+
+@router.get("/metrics", response_class=Response, include_in_schema=True)
+async def metrics(metrics: MetricsDep) -> Response:
+    """Prometheus exposition (keep it on the cluster network)."""
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,51 @@
+"""User state: ingest events, set a profile, read back the stored history (debugging)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Path
+
+from service.deps import StoreDep
+from service.schemas import (
+    EventIn,
+    EventsRequest,
+    EventsResponse,
+    HistoryResponse,
+    ProfileIn,
+)
+
+__all__ = ["router"]
+
+router = APIRouter(prefix="/users", tags=["users"])
+
+UserPath = Annotated[
+    str,
+    Path(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:@-]+$", description="Your user id."),
+]
+
+
+@router.post("/{user_id}/events", response_model=EventsResponse)
+async def add_events(user_id: UserPath, body: EventsRequest, store: StoreDep) -> EventsResponse:
+    """Append interactions; replaying an event stores it once; the newest RELLAX_HISTORY_CAP are kept."""
+    added, stored = await store.append(user_id, body.to_events())
+    return EventsResponse(user_id=user_id, received=len(body.events), added=added, history_len=stored)
+
+
+@router.put("/{user_id}/profile", response_model=ProfileIn)
+async def put_profile(user_id: UserPath, body: ProfileIn, store: StoreDep) -> ProfileIn:
+    """Set the user's profile (gender, age bucket, job) as the prompt will state it."""
+    await store.set_profile(user_id, body.to_profile())
+    return body
+
+
+@router.get("/{user_id}/history", response_model=HistoryResponse)
+async def get_history(user_id: UserPath, store: StoreDep) -> HistoryResponse:
+    """The stored events (oldest first) and profile of a user."""
+    state = await store.fetch(user_id)
+    return HistoryResponse(
+        user_id=user_id,
+        cold_start=state.cold_start and state.profile is None,
+        profile=ProfileIn.from_profile(state.profile) if state.profile else None,
+        events=[EventIn(item_id=e.item_id, rating=e.rating, timestamp=e.timestamp) for e in state.history],
+    )

@@ -1,0 +1,49 @@
+"""The default backend: the bundle's own scorer, exact CFLoRA (each input's gate from its own h).
+
+The model runs in one dedicated worker thread: the event loop never blocks, and one batch at a time
+owns the CPU cores (torch's intra-op threads already use all of them; two concurrent batches would
+only fight over the caches). Scores come from `bundle.score_prepared`, the very call the offline
+evaluation and the train/serve parity test use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+
+from rellax.errors import BackendError
+from service.backends.base import ModelInput
+
+__all__ = ["TorchBackend"]
+
+
+class TorchBackend:
+    """`ScoringBackend` over `bundle.score_prepared` in a single model thread."""
+
+    name = "torch"
+    max_concurrent_batches = 1
+
+    def __init__(self, bundle: Any, settings: Any = None) -> None:
+        self.bundle = bundle
+        self._pool: ThreadPoolExecutor | None = None
+
+    async def start(self) -> None:
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rellax-model")
+
+    async def score(self, inputs: Sequence[ModelInput]) -> np.ndarray:
+        if self._pool is None:
+            raise BackendError("torch backend not started")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._score_sync, list(inputs))
+
+    def _score_sync(self, inputs: list[ModelInput]) -> np.ndarray:
+        return np.asarray(self.bundle.score_inputs(inputs), dtype=np.float64)
+
+    async def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

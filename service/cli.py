@@ -1,0 +1,134 @@
+"""`rellax serve` and `rellax load-history`. Heavy imports stay inside the commands (`rellax --help` is
+instant), and `training` is imported only by `load-history`, which reads a data set: the service
+itself never imports it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+__all__ = ["register"]
+
+
+@contextmanager
+def _redis(url: str | None) -> Iterator[str]:
+    """The given Redis, or the embedded demo Redis with its data kept in the cache dir."""
+    if url:
+        yield url
+        return
+    from rellax.logs import get_logger
+    from rellax.paths import cache_dir
+    from service.embedded_redis import EmbeddedRedis
+
+    server = EmbeddedRedis(cache_dir("redis"), persist=True).start()
+    get_logger(__name__).info("embedded redis started", url=server.url, data_dir=str(server.data_dir))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def serve(
+    bundle: Annotated[Path | None, typer.Option(help="Bundle dir [env RELLAX_BUNDLE; default demo].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [env RELLAX_HOST].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [env RELLAX_PORT].")] = None,
+    backend: Annotated[str | None, typer.Option(help="torch or vllm [env RELLAX_BACKEND].")] = None,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL [env RELLAX_REDIS_URL; unset = embedded].")
+    ] = None,
+) -> None:
+    """Serve the scoring API (one uvicorn worker = one model replica). Settings: RELLAX_* env vars."""
+    import uvicorn
+
+    from rellax.logs import configure_logging
+    from service.main import create_app
+    from service.settings import Settings
+
+    overrides = {"bundle": bundle, "host": host, "port": port, "backend": backend, "redis_url": redis_url}
+    settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    configure_logging(json=settings.log_json or None)
+    with _redis(settings.redis_url) as url:
+        settings = settings.model_copy(update={"redis_url": url})
+        app = create_app(settings)
+        uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_config=None, access_log=False)
+
+
+def _records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[Any], int]:
+    """Per user: profile + the interactions before the first sample outside `splits`.
+
+    The samples' global order is (timestamp, user id, item id) (DESIGN §3); everything earlier than
+    the first sample of a later split is history the service may know. For the demo (train+valid)
+    the first test sample of each user then sees exactly its training-time history.
+    """
+    import numpy as np
+
+    from rellax.entities import HistoryEvent, Profile
+    from service.store import UserRecord
+    from training.datasets import load_dataset
+    from training.samples import SPLITS
+
+    data, samples, _ = load_dataset(ml1m)
+    later = np.flatnonzero(samples.split > max(SPLITS.index(s) for s in splits))
+    profiles = {int(r.user_id): Profile(r.gender, r.age, r.job) for r in data.users.itertuples()}
+    records, n_events = [], 0
+    for row, uid in enumerate(samples.user_ids.tolist()):
+        lo, hi = int(samples.seq_ptr[row]), int(samples.seq_ptr[row + 1])
+        items, ratings, stamps = samples.seq_item[lo:hi], samples.seq_rating[lo:hi], samples.seq_ts[lo:hi]
+        keep = np.ones(hi - lo, dtype=bool)
+        if len(later):
+            j = int(later[0])
+            t0, u0, i0 = int(samples.timestamp[j]), samples.user_id(j), int(samples.item_id[j])
+            keep = (stamps < t0) | ((stamps == t0) & ((uid < u0) | ((uid == u0) & (items < i0))))
+        events = [
+            HistoryEvent(int(i), float(r), int(t))
+            for i, r, t in zip(items[keep], ratings[keep], stamps[keep], strict=True)
+        ]
+        records.append(UserRecord(user_id=str(uid), profile=profiles.get(uid), events=events))
+        n_events += len(events)
+    return records, n_events
+
+
+def load_history(
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis URL [env RELLAX_REDIS_URL; unset = embedded].")
+    ] = None,
+    splits: Annotated[
+        str, typer.Option(help="Comma list of sample splits whose history to load.")
+    ] = "train,valid",
+    ml1m: Annotated[Path | None, typer.Option(help="ML-1M folder instead of the bundled ML-100K.")] = None,
+    history_cap: Annotated[
+        int | None, typer.Option(help="Newest events kept [env RELLAX_HISTORY_CAP].")
+    ] = None,
+) -> None:
+    """Bulk-load a data set's interactions and profiles into Redis (pipelined; safe to re-run)."""
+    from tqdm import tqdm
+
+    from service.settings import Settings
+    from service.store import HistoryStore, connect
+
+    settings = Settings()
+    wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
+    records, n_events = _records(wanted, ml1m)
+
+    async def run(url: str) -> int:
+        client = connect(url, timeout_s=10.0)
+        try:
+            store = HistoryStore(client, cap=history_cap or settings.history_cap)
+            return await store.bulk_load(tqdm(records, desc="load-history", unit="user"))
+        finally:
+            await client.aclose()
+
+    with _redis(redis_url or settings.redis_url) as url:
+        n_users = asyncio.run(run(url))
+    typer.echo(f"loaded {n_users} users, {n_events} events ({'+'.join(wanted)}) into {url}")
+
+
+def register(app: typer.Typer) -> None:
+    """Add the service's top-level commands to the `rellax` CLI."""
+    app.command("serve")(serve)
+    app.command("load-history")(load_history)

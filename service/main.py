@@ -1,0 +1,106 @@
+"""The FastAPI app: `create_app()` wires settings, metrics, routers and error handlers; the lifespan
+loads the bundle, connects Redis, starts the backend and the micro-batcher, and scores a canary.
+
+Serve with `rellax serve` (which also starts an embedded Redis for the demo) or
+`uvicorn --factory service.main:create_app`. One worker per model replica (DESIGN §8).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+
+from rellax.entities import Profile
+from rellax.logs import get_logger
+from service.api import api_router
+from service.backends import backend_class
+from service.batcher import MicroBatcher
+from service.errors import install_error_handlers
+from service.metrics import Metrics
+from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from service.pipeline import ScoringPipeline
+from service.settings import Settings
+from service.store import HistoryStore, connect
+
+__all__ = ["create_app", "load_bundle"]
+
+log = get_logger(__name__)
+
+
+def load_bundle(settings: Settings) -> Any:
+    """Load (and checksum) the bundle named by the settings; heavy imports happen here, not at import."""
+    from rellax.bundle import Bundle
+
+    return Bundle.load(settings.bundle, dtype=settings.dtype)
+
+
+async def _canary(bundle: Any, batcher: MicroBatcher) -> bool:
+    """Score one cold-start candidate through prepare + batcher + backend: readiness means it works."""
+    try:
+        item_id = next(iter(bundle.items))
+        prepared = await asyncio.to_thread(bundle.prepare, Profile(), [], [item_id])
+        result = await batcher.submit([p.model_input for p in prepared], time.monotonic() + 60)
+        ok = bool(0.0 <= float(result.scores[0]) <= 1.0)
+    except Exception:
+        log.exception("canary score failed; /readyz stays false")
+        return False
+    log.info("canary scored", item_id=item_id, p_click=round(float(result.scores[0]), 6))
+    return ok
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    s: Settings = app.state.settings
+    if s.redis_url is None:
+        raise RuntimeError("RELLAX_REDIS_URL is not set (`rellax serve` starts an embedded Redis for demos)")
+    if app.state.bundle is None:
+        app.state.bundle = await asyncio.to_thread(load_bundle, s)
+    bundle = app.state.bundle
+    client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)
+    store = app.state.store = HistoryStore(client, cap=s.history_cap)
+    backend = backend_class(s.backend)(bundle=bundle, settings=s)
+    await backend.start()
+    batcher = app.state.batcher = MicroBatcher(
+        backend, max_batch=s.max_batch, max_tokens=s.max_tokens, max_wait_s=s.max_wait_ms / 1000,
+        max_queue=s.max_queue, metrics=app.state.metrics,
+    )  # fmt: skip
+    await batcher.start()
+    app.state.pipeline = ScoringPipeline(
+        bundle, store, batcher, app.state.metrics, k=s.k, deadline_s=s.deadline_ms / 1000,
+        max_candidates=s.max_candidates, overload_mode=s.overload_mode, redis_down_mode=s.redis_down_mode,
+    )  # fmt: skip
+    app.state.canary_ok = await _canary(bundle, batcher)
+    log.info(
+        "service ready", model_version=bundle.model_version, backend=s.backend, canary=app.state.canary_ok
+    )
+    try:
+        yield
+    finally:
+        await batcher.close()
+        await backend.close()
+        await client.aclose()
+
+
+def create_app(settings: Settings | None = None, *, bundle: Any = None) -> FastAPI:
+    """Build the app; `bundle` lets tests share one loaded bundle between apps."""
+    settings = settings or Settings()
+    app = FastAPI(
+        title="rellax",
+        summary="Online CTR scoring with ReLLaX (SUBR + SPA + CFLoRA over a small LLM).",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.metrics = Metrics()
+    app.state.bundle = bundle
+    app.state.canary_ok = False
+    install_error_handlers(app)
+    app.include_router(api_router)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)  # added last = outermost
+    return app

@@ -1,0 +1,78 @@
+"""Two pure ASGI middlewares: request metrics (outermost) and the request body size limit.
+
+Pure ASGI rather than `BaseHTTPMiddleware`: no extra task per request and the body stream is seen
+as it arrives, so an oversized chunked upload is cut off without being buffered.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastapi import HTTPException, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.errors import error_response
+from service.metrics import Metrics
+
+__all__ = ["BodyLimitMiddleware", "RequestMetricsMiddleware"]
+
+
+class RequestMetricsMiddleware:
+    """Latency by endpoint (the route template, never the raw path: no ids in labels) and status class."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        self.metrics.inflight.inc()
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            self.metrics.inflight.dec()
+            route = scope.get("route")
+            endpoint = getattr(route, "path", None) or "unmatched"
+            status_class = f"{status // 100}xx"
+            self.metrics.request_duration.labels(endpoint, status_class).observe(time.perf_counter() - start)
+            self.metrics.requests.labels(endpoint, status_class).inc()
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over `max_bytes`: at once from Content-Length, or as soon as the stream passes it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        message = f"body: request body larger than {self.max_bytes} bytes (RELLAX_MAX_BODY_BYTES)"
+        length = dict(scope.get("headers", ())).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            response = error_response(413, message, type="invalid_request_error", code="body_too_large",
+                                      param="body", request=Request(scope))  # fmt: skip
+            await response(scope, receive, send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            msg = await receive()
+            if msg["type"] == "http.request":
+                seen += len(msg.get("body", b""))
+                if seen > self.max_bytes:
+                    raise HTTPException(413, message)
+            return msg
+
+        await self.app(scope, counted, send)

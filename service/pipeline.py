@@ -1,0 +1,155 @@
+"""The scoring path of one request (DESIGN §8, issue 4 §3), shared by /v1/score and /v1/rerank.
+
+    Redis (one round trip) -> bundle.prepare: SUBR per candidate, DIN (h and its own CTR),
+    prompt + soft tokens (rellax's one prompt function, the same one training calls) -> micro-batcher
+    -> backend -> P(yes)
+
+Every stage is timed into `rellax_stage_duration_seconds`. The two degraded modes return DIN's own
+CTR with `degraded: true` (a 200, not an error): queue full with OVERLOAD_MODE=degrade, and Redis down
+with REDIS_DOWN_MODE=degrade (then on an empty history and unknown profile).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from rellax.entities import HistoryEvent, Profile
+from rellax.errors import HistoryStoreError, UnknownItem
+from rellax.logs import get_logger
+from service.batcher import MicroBatcher
+from service.errors import LimitExceeded, Overloaded
+from service.metrics import Metrics
+from service.store import HistoryStore, UserState
+
+__all__ = ["ScoreResult", "Scored", "ScoringPipeline"]
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Scored:
+    """One candidate's answer."""
+
+    item_id: int
+    p_click: float
+    retrieved: list[int]
+    degraded: bool
+
+
+@dataclass(slots=True)
+class ScoreResult:
+    """Scores in request order, the user's state flags and the per-stage times in seconds."""
+
+    items: list[Scored]
+    cold_start: bool
+    stages: dict[str, float] = field(default_factory=dict)
+    total_s: float = 0.0
+
+    @property
+    def degraded(self) -> bool:
+        return any(s.degraded for s in self.items)
+
+
+class ScoringPipeline:
+    """Wires bundle, store and batcher; plain arguments, no settings object."""
+
+    def __init__(
+        self,
+        bundle: Any,
+        store: HistoryStore,
+        batcher: MicroBatcher,
+        metrics: Metrics,
+        *,
+        k: int | None = None,
+        deadline_s: float = 2.0,
+        max_candidates: int = 200,
+        overload_mode: str = "reject",
+        redis_down_mode: str = "reject",
+    ) -> None:
+        self.bundle, self.store, self.batcher, self.metrics = bundle, store, batcher, metrics
+        self.k = k
+        self.deadline_s = deadline_s
+        self.max_candidates = max_candidates
+        self.overload_degrades = overload_mode == "degrade"
+        self.redis_down_degrades = redis_down_mode == "degrade"
+
+    async def score(self, user_id: str, item_ids: Sequence[int], endpoint: str) -> ScoreResult:
+        """Score `item_ids` for `user_id`; raises UnknownItem, LimitExceeded, HistoryStoreError,
+        Overloaded, DeadlineExceeded, BackendError (mapped to HTTP in service.errors)."""
+        start = time.perf_counter()
+        deadline = time.monotonic() + self.deadline_s
+        self._check(item_ids)
+        self.metrics.candidates.labels(endpoint=endpoint).observe(len(item_ids))
+        stages: dict[str, float] = {}
+        state, store_down = await self._user(user_id, stages)
+        if state.cold_start:
+            self.metrics.cold_starts.inc()
+        prepared = await self._prepare(user_id, state, item_ids, stages)
+        degrade = store_down
+        if not degrade:
+            try:
+                batch = await self.batcher.submit([p.model_input for p in prepared], deadline)
+            except Overloaded:
+                if not self.overload_degrades:
+                    raise
+                degrade = True
+            else:
+                stages["queue_wait"], stages["model"] = batch.queue_wait_s, batch.model_s
+                items = [
+                    Scored(int(p.item_id), float(s), [int(r) for r in p.retrieved], False)
+                    for p, s in zip(prepared, batch.scores, strict=True)
+                ]
+        if degrade:
+            self.metrics.degraded.labels(endpoint=endpoint).inc()
+            items = [
+                Scored(int(p.item_id), float(p.din_prob), [int(r) for r in p.retrieved], True)
+                for p in prepared
+            ]
+        for name, seconds in stages.items():
+            self.metrics.stage_duration.labels(stage=name).observe(seconds)
+        total = time.perf_counter() - start
+        self.metrics.stage_duration.labels(stage="total").observe(total)
+        return ScoreResult(items=items, cold_start=state.cold_start, stages=stages, total_s=total)
+
+    def _check(self, item_ids: Sequence[int]) -> None:
+        if len(item_ids) > self.max_candidates:
+            raise LimitExceeded(
+                f"item_ids: at most {self.max_candidates} candidates per request, got {len(item_ids)}",
+                param="item_ids",
+            )
+        unknown = [i for i in item_ids if i not in self.bundle.items]
+        if unknown:
+            raise UnknownItem(unknown)
+
+    async def _user(self, user_id: str, stages: dict[str, float]) -> tuple[UserState, bool]:
+        t = time.perf_counter()
+        try:
+            state = await self.store.fetch(user_id)
+        except HistoryStoreError:
+            if not self.redis_down_degrades:
+                raise
+            log.warning("history store down; degrading to DIN on an empty history", user_id=user_id)
+            return UserState(history=[], profile=None), True
+        finally:
+            stages["redis"] = time.perf_counter() - t
+        return state, False
+
+    async def _prepare(
+        self, user_id: str, state: UserState, item_ids: Sequence[int], stages: dict[str, float]
+    ) -> list[Any]:
+        """SUBR + DIN + prompt off the event loop (tokenising and DIN are CPU work)."""
+        t = time.perf_counter()
+        prepared = await asyncio.to_thread(
+            self._prepare_sync, user_id, state.prompt_profile, state.history, list(item_ids)
+        )
+        stages["prepare"] = time.perf_counter() - t
+        return prepared
+
+    def _prepare_sync(
+        self, user_id: str, profile: Profile, history: list[HistoryEvent], item_ids: list[int]
+    ) -> list[Any]:
+        return self.bundle.prepare(profile, history, item_ids, k=self.k)

@@ -1,0 +1,226 @@
+"""Request and response models of the HTTP API (pydantic v2).
+
+Every field carries a description (it is the API documentation) and every model forbids unknown
+fields: there is no compatibility to keep, and a typo such as `itemids` must fail loudly rather than
+score nothing. Requests convert themselves into domain records; responses are built from them.
+Limits that depend on settings (candidates per request) are checked by the scoring pipeline, which
+answers the same 422 shape a static limit gives.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from rellax.entities import AGE_BUCKETS, HistoryEvent, Profile
+
+__all__ = [
+    "MAX_EVENTS",
+    "ErrorDetail",
+    "ErrorResponse",
+    "EventIn",
+    "EventsRequest",
+    "EventsResponse",
+    "HealthResponse",
+    "HistoryResponse",
+    "ProfileIn",
+    "ReadyResponse",
+    "RerankRequest",
+    "RerankResponse",
+    "RerankedItem",
+    "ScoreRequest",
+    "ScoreResponse",
+    "ScoredItem",
+    "Timing",
+    "UserId",
+]
+
+MAX_EVENTS = 1000  # events per ingest call; a bulk import uses `rellax load-history`
+
+# User ids are opaque strings (numbers are accepted and turned into strings): safe in a Redis key.
+UserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_.:@-]+$",
+        description="Your user id: 1-64 characters of letters, digits and _ . : @ -.",
+        examples=["196"],
+    ),
+]
+ItemId = Annotated[int, Field(ge=1, le=2**31 - 1, description="Catalogue item id.")]
+AGE_VALUES = Literal[
+    "under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "above 56", "unknown"
+]  # fmt: skip
+assert set(AGE_VALUES.__args__) == {
+    *AGE_BUCKETS.values(),
+    "unknown",
+}  # keep in step with the prompt's buckets
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+
+class ScoreRequest(_Model):
+    """Score candidates for one user."""
+
+    user_id: UserId
+    item_ids: list[ItemId] = Field(
+        min_length=1,
+        description="Candidate item ids, no duplicates; at most RELLAX_MAX_CANDIDATES (default 200).",
+        examples=[[50, 181, 258]],
+    )
+
+    @field_validator("item_ids")
+    @classmethod
+    def _no_duplicates(cls, item_ids: list[int]) -> list[int]:
+        seen: set[int] = set()
+        dups = sorted({i for i in item_ids if i in seen or seen.add(i)})
+        if dups:
+            raise ValueError(f"duplicate item ids {dups[:20]}")
+        return item_ids
+
+
+class RerankRequest(ScoreRequest):
+    """Score candidates for one user and return them best first."""
+
+    top_k: int | None = Field(None, ge=1, description="Return only the best top_k items (default: all).")
+
+
+class Timing(_Model):
+    """Where the time of this request went, in milliseconds."""
+
+    total_ms: float = Field(description="Wall time inside the service.")
+    stages_ms: dict[str, float] = Field(
+        description="Per stage: redis, prepare (SUBR + DIN + prompt), queue_wait, model."
+    )
+
+
+class ScoredItem(_Model):
+    """One candidate's score."""
+
+    item_id: int = Field(description="The candidate item id.")
+    p_click: float = Field(ge=0, le=1, description="P(click) = P('Yes') from the LLM (or DIN if degraded).")
+    retrieved: list[int] = Field(description="History item ids shown to the model, in prompt order.")
+    degraded: bool = Field(description="True when scored by the DIN fallback instead of the LLM.")
+
+
+class ScoreResponse(_Model):
+    """Scores in request order."""
+
+    user_id: str = Field(description="The user scored.")
+    model_version: str = Field(description="Version of the bundle that scored.")
+    cold_start: bool = Field(description="True when the user has no stored history (empty-history prompt).")
+    degraded: bool = Field(description="True when any score came from the DIN fallback.")
+    items: list[ScoredItem] = Field(description="One entry per requested item id, in request order.")
+    timing: Timing = Field(description="Latency breakdown.")
+
+
+class RerankedItem(ScoredItem):
+    """One candidate with its rank."""
+
+    rank: int = Field(ge=1, description="1 = most likely click.")
+
+
+class RerankResponse(_Model):
+    """Candidates sorted by p_click, best first."""
+
+    user_id: str = Field(description="The user scored.")
+    model_version: str = Field(description="Version of the bundle that scored.")
+    cold_start: bool = Field(description="True when the user has no stored history.")
+    degraded: bool = Field(description="True when any score came from the DIN fallback.")
+    items: list[RerankedItem] = Field(description="Best first; ties keep request order.")
+    timing: Timing = Field(description="Latency breakdown.")
+
+
+class EventIn(_Model):
+    """One interaction of the user."""
+
+    item_id: ItemId
+    rating: float = Field(ge=0, le=5, description="Explicit rating, 0-5 stars (label = rating > 3).")
+    timestamp: int = Field(ge=0, le=2**42, description="Unix time in seconds.")
+
+    def to_event(self) -> HistoryEvent:
+        return HistoryEvent(item_id=self.item_id, rating=self.rating, timestamp=self.timestamp)
+
+
+class EventsRequest(_Model):
+    """A batch of interactions; replaying an event is harmless (it is stored once)."""
+
+    events: list[EventIn] = Field(
+        min_length=1, max_length=MAX_EVENTS, description=f"1-{MAX_EVENTS} interactions, any order."
+    )
+
+    def to_events(self) -> list[HistoryEvent]:
+        return [e.to_event() for e in self.events]
+
+
+class EventsResponse(_Model):
+    """What the ingest did."""
+
+    user_id: str = Field(description="The user written.")
+    received: int = Field(description="Events in the request.")
+    added: int = Field(description="Events that were new (replays are not counted).")
+    history_len: int = Field(description="Events stored for the user after capping.")
+
+
+class ProfileIn(_Model):
+    """A user's profile as the prompt states it."""
+
+    gender: Literal["male", "female", "unknown"] = Field("unknown", description="Gender.")
+    age: AGE_VALUES = Field("unknown", description="Age bucket (MovieLens-1M buckets).")
+    job: str = Field(
+        "unknown",
+        min_length=1,
+        max_length=48,
+        pattern=r"^[A-Za-z0-9 /&'.-]+$",
+        description="Occupation in words, e.g. 'programmer'.",
+    )
+
+    def to_profile(self) -> Profile:
+        return Profile(gender=self.gender, age=self.age, job=self.job)
+
+    @classmethod
+    def from_profile(cls, profile: Profile) -> ProfileIn:
+        return cls(gender=profile.gender, age=profile.age, job=profile.job)
+
+
+class HistoryResponse(_Model):
+    """A user's stored state, for debugging."""
+
+    user_id: str = Field(description="The user.")
+    cold_start: bool = Field(description="True when nothing is stored for the user.")
+    profile: ProfileIn | None = Field(description="Stored profile, or null when none.")
+    events: list[EventIn] = Field(description="Stored events, oldest first (at most RELLAX_HISTORY_CAP).")
+
+
+class HealthResponse(_Model):
+    """Liveness."""
+
+    status: Literal["ok"] = Field(description="Always ok while the process answers.")
+
+
+class ReadyResponse(_Model):
+    """Readiness: each check and the overall verdict."""
+
+    ready: bool = Field(description="True when every check passes.")
+    checks: dict[str, bool] = Field(description="bundle, redis, canary, batcher.")
+    model_version: str | None = Field(description="Loaded bundle version.")
+
+
+class ErrorDetail(_Model):
+    """What went wrong, shaped like OpenAI's and vLLM's error body."""
+
+    message: str = Field(description="Human-readable explanation naming the offending field or ids.")
+    type: str = Field(description="Error class, e.g. invalid_request_error, overloaded, internal_error.")
+    param: str | None = Field(None, description="The request field at fault, if any.")
+    code: str | None = Field(None, description="Machine-readable reason, e.g. unknown_item.")
+    error_id: str | None = Field(None, description="Id to find this error in the logs (5xx only).")
+
+
+class ErrorResponse(_Model):
+    """Body of every non-2xx response."""
+
+    error: ErrorDetail = Field(description="The error.")

@@ -1,0 +1,111 @@
+"""Service configuration: every knob is a `RELLAX_*` environment variable (or a root `.env` line).
+
+The README's configuration table is generated from these fields, so every field carries a description;
+`config_table()` renders it. Components get plain arguments taken from here, never this object, except
+the app factory and the CLI that wire them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from rellax.paths import cache_dir
+
+__all__ = ["Settings", "config_table", "default_bundle_path"]
+
+
+def default_bundle_path() -> Path:
+    """The demo bundle `make demo` exports (not created here: `cache_dir()` only makes the root)."""
+    return cache_dir() / "bundles" / "demo"
+
+
+class Settings(BaseSettings):
+    """All settings of one service replica (one uvicorn worker, one model engine)."""
+
+    model_config = SettingsConfigDict(env_prefix="RELLAX_", env_file=".env", extra="ignore")
+
+    bundle: Path = Field(
+        default_factory=default_bundle_path,
+        description="Bundle directory to serve (default: the demo bundle in the cache).",
+    )
+    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="Model weights dtype: auto = bf16 where the CPU/GPU supports it, else fp32."
+    )
+    backend: Literal["torch", "vllm"] = Field(
+        "torch", description="Model backend: torch (exact CFLoRA, CPU/GPU) or vllm (merged export, GPU)."
+    )
+    redis_url: str | None = Field(
+        None,
+        description="Redis holding user histories; unset = `rellax serve` starts an embedded redis-server "
+        "with its data in the cache dir (demo only).",
+    )
+    redis_timeout_ms: int = Field(
+        500, ge=10, description="Redis connect/read timeout; a request fails over to 503 after it."
+    )
+    max_batch: int = Field(64, ge=1, description="Most candidates per model batch.")
+    max_tokens: int = Field(
+        16384, ge=256, description="Most padded tokens per model batch (longest prompt x batch size)."
+    )
+    max_wait_ms: float = Field(
+        5.0, ge=0, description="How long the batcher waits for more candidates before running a batch."
+    )
+    max_queue: int = Field(
+        1024, ge=1, description="Most candidates waiting for the model; beyond it requests get 503 at once."
+    )
+    deadline_ms: int = Field(
+        2000, ge=1, description="Per-request deadline; candidates still queued after it are not computed."
+    )
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        description="Comma-separated API keys for /v1 routes (Bearer or X-API-Key); empty = auth off.",
+    )
+    k: int | None = Field(
+        None, ge=1, le=100, description="History items retrieved per candidate (SUBR); unset = bundle's K."
+    )
+    history_cap: int = Field(1000, ge=1, description="Newest events kept per user in Redis.")
+    max_candidates: int = Field(
+        200, ge=1, description="Most item ids in one /v1/score or /v1/rerank request."
+    )
+    max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 above).")
+    overload_mode: Literal["reject", "degrade"] = Field(
+        "reject",
+        description="Queue full: reject = 503 with Retry-After; degrade = DIN's own score, degraded: true.",
+    )
+    redis_down_mode: Literal["reject", "degrade"] = Field(
+        "reject",
+        description="Redis unreachable: reject = 503; degrade = DIN-only score on an empty history.",
+    )
+    host: str = Field("127.0.0.1", description="Address `rellax serve` binds.")
+    port: int = Field(8000, ge=1, le=65535, description="Port `rellax serve` binds.")
+    log_json: bool = Field(False, description="Log JSON lines (default: key=value on a TTY, JSON otherwise).")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, value: object) -> object:
+        if isinstance(value, str):
+            return [key.strip() for key in value.split(",") if key.strip()]
+        return value
+
+    @field_validator("api_keys")
+    @classmethod
+    def _refuse_weak_keys(cls, keys: list[str]) -> list[str]:
+        short = [f"#{n}" for n, key in enumerate(keys) if len(key) < 16]
+        if short:
+            raise ValueError(f"API keys must be at least 16 characters; too short: {', '.join(short)}")
+        return keys
+
+
+def config_table() -> str:
+    """The README's configuration table (markdown), straight from the field descriptions."""
+    rows = ["| variable | default | description |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        if field.default_factory is not None:
+            default = "bundle dir in cache" if name == "bundle" else "empty"
+        else:
+            default = "unset" if field.default is None else str(field.default)
+        rows.append(f"| `RELLAX_{name.upper()}` | {default} | {field.description} |")
+    return "\n".join(rows)
