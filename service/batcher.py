@@ -90,6 +90,7 @@ class MicroBatcher:
         self._queue: deque[_Pending] = deque()
         self._wakeup = asyncio.Event()
         self._workers: list[asyncio.Task[None]] = []
+        self._running: list[list[_Pending]] = []  # batches inside the backend now
         self.batches_run = 0
         self.dropped_expired = 0
 
@@ -105,8 +106,10 @@ class MicroBatcher:
             task.cancel()
         await asyncio.gather(*self._workers, return_exceptions=True)
         self._workers = []
-        while self._queue:
-            p = self._queue.popleft()
+        leftovers = [p for batch in self._running for p in batch] + list(self._queue)
+        self._queue.clear()
+        self._running.clear()
+        for p in leftovers:
             if not p.future.done():
                 p.future.set_exception(BackendError("the service is shutting down"))
         self._gauge()
@@ -224,6 +227,7 @@ class MicroBatcher:
         started = time.monotonic()
         if self.metrics is not None:
             self.metrics.batch_size.observe(len(batch))
+        self._running.append(batch)  # if the worker is cancelled mid-batch, close() answers these
         try:
             scores = np.asarray(await self.backend.score([p.input for p in batch]), dtype=np.float64)
             if scores.shape != (len(batch),):
@@ -236,13 +240,13 @@ class MicroBatcher:
                     err = BackendError(f"model failed on a batch of {len(batch)} (error id {error_id})")
                     err.error_id = error_id  # type: ignore[attr-defined]  # echoed in the 500 body
                     p.future.set_exception(err)
-            return
-        finally:
-            self.batches_run += 1
-        ended = time.monotonic()
-        for p, score in zip(batch, scores, strict=True):
-            if not p.future.done():
-                p.future.set_result((float(score), started, ended))
+        else:
+            ended = time.monotonic()
+            for p, score in zip(batch, scores, strict=True):
+                if not p.future.done():
+                    p.future.set_result((float(score), started, ended))
+        self._running.remove(batch)
+        self.batches_run += 1
 
     def _gauge(self) -> None:
         if self.metrics is not None:
