@@ -38,6 +38,7 @@ __all__ = [
     "Dockerfile",
     "Prometheus",
     "Stage",
+    "app_routes",
     "dashboard_queries",
     "exported_metrics",
     "free_port",
@@ -120,6 +121,22 @@ def exported_metrics() -> dict[str, MetricInfo]:
 def metric_names(expr: str) -> set[str]:
     """The rellax_* series names a PromQL expression (or Grafana variable query) refers to."""
     return set(re.findall(r"\brellax_[a-z0-9_]+\b", expr))
+
+
+def app_routes() -> dict[str, set[str]]:
+    """path -> HTTP methods the real app serves, from its OpenAPI schema (no lifespan: nothing loads).
+
+    The service exists, so losing `create_app` must fail the deploy checks, not skip them.
+    """
+    try:
+        from service.main import create_app
+        from service.settings import Settings
+    except ImportError as exc:
+        raise AssertionError(
+            f"service.main.create_app / service.settings.Settings not importable: {exc}"
+        ) from exc
+    app = create_app(Settings(_env_file=None))
+    return {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
 
 
 def known_env_names() -> set[str]:

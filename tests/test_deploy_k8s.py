@@ -10,6 +10,7 @@ import os
 from typing import Any
 from urllib.parse import urlparse
 
+import deploy_check
 import jsonschema
 import kubernetes_validate
 import pytest
@@ -84,14 +85,7 @@ def overlay(request: pytest.FixtureRequest) -> tuple[str, list[dict[str, Any]]]:
 
 @pytest.fixture(scope="module")
 def app_routes() -> dict[str, set[str]]:
-    """path -> HTTP methods the real app serves, from its OpenAPI schema (no lifespan: nothing loads)."""
-    try:
-        from service.main import create_app
-        from service.settings import Settings
-    except ImportError as exc:  # the service exists: losing it must fail, not skip
-        pytest.fail(f"service.main.create_app / service.settings.Settings not importable: {exc}")
-    app = create_app(Settings(_env_file=None))
-    return {path: {m.upper() for m in ops} for path, ops in app.openapi()["paths"].items()}
+    return deploy_check.app_routes()
 
 
 def one(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
