@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from rellax.entities import AGE_BUCKETS, HistoryEvent, Profile
 
 __all__ = [
-    "MAX_EVENTS",
     "ErrorDetail",
     "ErrorResponse",
     "EventIn",
@@ -24,6 +23,7 @@ __all__ = [
     "EventsResponse",
     "HealthResponse",
     "HistoryResponse",
+    "MAX_EVENTS",
     "ProfileIn",
     "ReadyResponse",
     "RerankRequest",

@@ -1,0 +1,100 @@
+"""Helpers for the service tests: the tiny bundle, settings, the app in-process (ASGI) or on a real
+uvicorn server on a loopback port. Real components only: a real bundle (tiny random Llama, real
+tokenizer, real item index), real Redis, real HTTP."""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import functools
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+from fastapi import FastAPI
+
+from service.embedded_redis import free_port
+from service.main import create_app
+from service.settings import Settings
+
+__all__ = ["asgi_app", "make_settings", "tiny_bundle", "tiny_bundle_path", "uvicorn_app"]
+
+
+def _bundle_api() -> Any:
+    try:
+        import rellax.bundle as bundle_module
+
+        bundle_module.Bundle, bundle_module.make_tiny_bundle  # noqa: B018 - both must exist
+    except (ImportError, AttributeError) as exc:
+        pytest.fail(
+            "the service tests need rellax.bundle with Bundle.load / prepare / score_prepared and "
+            f"make_tiny_bundle (issue 3), which is not importable yet: {exc!r}",
+            pytrace=False,
+        )
+    return bundle_module
+
+
+@functools.cache
+def tiny_bundle_path() -> Path:
+    """Built once per test process, removed at exit."""
+    folder = Path(tempfile.mkdtemp(prefix="rellax-service-bundle-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return Path(_bundle_api().make_tiny_bundle(folder))
+
+
+@functools.cache
+def tiny_bundle() -> Any:
+    """The tiny bundle loaded in fp32 (the numerically checked reference)."""
+    return _bundle_api().Bundle.load(tiny_bundle_path(), dtype="float32")
+
+
+def make_settings(redis_url: str, **overrides: Any) -> Settings:
+    """Settings from arguments only: no .env file, explicit values for everything the tests rely on."""
+    values: dict[str, Any] = {
+        "bundle": tiny_bundle_path(),
+        "dtype": "float32",
+        "redis_url": redis_url,
+        "api_keys": [],
+        "max_wait_ms": 2.0,
+        "deadline_ms": 30_000,  # generous: a loaded CI machine must not turn happy paths into 504s
+        "redis_timeout_ms": 300,
+    }
+    values.update(overrides)
+    return Settings(_env_file=None, **values)
+
+
+@contextlib.asynccontextmanager
+async def asgi_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+    """The real app with its lifespan, called in-process through httpx's ASGI transport."""
+    app = create_app(settings, bundle=tiny_bundle())
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://rellax.test") as client:
+            yield app, client
+
+
+@contextlib.contextmanager
+def uvicorn_app(settings: Settings) -> Iterator[tuple[FastAPI, str]]:
+    """The real app served by uvicorn on a free loopback port, in a background thread."""
+    app = create_app(settings, bundle=tiny_bundle())
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        if not thread.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError("uvicorn did not start")
+        time.sleep(0.02)
+    try:
+        yield app, f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)

@@ -1,0 +1,262 @@
+"""Every endpoint's happy path through the real app (tiny bundle, real Redis), plus train/serve parity:
+the service's P(click) equals `bundle.score_prepared` on the same user state and candidates."""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+import pytest
+from service_support import asgi_app, make_settings, tiny_bundle
+
+from rellax.entities import HistoryEvent, Profile
+
+
+def new_user() -> str:
+    return f"u{uuid.uuid4().hex[:10]}"
+
+
+def catalogue(n: int, offset: int = 0) -> list[int]:
+    return sorted(tiny_bundle().items)[offset : offset + n]
+
+
+def events_for(items: list[int]) -> list[dict]:
+    return [
+        {"item_id": i, "rating": 1 + (i * 7) % 5, "timestamp": 880_000_000 + 60 * n}
+        for n, i in enumerate(items)
+    ]
+
+
+def expected(profile: Profile, events: list[dict], item_ids: list[int]) -> tuple[np.ndarray, list[list[int]]]:
+    """The offline path on the same inputs: what training and evaluation compute."""
+    bundle = tiny_bundle()
+    history = [HistoryEvent(e["item_id"], float(e["rating"]), e["timestamp"]) for e in events]
+    prepared = bundle.prepare(profile, history, item_ids)
+    return np.asarray(bundle.score_prepared(prepared)), [list(map(int, p.retrieved)) for p in prepared]
+
+
+async def test_score_equals_offline_scorer(redis_url: str) -> None:
+    uid, history, cands = new_user(), catalogue(25), catalogue(6, offset=100)
+    events = events_for(history)
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post(f"/v1/users/{uid}/events", json={"events": events})
+        assert r.status_code == 200 and r.json() == {
+            "user_id": uid,
+            "received": 25,
+            "added": 25,
+            "history_len": 25,
+        }
+        r = await client.put(
+            f"/v1/users/{uid}/profile", json={"gender": "female", "age": "25-34", "job": "writer"}
+        )
+        assert r.status_code == 200
+        r = await client.post("/v1/score", json={"user_id": uid, "item_ids": cands})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["user_id"] == uid and body["model_version"] == tiny_bundle().model_version
+    assert body["cold_start"] is False and body["degraded"] is False
+    assert [it["item_id"] for it in body["items"]] == cands
+    want, retrieved = expected(Profile("female", "25-34", "writer"), events, cands)
+    np.testing.assert_allclose([it["p_click"] for it in body["items"]], want, atol=1e-5)
+    assert [it["retrieved"] for it in body["items"]] == retrieved
+    k = tiny_bundle().k
+    for it in body["items"]:
+        assert 0 < len(it["retrieved"]) <= k and set(it["retrieved"]) <= set(history)
+    assert {"redis", "prepare", "queue_wait", "model"} <= set(body["timing"]["stages_ms"])
+    assert body["timing"]["total_ms"] >= max(body["timing"]["stages_ms"].values())
+
+
+async def test_unknown_user_is_scored_cold(redis_url: str) -> None:
+    cands = catalogue(3, offset=10)
+    async with asgi_app(make_settings(redis_url)) as (app, client):
+        r = await client.post("/v1/score", json={"user_id": new_user(), "item_ids": cands})
+        cold = app.state.metrics.registry.get_sample_value("rellax_cold_starts_total")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cold_start"] is True and cold == 1
+    assert all(it["retrieved"] == [] for it in body["items"])
+    want, _ = expected(Profile(), [], cands)
+    np.testing.assert_allclose([it["p_click"] for it in body["items"]], want, atol=1e-5)
+
+
+async def test_numeric_user_ids_are_accepted(redis_url: str) -> None:
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post("/v1/score", json={"user_id": 196, "item_ids": catalogue(1)})
+    assert r.status_code == 200 and r.json()["user_id"] == "196"
+
+
+async def test_rerank_sorts_by_the_same_scores(redis_url: str) -> None:
+    uid, cands = new_user(), catalogue(8, offset=40)
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        await client.post(f"/v1/users/{uid}/events", json={"events": events_for(catalogue(12))})
+        scored = (await client.post("/v1/score", json={"user_id": uid, "item_ids": cands})).json()
+        r = await client.post("/v1/rerank", json={"user_id": uid, "item_ids": cands})
+        top = await client.post("/v1/rerank", json={"user_id": uid, "item_ids": cands, "top_k": 3})
+    assert r.status_code == 200, r.text
+    ranked = r.json()["items"]
+    p = {it["item_id"]: it["p_click"] for it in scored["items"]}
+    assert sorted(it["item_id"] for it in ranked) == sorted(cands)
+    assert [it["rank"] for it in ranked] == list(range(1, 9))
+    assert [it["p_click"] for it in ranked] == sorted(p.values(), reverse=True)
+    np.testing.assert_allclose(
+        [it["p_click"] for it in ranked], [p[it["item_id"]] for it in ranked], atol=1e-6
+    )
+    assert [it["item_id"] for it in top.json()["items"]] == [it["item_id"] for it in ranked[:3]]
+
+
+async def test_events_are_idempotent_and_history_reads_back(redis_url: str) -> None:
+    uid = new_user()
+    events = events_for(catalogue(5))
+    async with asgi_app(make_settings(redis_url, history_cap=4)) as (_, client):
+        first = await client.post(f"/v1/users/{uid}/events", json={"events": events})
+        again = await client.post(f"/v1/users/{uid}/events", json={"events": events[::-1]})
+        empty = await client.get(f"/v1/users/{new_user()}/history")
+        await client.put(
+            f"/v1/users/{uid}/profile", json={"gender": "male", "age": "under 18", "job": "student"}
+        )
+        hist = await client.get(f"/v1/users/{uid}/history")
+    assert first.json()["added"] == 5 and first.json()["history_len"] == 4  # capped to the newest 4
+    assert again.json()["added"] == 0 and again.json()["history_len"] == 4
+    assert empty.json() == {
+        "user_id": empty.json()["user_id"],
+        "cold_start": True,
+        "profile": None,
+        "events": [],
+    }
+    body = hist.json()
+    assert body["profile"] == {"gender": "male", "age": "under 18", "job": "student"}
+    assert [e["item_id"] for e in body["events"]] == [e["item_id"] for e in events[1:]]
+    assert [e["rating"] for e in body["events"]] == [float(e["rating"]) for e in events[1:]]
+
+
+async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        assert (await client.get("/healthz")).json() == {"status": "ok"}
+        ready = await client.get("/readyz")
+        await client.post("/v1/score", json={"user_id": "m1", "item_ids": catalogue(2)})
+        await client.post("/v1/users/m1/events", json={"events": events_for(catalogue(1))})
+        await client.post("/v1/score", json={"user_id": "m1", "item_ids": [10**9]})
+        metrics = (await client.get("/metrics")).text
+        docs = await client.get("/docs")
+        openapi = (await client.get("/openapi.json")).json()
+    assert ready.status_code == 200
+    assert ready.json() == {
+        "ready": True,
+        "checks": {"bundle": True, "redis": True, "canary": True, "batcher": True},
+        "model_version": tiny_bundle().model_version,
+    }
+    for stage in ("redis", "prepare", "queue_wait", "model", "total"):
+        assert f'rellax_stage_duration_seconds_count{{stage="{stage}"}}' in metrics
+    assert 'rellax_requests_total{endpoint="/v1/score",status_class="2xx"} 1.0' in metrics
+    assert 'rellax_requests_total{endpoint="/v1/score",status_class="4xx"} 1.0' in metrics
+    assert 'endpoint="/v1/users/{user_id}/events"' in metrics  # route template: no ids in labels
+    assert "m1" not in metrics
+    assert 'rellax_errors_total{reason="unknown_item"} 1.0' in metrics
+    assert "rellax_batch_size_count" in metrics and "rellax_queue_depth 0.0" in metrics
+    assert docs.status_code == 200
+    assert {"/v1/score", "/v1/rerank", "/v1/users/{user_id}/events", "/readyz"} <= set(openapi["paths"])
+    for name, schema in openapi["components"]["schemas"].items():
+        if name.startswith(("HTTPValidationError", "ValidationError")):
+            continue  # FastAPI's own, unused: our 422s are ErrorResponse
+        for field, spec in schema.get("properties", {}).items():
+            assert spec.get("description"), f"{name}.{field} has no description"
+
+
+async def test_unknown_items_are_404_naming_them(redis_url: str) -> None:
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post(
+            "/v1/score", json={"user_id": "x", "item_ids": [catalogue(1)[0], 999_999, 888_888]}
+        )
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "unknown_item" and err["param"] == "item_ids"
+    assert "999999" in err["message"] and "888888" in err["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param", "needle"),
+    [
+        ("/v1/score", {"user_id": "a b", "item_ids": [1]}, "user_id", "user_id"),
+        ("/v1/score", {"user_id": "u", "item_ids": []}, "item_ids", "at least 1"),
+        ("/v1/score", {"user_id": "u", "item_ids": [0]}, "item_ids.0", "greater than or equal to 1"),
+        ("/v1/score", {"user_id": "u", "item_ids": [5, 6, 5]}, "item_ids", "duplicate item ids [5]"),
+        ("/v1/score", {"user_id": "u", "item_ids": [1, 2, 3, 4]}, "item_ids", "at most 3 candidates"),
+        (
+            "/v1/score",
+            {"user_id": "u", "item_ids": [1], "embeddings": [[0.1]]},
+            "embeddings",
+            "not permitted",
+        ),
+        ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": 0}, "top_k", "top_k"),
+        (
+            "/v1/users/u/events",
+            {"events": [{"item_id": 1, "rating": 7, "timestamp": 1}]},
+            "events.0.rating",
+            "5",
+        ),
+        ("/v1/users/u/events", {"events": []}, "events", "at least 1"),
+        (
+            "/v1/users/bad%20id/events",
+            {"events": [{"item_id": 1, "rating": 3, "timestamp": 1}]},
+            "user_id",
+            "pattern",
+        ),
+    ],
+)
+async def test_limits_and_formats_are_422_naming_the_field(
+    redis_url: str, path: str, body: dict, param: str, needle: str
+) -> None:
+    async with asgi_app(make_settings(redis_url, max_candidates=3)) as (_, client):
+        r = await client.post(path, json=body)
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and err["type"] == "invalid_request_error"
+    assert needle in err["message"] and err["message"].startswith(param)
+
+
+async def test_profile_values_are_checked(redis_url: str) -> None:
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.put("/v1/users/u/profile", json={"gender": "male", "age": "31"})
+    assert r.status_code == 422 and r.json()["error"]["param"] == "age"
+
+
+async def test_oversized_bodies_are_413(redis_url: str) -> None:
+    big = {"events": [{"item_id": 1, "rating": 3, "timestamp": t} for t in range(200)]}
+
+    async def chunks():  # noqa: ANN202 - no Content-Length: the limit must hold on the stream too
+        yield b'{"events": ['
+        for t in range(200):
+            yield b'{"item_id": 1, "rating": 3, "timestamp": %d},' % t
+        yield b'{"item_id": 1, "rating": 3, "timestamp": 1}]}'
+
+    async with asgi_app(make_settings(redis_url, max_body_bytes=2048)) as (app, client):
+        r1 = await client.post("/v1/users/u/events", json=big)
+        r2 = await client.post(
+            "/v1/users/u/events", content=chunks(), headers={"content-type": "application/json"}
+        )
+        ok = await client.post("/v1/users/u/events", json={"events": big["events"][:5]})
+        errors = app.state.metrics.registry.get_sample_value(
+            "rellax_errors_total", {"reason": "body_too_large"}
+        )
+    for r in (r1, r2):
+        assert r.status_code == 413, r.text
+        assert r.json()["error"]["param"] == "body" and "2048 bytes" in r.json()["error"]["message"]
+    assert ok.status_code == 200 and errors == 2
+
+
+async def test_api_keys_guard_v1_only(redis_url: str) -> None:
+    key, other = "k" * 24, "s3cret-" + "x" * 20
+    async with asgi_app(make_settings(redis_url, api_keys=[key, other])) as (_, client):
+        body = {"user_id": "a", "item_ids": catalogue(1)}
+        missing = await client.post("/v1/score", json=body)
+        wrong = await client.post(
+            "/v1/score", json=body, headers={"Authorization": "Bearer " + "k" * 23 + "j"}
+        )
+        bearer = await client.post("/v1/score", json=body, headers={"Authorization": f"Bearer {key}"})
+        header = await client.get("/v1/users/a/history", headers={"X-API-Key": other})
+        open_ = [await client.get(p) for p in ("/healthz", "/readyz", "/metrics")]
+    assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+    assert "missing API key" in missing.json()["error"]["message"]
+    assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
+    assert bearer.status_code == 200 and header.status_code == 200
+    assert [r.status_code for r in open_] == [200, 200, 200]
