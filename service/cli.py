@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["register"]
+__all__ = ["history_records", "register"]
 
 
 @contextmanager
@@ -58,7 +58,7 @@ def serve(
         uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_config=None, access_log=False)
 
 
-def _records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[Any], int]:
+def history_records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[Any], int]:
     """Per user: profile + the interactions before the first sample outside `splits`.
 
     The samples' global order is (timestamp, user id, item id) (DESIGN §3); everything earlier than
@@ -113,7 +113,7 @@ def load_history(
 
     settings = Settings()
     wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
-    records, n_events = _records(wanted, ml1m)
+    records, n_events = history_records(wanted, ml1m)
 
     async def run(url: str) -> int:
         client = connect(url, timeout_s=10.0)
