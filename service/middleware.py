@@ -6,9 +6,11 @@ as it arrives, so an oversized chunked upload is cut off without being buffered.
 
 from __future__ import annotations
 
+import re
 import time
 
-from fastapi import HTTPException, Request
+from fastapi import FastAPI, HTTPException, Request
+from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import error_response
@@ -18,10 +20,25 @@ __all__ = ["BodyLimitMiddleware", "RequestMetricsMiddleware"]
 
 
 class RequestMetricsMiddleware:
-    """Latency by endpoint (the route template, never the raw path: no ids in labels) and status class."""
+    """Latency by endpoint (the route template, never the raw path: no ids in labels) and status class.
+
+    The template is found by matching the path against the app's own route templates (its OpenAPI
+    paths plus plain routes such as /docs), compiled once: FastAPI keeps included routers nested, so
+    `scope["route"].path` lacks the router prefixes ("/score" instead of "/v1/score").
+    """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
+        self._templates: list[tuple[re.Pattern[str], str]] | None = None
+
+    def endpoint(self, scope: Scope) -> str:
+        if self._templates is None:
+            fastapi_app: FastAPI = scope["app"]
+            paths = set(fastapi_app.openapi().get("paths", {}))
+            paths |= {p for r in fastapi_app.routes if isinstance(p := getattr(r, "path", None), str)}
+            self._templates = [(compile_path(p)[0], p) for p in sorted(paths)]
+        path = scope.get("path", "")
+        return next((template for regex, template in self._templates if regex.match(path)), "unmatched")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -40,9 +57,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send_status)
         finally:
             self.metrics.inflight.dec()
-            route = scope.get("route")
-            endpoint = getattr(route, "path", None) or "unmatched"
-            status_class = f"{status // 100}xx"
+            endpoint, status_class = self.endpoint(scope), f"{status // 100}xx"
             self.metrics.request_duration.labels(endpoint, status_class).observe(time.perf_counter() - start)
             self.metrics.requests.labels(endpoint, status_class).inc()
 
