@@ -43,6 +43,8 @@ def serve(
     ] = None,
 ) -> None:
     """Serve the scoring API (one uvicorn worker = one model replica). Settings: RELLAX_* env vars."""
+    import logging
+
     import uvicorn
 
     from rellax.logs import configure_logging
@@ -51,7 +53,8 @@ def serve(
 
     overrides = {"bundle": bundle, "host": host, "port": port, "backend": backend, "redis_url": redis_url}
     settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
-    configure_logging(json=settings.log_json or None)
+    if settings.log_json:  # keep the level the `rellax` callback set
+        configure_logging(logging.getLevelName(logging.getLogger().level), json=True)
     with _redis(settings.redis_url) as url:
         settings = settings.model_copy(update={"redis_url": url})
         app = create_app(settings)

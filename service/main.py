@@ -8,14 +8,12 @@ Serve with `rellax serve` (which also starts an embedded Redis for the demo) or
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 
-from rellax.entities import Profile
 from rellax.logs import get_logger
 from service.api import api_router
 from service.backends import backend_class
@@ -39,20 +37,6 @@ def load_bundle(settings: Settings) -> Any:
     return Bundle.load(settings.bundle, dtype=settings.dtype)
 
 
-async def _canary(bundle: Any, batcher: MicroBatcher) -> bool:
-    """Score one cold-start candidate through prepare + batcher + backend: readiness means it works."""
-    try:
-        item_id = next(iter(bundle.items))
-        prepared = await asyncio.to_thread(bundle.prepare, Profile(), [], [item_id])
-        result = await batcher.submit([p.model_input for p in prepared], time.monotonic() + 60)
-        ok = bool(0.0 <= float(result.scores[0]) <= 1.0)
-    except Exception:
-        log.exception("canary score failed; /readyz stays false")
-        return False
-    log.info("canary scored", item_id=item_id, p_click=round(float(result.scores[0]), 6))
-    return ok
-
-
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     s: Settings = app.state.settings
@@ -74,7 +58,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         bundle, store, batcher, app.state.metrics, k=s.k, deadline_s=s.deadline_ms / 1000,
         max_candidates=s.max_candidates, overload_mode=s.overload_mode, redis_down_mode=s.redis_down_mode,
     )  # fmt: skip
-    app.state.canary_ok = await _canary(bundle, batcher)
+    app.state.canary_ok = await app.state.pipeline.canary()
     log.info(
         "service ready", model_version=bundle.model_version, backend=s.backend, canary=app.state.canary_ok
     )

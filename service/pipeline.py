@@ -115,6 +115,20 @@ class ScoringPipeline:
         self.metrics.stage_duration.labels(stage="total").observe(total)
         return ScoreResult(items=items, cold_start=state.cold_start, stages=stages, total_s=total)
 
+    async def canary(self) -> bool:
+        """Score one cold-start candidate through prepare + batcher + backend (no Redis): the
+        readiness proof that the model answers. Failures are logged, never raised."""
+        try:
+            item_id = next(iter(self.bundle.items))
+            prepared = await asyncio.to_thread(self._prepare_sync, "canary", Profile(), [], [item_id])
+            result = await self.batcher.submit([p.model_input for p in prepared], time.monotonic() + 60)
+            p_click = float(result.scores[0])
+        except Exception:
+            log.exception("canary score failed; /readyz stays false")
+            return False
+        log.info("canary scored", item_id=item_id, p_click=round(p_click, 6))
+        return 0.0 <= p_click <= 1.0
+
     def _check(self, item_ids: Sequence[int]) -> None:
         if len(item_ids) > self.max_candidates:
             raise LimitExceeded(

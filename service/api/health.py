@@ -29,10 +29,12 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         redis_ok = await store.ping()
     except HistoryStoreError:
         redis_ok = False
+    if not state.canary_ok and redis_ok:  # a failed start-up canary is retried, so readiness can return
+        state.canary_ok = await state.pipeline.canary()
     checks = {
         "bundle": getattr(state, "bundle", None) is not None,
         "redis": redis_ok,
-        "canary": getattr(state, "canary_ok", False),
+        "canary": state.canary_ok,
         "batcher": state.batcher.alive,
     }
     ready = all(checks.values())
