@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["history_records", "register"]
+__all__ = ["curl_examples", "history_records", "register"]
 
 
 @contextmanager
@@ -58,7 +58,25 @@ def serve(
     with _redis(settings.redis_url) as url:
         settings = settings.model_copy(update={"redis_url": url})
         app = create_app(settings)
+        typer.echo(curl_examples(settings.host, settings.port, auth=bool(settings.api_keys)))
         uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_config=None, access_log=False)
+
+
+def curl_examples(host: str, port: int, auth: bool = False) -> str:
+    """Ready-to-paste calls for an ML-100K user (196) and three catalogue items."""
+    base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    key = ' -H "Authorization: Bearer $RELLAX_API_KEY"' if auth else ""
+    body = '{"user_id": "196", "item_ids": [242, 302, 377, 51, 346]}'
+    rerank = body[:-1] + ', "top_k": 3}'
+    json_post = f"curl -s{key} -H 'Content-Type: application/json' -d"
+    return "\n".join(
+        [
+            f"rellax is starting on {base} (ready when {base}/readyz says so). Try:",
+            f"  {json_post} '{body}' {base}/v1/score",
+            f"  {json_post} '{rerank}' {base}/v1/rerank",
+            f"  docs: {base}/docs   metrics: {base}/metrics",
+        ]
+    )
 
 
 def history_records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[Any], int]:
