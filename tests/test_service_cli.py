@@ -1,0 +1,95 @@
+"""The service's CLI commands for real: `rellax load-history` into Redis, `rellax serve` as a process
+with its embedded Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from service_support import tiny_bundle, tiny_bundle_path
+from typer.testing import CliRunner
+
+from rellax.cli import app
+from service.embedded_redis import free_port
+from service.store import HistoryStore, connect
+
+
+def test_load_history_loads_train_and_valid_history(redis_url: str, ml100k_samples) -> None:  # noqa: ANN001
+    result = CliRunner().invoke(app, ["load-history", "--redis-url", redis_url])
+    assert result.exit_code == 0, result.output
+    assert "loaded 943 users" in result.output
+    samples = ml100k_samples
+    first_test = int(samples.indices("test")[0])
+    # a user whose first test sample comes right at the split: Redis holds exactly that sample's history
+    uid = samples.user_id(first_test)
+    items, ratings, stamps = samples.history(first_test)
+
+    async def fetch() -> tuple:
+        client = connect(redis_url)
+        try:
+            store = HistoryStore(client)
+            return await store.fetch(str(uid)), await store.fetch("196")
+        finally:
+            await client.aclose()
+
+    state, other = asyncio.run(fetch())
+    assert [e.item_id for e in state.history] == items.tolist()
+    assert [e.rating for e in state.history] == ratings.tolist()
+    assert [e.timestamp for e in state.history] == stamps.tolist()
+    assert state.profile is not None and state.profile.gender in {"male", "female"}
+    assert other.profile is not None and len(other.history) > 0
+    # everything stored precedes the test split in time
+    assert max(e.timestamp for e in other.history) <= int(samples.timestamp[first_test])
+    again = CliRunner().invoke(app, ["load-history", "--redis-url", redis_url])
+    assert again.exit_code == 0
+    assert len(asyncio.run(fetch())[1].history) == len(other.history)  # re-running adds nothing
+
+
+def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
+    port = free_port()
+    env = {
+        **os.environ,
+        "RELLAX_CACHE_DIR": str(tmp_path / "cache"),
+        "RELLAX_DTYPE": "float32",
+        "RELLAX_LOG_JSON": "true",
+    }
+    env.pop("RELLAX_REDIS_URL", None)
+    cmd = [
+        sys.executable,
+        "-m",
+        "rellax.cli",
+        "serve",
+        "--bundle",
+        str(tiny_bundle_path()),
+        "--port",
+        str(port),
+    ]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        ready = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                ready = httpx.get(f"{url}/readyz", timeout=2)
+                if ready.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert ready is not None and ready.status_code == 200, (tmp_path / "serve.log").read_text()[-3000:]
+        item = sorted(tiny_bundle().items)[0]
+        r = httpx.post(f"{url}/v1/score", json={"user_id": "196", "item_ids": [item]}, timeout=60)
+        assert r.status_code == 200 and r.json()["cold_start"] is True
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+        log.close()
+    output = (tmp_path / "serve.log").read_text()
+    assert "/v1/score" in output and "curl" in output
+    assert (tmp_path / "cache" / "redis").is_dir()  # the embedded Redis kept its data in the cache
