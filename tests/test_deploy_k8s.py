@@ -14,10 +14,12 @@ import deploy_check
 import jsonschema
 import kubernetes_validate
 import pytest
+import yaml
 from deploy_check import (
     DASHBOARD,
     KUBERNETES_VERSION,
     OVERLAYS,
+    ROOT,
     exported_metrics,
     known_env_names,
     render_overlay,
@@ -289,3 +291,33 @@ def test_dashboard_configmap_is_the_dashboard_file(overlay) -> None:
     assert cm["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert cm["data"] == {DASHBOARD.name: DASHBOARD.read_text()}
     json.loads(cm["data"][DASHBOARD.name])
+
+
+def test_kserve_predictor_runs_the_same_container_the_same_way(app_routes, monkeypatch) -> None:
+    """k8s/kserve/inferenceservice.yaml: the GPU image as a KServe custom predictor, same env and probes."""
+    from service.settings import Settings
+
+    isvc = yaml.safe_load((ROOT / "k8s" / "kserve" / "inferenceservice.yaml").read_text())
+    assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
+    (container,) = isvc["spec"]["predictor"]["containers"]
+    assert container["name"] == "kserve-container"  # the name KServe routes to
+    gpu = api_container(render_overlay("gpu"))
+    assert container["image"] == gpu["image"]
+    env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    names = {e["name"] for e in container["env"]}
+    assert not names - known_env_names(), sorted(names - known_env_names())
+    for key in [k for k in os.environ if k.startswith("RELLAX_")]:
+        monkeypatch.delenv(key)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(_env_file=None)
+    assert settings.backend == "vllm" and settings.host == "0.0.0.0"
+    assert [p["containerPort"] for p in container["ports"]] == [settings.port]
+    annotations = isvc["metadata"]["annotations"]
+    assert annotations["prometheus.kserve.io/port"] == str(settings.port)
+    assert "GET" in app_routes[annotations["prometheus.kserve.io/path"]]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert {"/readyz", "/healthz"} <= {p for p, methods in app_routes.items() if "GET" in methods}
+    assert urlparse(settings.redis_url or "").hostname == "rellax-redis.rellax.svc.cluster.local"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
