@@ -16,10 +16,8 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,14 +29,14 @@ __all__ = [
     "COMPOSE_FILE",
     "DASHBOARD",
     "DOCKERFILES",
-    "KUBERNETES_VERSION",
-    "OVERLAYS",
-    "ROOT",
     "DockerIgnore",
     "Dockerfile",
+    "KUBERNETES_VERSION",
     "MetricInfo",
+    "OVERLAYS",
     "Prometheus",
     "Query",
+    "ROOT",
     "Stage",
     "app_routes",
     "copy_parts",
@@ -50,7 +48,6 @@ __all__ = [
     "metric_names",
     "prometheus_binary",
     "render_overlay",
-    "serve_in_thread",
     "tool",
 ]
 
@@ -317,36 +314,13 @@ class DockerIgnore:
         return verdict
 
 
-# ---- servers: the app under uvicorn, a real Prometheus -------------------------------------------------
+# ---- a real Prometheus -------------------------------------------------
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-@contextmanager
-def serve_in_thread(app: Any, port: int, timeout_s: float = 60.0) -> Iterator[str]:
-    """Run an ASGI app under a real uvicorn server on loopback; yields its base URL."""
-    import uvicorn
-
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + timeout_s
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            raise RuntimeError("uvicorn did not start (lifespan failed?)")
-        time.sleep(0.05)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=15)
 
 
 def prometheus_binary() -> tuple[str | None, str]:
