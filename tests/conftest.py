@@ -77,3 +77,16 @@ def ml100k_samples(ml100k, tmp_path_factory: pytest.TempPathFactory):  # noqa: A
 
     samples, _ = load_or_build_samples(ml100k, tmp_path_factory.mktemp("samples"))
     return samples
+
+
+@pytest.fixture(scope="session")
+def soft_tokenizer(tokenizer_dir: Path):  # noqa: ANN201 - transformers type
+    """A private copy of the default tokenizer with the `[hist]`/`[target]` soft tokens added
+    (the shared `tokenizer` fixture stays unmodified)."""
+    from transformers import AutoTokenizer
+
+    from rellax.tokens import add_soft_tokens
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    add_soft_tokens(tok)
+    return tok
