@@ -115,6 +115,8 @@ def subr_positions(
     hist_rows, query = rows[:-1], index.vectors[rows[-1]]
     if k >= len(history):
         return np.arange(len(history), dtype=np.int64)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
     if method == "exact":
         sims = _similarities(index, hist_rows, query[None, :])[0]
     else:
