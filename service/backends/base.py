@@ -8,28 +8,13 @@ backend turns a list of them into P(click). Soft-token vectors arrive already pr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from rellax.model_input import ModelInput
+
 __all__ = ["ModelInput", "ScoringBackend"]
-
-
-@dataclass(frozen=True, slots=True)
-class ModelInput:
-    """One prompt ready for the LLM.
-
-    input_ids: prompt token ids (chat template applied, soft-token placeholders included).
-    soft_positions: token positions whose input embedding is replaced, in text order.
-    soft_vectors: (len(soft_positions), H) float32 SPA outputs for those positions, or None.
-    gate_h: (d_h,) float32 DIN hidden state feeding CFLoRA gates (exact mode), or None.
-    """
-
-    input_ids: Sequence[int]
-    soft_positions: Sequence[int] = ()
-    soft_vectors: np.ndarray | None = None
-    gate_h: np.ndarray | None = None
 
 
 @runtime_checkable

@@ -1,0 +1,150 @@
+"""From (user, history, candidates) to everything the LLM and DIN need: one path for training,
+evaluation and serving (DESIGN §2: train/serve skew is the classic bug of this field).
+
+A `Featurizer` owns the catalogue, the item index (SUBR), the tokenizer and the frozen DIN. It
+builds prompts with `rellax.prompt.build_prompt`, encodes DIN inputs with `rellax.din.encode_batch`,
+and returns the DIN item embeddings behind each soft token. History entries whose item is not in the
+catalogue cannot be written into a prompt and are skipped (the DIN never saw them either).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+import torch
+
+from index.item_index import ItemIndex
+from index.subr import subr_positions_many
+from rellax.din import DIN, DINBatch, encode_batch
+from rellax.entities import Item, Profile
+from rellax.errors import UnknownItem
+from rellax.prompt import Prompt, build_prompt
+
+__all__ = ["Featurizer", "History", "Mode"]
+
+Mode = Literal["recency", "subr"]
+
+
+@dataclass(frozen=True, slots=True)
+class History:
+    """A user's history, oldest first: parallel item ids and ratings."""
+
+    item_ids: Sequence[int]
+    ratings: Sequence[float]
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+
+class Featurizer:
+    """Prompts, DIN batches and soft-token embeddings for (user, candidate) pairs.
+
+    Args:
+        tokenizer: the scoring LLM's tokenizer, soft tokens added.
+        items: the catalogue by item id.
+        item_index: item vectors for SUBR.
+        din: the frozen DIN (vocab attached), or None for text-only use.
+        k: history items shown per prompt.
+        spa: write `[hist]`/`[target]` placeholders.
+    """
+
+    def __init__(
+        self,
+        tokenizer,  # noqa: ANN001 - transformers tokenizer
+        items: Mapping[int, Item],
+        item_index: ItemIndex,
+        din: DIN | None,
+        *,
+        k: int,
+        spa: bool,
+    ) -> None:
+        self.tokenizer, self.items, self.item_index, self.din = tokenizer, items, item_index, din
+        self.k, self.spa = k, spa
+
+    def known_history(self, history: History) -> History:
+        """The entries whose item is in the catalogue, order kept."""
+        keep = [i for i, item in enumerate(history.item_ids) if int(item) in self.items]
+        if len(keep) == len(history):
+            return history
+        return History([int(history.item_ids[i]) for i in keep], [float(history.ratings[i]) for i in keep])
+
+    def check_candidates(self, candidate_ids: Sequence[int]) -> None:
+        unknown = [int(c) for c in candidate_ids if int(c) not in self.items]
+        if unknown:
+            raise UnknownItem(unknown)
+
+    def prompts(
+        self,
+        profile: Profile,
+        history: History,
+        candidate_ids: Sequence[int],
+        mode: Mode,
+        k: int | None = None,
+        spa: bool | None = None,
+    ) -> list[Prompt]:
+        """One prompt per candidate for one user; SUBR runs as one matrix product for all of them."""
+        self.check_candidates(candidate_ids)
+        k = self.k if k is None else k
+        spa = self.spa if spa is None else spa
+        history = self.known_history(history)
+        entries = [
+            (self.items[int(i)], float(r)) for i, r in zip(history.item_ids, history.ratings, strict=True)
+        ]
+        picks: dict[int, np.ndarray] = {}
+        if mode == "subr" and len(history) > k:
+            many = subr_positions_many(self.item_index, history.item_ids, candidate_ids, k)
+            picks = {int(c): p for c, p in zip(candidate_ids, many, strict=True)}
+
+        def subr(_hist: Sequence[int], candidate_id: int, _k: int) -> np.ndarray:
+            return picks[int(candidate_id)]
+
+        return [
+            build_prompt(
+                self.tokenizer, profile, entries, self.items[int(c)], k=k, mode=mode, spa=spa, subr=subr
+            )
+            for c in candidate_ids
+        ]
+
+    def din_batch(
+        self,
+        user_ids: Sequence[int | None],
+        profiles: Sequence[Profile],
+        candidate_ids: Sequence[int],
+        histories: Sequence[History],
+    ) -> DINBatch:
+        """DIN inputs for B pairs (the last `max_history` known history items of each)."""
+        din = self._require_din()
+        known = [self.known_history(h) for h in histories]
+        return encode_batch(
+            din.vocab,
+            [-1 if u is None else int(u) for u in user_ids],
+            profiles,
+            [int(c) for c in candidate_ids],
+            [self.items[int(c)].genre for c in candidate_ids],
+            [(h.item_ids, h.ratings) for h in known],
+            max_history=din.config.max_history,
+        )
+
+    @torch.no_grad()
+    def din_outputs(self, batch: DINBatch) -> tuple[np.ndarray, torch.Tensor]:
+        """(DIN's own P(click) (B,) float64, h (B, d_h) float32) with the DIN in eval mode."""
+        din = self._require_din().eval()
+        logits, h = din.forward_with_hidden(batch)
+        return torch.sigmoid(logits).double().numpy(), h.float()
+
+    @torch.no_grad()
+    def soft_embeddings(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
+        """Per prompt, the DIN item embeddings (n_i, E) of its soft tokens, in placeholder order."""
+        din = self._require_din()
+        return [
+            din.item_embeddings(torch.from_numpy(din.vocab.item_rows(p.soft_item_ids))).float()
+            for p in prompts
+        ]
+
+    def _require_din(self) -> DIN:
+        if self.din is None or self.din.vocab is None:
+            raise ValueError("this featurizer has no DIN (with vocab): DIN inputs, h and SPA need it")
+        return self.din
