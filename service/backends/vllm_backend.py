@@ -167,10 +167,9 @@ class VllmBackend:
         self._ids = itertools.count()
 
     async def start(self) -> None:
-        """Load the embedding table, build the engine in its thread, and (optionally) warm it up."""
+        """Build the engine in its thread, load the embedding table, and (optionally) warm up."""
         if self._engine is not None:
             return
-        table = await asyncio.to_thread(load_input_embeddings, self.model_dir)
         engine = _EngineThread(self._make_engine)
         try:
             await engine.start()
@@ -178,22 +177,23 @@ class VllmBackend:
             raise
         except Exception as exc:
             raise BackendError(f"vLLM engine failed to start on {self.model_dir}: {exc}") from exc
-        from vllm import SamplingParams
-
-        # Raw log-probs (vLLM's default logprobs_mode) of exactly our two ids; greedy, since the
-        # sampled token is never used.
-        self._params = SamplingParams(
-            max_tokens=1, temperature=0.0, logprob_token_ids=[self.yes_id, self.no_id], detokenize=False
-        )
-        self._table = table.to(engine.engine.model_config.dtype)
         self._engine = engine
-        log.info("vllm engine ready", model_dir=str(self.model_dir), dtype=str(self._table.dtype))
-        if self.warmup:
-            try:
+        try:
+            from vllm import SamplingParams
+
+            # Raw log-probs (vLLM's default logprobs_mode) of exactly our two ids; greedy, since the
+            # sampled token is never used.
+            self._params = SamplingParams(
+                max_tokens=1, temperature=0.0, logprob_token_ids=[self.yes_id, self.no_id], detokenize=False
+            )
+            table = await asyncio.to_thread(load_input_embeddings, self.model_dir)
+            self._table = table.to(engine.engine.model_config.dtype)
+            log.info("vllm engine ready", model_dir=str(self.model_dir), dtype=str(self._table.dtype))
+            if self.warmup:
                 await self.score([ModelInput(input_ids=[self.yes_id, self.no_id])])
-            except BaseException:
-                await self.close()
-                raise
+        except BaseException:
+            await self.close()
+            raise
 
     def _make_engine(self) -> Any:
         """Runs in the engine thread: the engine, its model and its KV cache are built there."""
@@ -228,11 +228,6 @@ class VllmBackend:
             raise BackendError("vllm backend not started")
         if not inputs:
             return np.zeros(0, dtype=np.float64)
-        too_long = [i for i, x in enumerate(inputs) if len(x.input_ids) >= self.max_model_len]
-        if too_long:
-            raise BackendError(
-                f"prompt(s) {too_long} reach max_model_len={self.max_model_len} (one token is generated)"
-            )
         prompts = await asyncio.to_thread(self._prompts, list(inputs))
         request_ids = [f"rellax-{next(self._ids)}" for _ in prompts]
         engine = self._engine
