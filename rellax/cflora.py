@@ -142,12 +142,14 @@ class CFLoRALinear(nn.Module):
             G = self._G
             if G is None and self.gate is not None:
                 raise RuntimeError("this CFLoRA layer is gated: run the model inside gate_context(model, h)")
-        u = self.lora_A(self.lora_dropout(x))  # (B, T, r)
+        # The adapter may be kept in fp32 over a bf16 base (trainers do, for the optimizer's sake):
+        # compute it in its own dtype and add it back in the base's, as peft's LoRA layer does.
+        u = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (B, T, r)
         if G is not None:
             if G.dim() == 3 and G.shape[0] != u.shape[0]:
                 raise ValueError(f"G holds {G.shape[0]} samples but the input has batch {u.shape[0]}")
             u = torch.matmul(u, G.to(u.dtype))  # row form of Gᵀ·(A·x)
-        return result + self.scaling * self.lora_B(u)
+        return result + (self.scaling * self.lora_B(u)).to(result.dtype)
 
     def delta_weight(self, G: torch.Tensor | None = None) -> torch.Tensor:
         """s·B·Gᵀ·A as a (d_out, d_in) fp32 tensor for one fixed G (r, r); None means G = I."""
