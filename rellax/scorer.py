@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -33,10 +34,19 @@ from torch import nn
 
 from index.embed import resolve_dtype
 from rellax.cflora import gate_context
-from rellax.prompt import Prompt
 from rellax.spa import SPAProjector, inject_soft_tokens
 
-__all__ = ["ScoringModel", "Scorer", "length_buckets"]
+__all__ = ["ScorableInput", "Scorer", "ScoringModel", "length_buckets"]
+
+
+class ScorableInput(Protocol):
+    """What `Scorer.score` reads from each input: a `rellax.prompt.Prompt` or a backend ModelInput."""
+
+    @property
+    def input_ids(self) -> Sequence[int]: ...
+
+    @property
+    def soft_positions(self) -> Sequence[int]: ...
 
 
 class ScoringModel(nn.Module):
@@ -132,6 +142,7 @@ class ScoringModel(nn.Module):
             attention_mask: (B, T) 1 on real tokens, 0 on the right padding (it only gives lengths).
             soft_positions, soft_vectors: the SPA placeholders and their DIN embeddings, per sample.
             h: (B, d_h) gate inputs for CFLoRA, or None.
+            projected: soft_vectors are SPA outputs already (see `embed`).
         """
         lengths = attention_mask.sum(dim=1)
         if (lengths < 1).any() or (attention_mask[:, :-1] < attention_mask[:, 1:]).any():
@@ -188,7 +199,7 @@ class Scorer:
     @torch.inference_mode()
     def score(
         self,
-        prompts: Sequence[Prompt],
+        prompts: Sequence[ScorableInput],
         soft_vectors: Sequence[np.ndarray | torch.Tensor] | None = None,
         h: np.ndarray | torch.Tensor | None = None,
         max_batch: int = 64,
@@ -198,7 +209,8 @@ class Scorer:
         """P(yes) (N,) float64 for N prompts.
 
         Args:
-            prompts: from `rellax.prompt.build_prompt`.
+            prompts: from `rellax.prompt.build_prompt`, or anything with `input_ids` and
+                `soft_positions` (a backend's ModelInput).
             soft_vectors: per prompt, (n_i, E) DIN embeddings of `prompt.soft_item_ids`; needed
                 exactly when the prompts were built with spa=True.
             h: (N, d_h) CFLoRA gate inputs, one row per prompt; None for an ungated model.

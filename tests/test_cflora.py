@@ -216,3 +216,18 @@ def test_inject_guards(tiny_llama) -> None:  # noqa: ANN001
         load_lora_weights(tiny_llama, {})
     with pytest.raises(ValueError, match="r must be"):
         CFLoRALinear(torch.nn.Linear(4, 4), r=0)
+
+
+def test_fp32_adapter_over_bf16_base_keeps_the_base_dtype() -> None:
+    torch.manual_seed(0)
+    layer = CFLoRALinear(torch.nn.Linear(32, 24), r=4, dropout=0.0, gate_dim=None)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    x = torch.randn(2, 5, 32)
+    reference = layer(x)
+    layer.base_layer.to(torch.bfloat16)  # what a trainer does: bf16 frozen base, fp32 trainable adapter
+    out = layer(x.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and layer.lora_A.weight.dtype == torch.float32
+    torch.testing.assert_close(
+        out.float(), reference, atol=0.1, rtol=0.02
+    )  # bf16 base: ~3 significant digits

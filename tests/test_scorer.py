@@ -145,3 +145,15 @@ def test_bf16_tracks_the_fp32_reference(scoring, soft_tokenizer, cast: bool) -> 
     assert next(model.parameters()).dtype == (torch.bfloat16 if cast else torch.float32)
     # bf16 keeps 8 mantissa bits: ~0.4% per rounding, compounded over 2 layers of a random model
     np.testing.assert_allclose(got, reference, atol=2e-2, rtol=0)
+
+
+def test_projected_vectors_score_like_raw_embeddings(scoring, soft_tokenizer) -> None:  # noqa: ANN001
+    prompts = _prompts(soft_tokenizer, spa=True, n=3)
+    din = torch.randn(200, EMBED_DIM)
+    raw = [din[p.soft_item_ids] for p in prompts]
+    scorer = Scorer(scoring, dtype=torch.float32)
+    with torch.no_grad():
+        projected = [scoring.spa(v).numpy() for v in raw]  # what a bundle hands to any backend
+    np.testing.assert_allclose(
+        scorer.score(prompts, projected, projected=True), scorer.score(prompts, raw), atol=1e-6, rtol=0
+    )
