@@ -155,7 +155,6 @@ def offline(
 ) -> dict:
     """The same requests with no service: prepare per request, then score_prepared in full batches."""
     from rellax.bundle import Bundle
-
     from service.store import HistoryStore, connect
 
     bundle = Bundle.load(bundle_path, dtype=dtype)

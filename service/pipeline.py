@@ -12,6 +12,7 @@ with REDIS_DOWN_MODE=degrade (then on an empty history and unknown profile).
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -76,6 +77,8 @@ class ScoringPipeline:
         self.max_candidates = max_candidates
         self.overload_degrades = overload_mode == "degrade"
         self.redis_down_degrades = redis_down_mode == "degrade"
+        # A bundle that reports its own sub-stage times (subr, crm, prompt) gets a dict to fill.
+        self._bundle_times = "timings" in inspect.signature(bundle.prepare).parameters
 
     async def score(self, user_id: str, item_ids: Sequence[int], endpoint: str) -> ScoreResult:
         """Score `item_ids` for `user_id`; raises UnknownItem, LimitExceeded, HistoryStoreError,
@@ -158,12 +161,18 @@ class ScoringPipeline:
         """SUBR + DIN + prompt off the event loop (tokenising and DIN are CPU work)."""
         t = time.perf_counter()
         prepared = await asyncio.to_thread(
-            self._prepare_sync, user_id, state.prompt_profile, state.history, list(item_ids)
+            self._prepare_sync, user_id, state.prompt_profile, state.history, list(item_ids), stages
         )
         stages["prepare"] = time.perf_counter() - t
         return prepared
 
     def _prepare_sync(
-        self, user_id: str, profile: Profile, history: list[HistoryEvent], item_ids: list[int]
+        self,
+        user_id: str,
+        profile: Profile,
+        history: list[HistoryEvent],
+        item_ids: list[int],
+        stages: dict[str, float] | None = None,
     ) -> list[Any]:
-        return self.bundle.prepare(profile, history, item_ids, k=self.k)
+        extra = {"timings": stages} if self._bundle_times and stages is not None else {}
+        return self.bundle.prepare(profile, history, item_ids, k=self.k, user_id=user_id, **extra)

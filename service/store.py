@@ -8,8 +8,8 @@ Layout, namespaced and versioned so a later format can live beside this one:
 The member *is* the event, so replaying an event is a no-op ZADD: ingest is idempotent without any
 read-modify-write, and concurrent writers cannot lose or duplicate events. Equal timestamps sort by
 member, i.e. by zero-padded item id, the same tie order as the training samples (timestamp, user,
-item). Each write runs ZADD + ZREMRANGEBYRANK (keep the newest `cap`) + ZCARD in one MULTI, so the
-cap holds after every write. redis-py errors are mapped to `HistoryStoreError` at this boundary.
+item). Each write runs ZADD + ZREMRANGEBYRANK (keep the newest `cap`) in one MULTI, so the cap holds
+after every write (Redis >= 6.2 for ZMSCORE). redis-py errors become `HistoryStoreError` here.
 """
 
 from __future__ import annotations
@@ -121,17 +121,25 @@ class HistoryStore:
         return UserState(history=[decode_event(m) for m in members], profile=_profile(fields))
 
     async def append(self, user_id: str, events: Iterable[HistoryEvent]) -> tuple[int, int]:
-        """Add events; returns (newly added, stored after capping). Replays add nothing."""
+        """Add events; returns (newly stored, stored after capping). Replays add nothing.
+
+        "Newly stored" counts events absent before and present after the cap, checked inside the same
+        MULTI (ZMSCORE before and after): a replayed event older than the kept window is re-added and
+        trimmed at once, and does not count.
+        """
         mapping = {encode_event(e): int(e.timestamp) for e in events}
         if not mapping:
             return 0, await self.count(user_id)
-        key = self.hist_key(user_id)
+        key, members = self.hist_key(user_id), list(mapping)
         async with _mapped("write"), self.client.pipeline(transaction=True) as pipe:
+            pipe.zmscore(key, members)
             pipe.zadd(key, mapping)
             pipe.zremrangebyrank(key, 0, -(self.cap + 1))
+            pipe.zmscore(key, members)
             pipe.zcard(key)
-            added, _, stored = await pipe.execute()
-        return int(added), int(stored)
+            before, _, _, after, stored = await pipe.execute()
+        added = sum(1 for b, a in zip(before, after, strict=True) if b is None and a is not None)
+        return added, int(stored)
 
     async def count(self, user_id: str) -> int:
         async with _mapped("read"):

@@ -7,9 +7,16 @@ import uuid
 
 import numpy as np
 import pytest
+from fastapi import FastAPI
 from service_support import asgi_app, make_settings, tiny_bundle
 
 from rellax.entities import HistoryEvent, Profile
+
+
+async def forget_user(app: FastAPI, uid: str) -> None:
+    """Numeric ids can repeat across tests on the shared Redis: start from an empty history."""
+    store = app.state.store
+    await store.client.delete(store.hist_key(uid), store.profile_key(uid))
 
 
 def new_user() -> str:
@@ -27,16 +34,21 @@ def events_for(items: list[int]) -> list[dict]:
     ]
 
 
-def expected(profile: Profile, events: list[dict], item_ids: list[int]) -> tuple[np.ndarray, list[list[int]]]:
+def expected(
+    profile: Profile, events: list[dict], item_ids: list[int], user_id: str | None = None
+) -> tuple[np.ndarray, list[list[int]]]:
     """The offline path on the same inputs: what training and evaluation compute."""
     bundle = tiny_bundle()
     history = [HistoryEvent(e["item_id"], float(e["rating"]), e["timestamp"]) for e in events]
-    prepared = bundle.prepare(profile, history, item_ids)
+    prepared = bundle.prepare(profile, history, item_ids, user_id=user_id)
     return np.asarray(bundle.score_prepared(prepared)), [list(map(int, p.retrieved)) for p in prepared]
 
 
-async def test_score_equals_offline_scorer(redis_url: str) -> None:
-    uid, history, cands = new_user(), catalogue(25), catalogue(6, offset=100)
+@pytest.mark.parametrize("known_user", [False, True])
+async def test_score_equals_offline_scorer(redis_url: str, known_user: bool) -> None:
+    # a numeric id inside DIN's user vocabulary (1..40 in the tiny bundle) uses its own embedding row
+    uid = str(7 + int(uuid.uuid4().int % 30)) if known_user else new_user()
+    history, cands = catalogue(25), catalogue(6, offset=100)
     events = events_for(history)
     async with asgi_app(make_settings(redis_url)) as (_, client):
         r = await client.post(f"/v1/users/{uid}/events", json={"events": events})
@@ -56,7 +68,7 @@ async def test_score_equals_offline_scorer(redis_url: str) -> None:
     assert body["user_id"] == uid and body["model_version"] == tiny_bundle().model_version
     assert body["cold_start"] is False and body["degraded"] is False
     assert [it["item_id"] for it in body["items"]] == cands
-    want, retrieved = expected(Profile("female", "25-34", "writer"), events, cands)
+    want, retrieved = expected(Profile("female", "25-34", "writer"), events, cands, user_id=uid)
     np.testing.assert_allclose([it["p_click"] for it in body["items"]], want, atol=1e-5)
     assert [it["retrieved"] for it in body["items"]] == retrieved
     k = tiny_bundle().k
@@ -75,7 +87,7 @@ async def test_unknown_user_is_scored_cold(redis_url: str) -> None:
     body = r.json()
     assert body["cold_start"] is True and cold == 1
     assert all(it["retrieved"] == [] for it in body["items"])
-    want, _ = expected(Profile(), [], cands)
+    want, _ = expected(Profile(), [], cands, user_id=body["user_id"])
     np.testing.assert_allclose([it["p_click"] for it in body["items"]], want, atol=1e-5)
 
 
@@ -115,7 +127,7 @@ async def test_events_are_idempotent_and_history_reads_back(redis_url: str) -> N
             f"/v1/users/{uid}/profile", json={"gender": "male", "age": "under 18", "job": "student"}
         )
         hist = await client.get(f"/v1/users/{uid}/history")
-    assert first.json()["added"] == 5 and first.json()["history_len"] == 4  # capped to the newest 4
+    assert first.json()["added"] == 4 and first.json()["history_len"] == 4  # the oldest fell off the cap
     assert again.json()["added"] == 0 and again.json()["history_len"] == 4
     assert empty.json() == {
         "user_id": empty.json()["user_id"],

@@ -80,8 +80,8 @@ async def test_cap_keeps_the_newest_events(redis_url: str) -> None:
         store, uid = HistoryStore(client, cap=5), user()
         await store.append(uid, [ev(i, 3, 100 * i) for i in range(1, 9)])
         assert [e.item_id for e in (await store.fetch(uid)).history] == [4, 5, 6, 7, 8]
-        # an event older than everything kept is trimmed in the same MULTI
-        assert await store.append(uid, [ev(50, 3, 1)]) == (1, 5)
+        # an event older than everything kept is trimmed in the same MULTI: not counted as stored
+        assert await store.append(uid, [ev(50, 3, 1)]) == (0, 5)
         assert [e.item_id for e in (await store.fetch(uid)).history] == [4, 5, 6, 7, 8]
         assert await store.append(uid, [ev(60, 3, 10_000)]) == (1, 5)
         assert [e.item_id for e in (await store.fetch(uid)).history] == [5, 6, 7, 8, 60]
