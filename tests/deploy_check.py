@@ -399,6 +399,12 @@ class Prometheus:
             raise AssertionError(f"{expr!r}: {body.get('errorType')}: {body.get('error')}")
         return body["data"]["result"]
 
+    def scrapes(self, job: str) -> int:
+        """How many scrapes of `job` Prometheus has stored (its first comes ~5 s after start: target
+        discovery publishes in 5 s ticks)."""
+        result = self.query(f'count_over_time(up{{job="{job}"}}[10m])')
+        return int(float(result[0]["value"][1])) if result else 0
+
     def wait_for_samples(self, expr: str, min_series: int = 1, timeout_s: float = 15) -> list[dict[str, Any]]:
         """Poll `expr` until it returns at least `min_series` series (scrapes run every second)."""
         deadline = time.monotonic() + timeout_s
