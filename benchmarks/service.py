@@ -168,6 +168,7 @@ def offline(
             await client.aclose()
 
     users = asyncio.run(states())
+    bundle.prepare(users[0].prompt_profile, users[0].history, requests[0][1])  # warm-up (tokenizer memo)
     t = time.perf_counter()
     prepared = []
     for (_, items), st in zip(requests, users, strict=True):
