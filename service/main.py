@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AsyncExitStack, asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
+from rellax.errors import BundleError
 from rellax.logs import get_logger
 from service.api import api_router
-from service.backends import backend_class
+from service.backends import ScoringBackend, backend_class
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
 from service.metrics import Metrics
@@ -25,7 +27,7 @@ from service.pipeline import ScoringPipeline
 from service.settings import Settings
 from service.store import HistoryStore, connect
 
-__all__ = ["create_app", "load_bundle"]
+__all__ = ["build_backend", "create_app", "load_bundle"]
 
 log = get_logger(__name__)
 
@@ -37,37 +39,50 @@ def load_bundle(settings: Settings) -> Any:
     return Bundle.load(settings.bundle, dtype=settings.dtype)
 
 
+def build_backend(settings: Settings, bundle: Any) -> ScoringBackend:
+    """The configured backend over this bundle: torch scores the bundle's exact model; vLLM serves the
+    bundle's merged export (`merged/`, CFLoRA folded in with the mean gate, DESIGN §8)."""
+    cls = backend_class(settings.backend)
+    if settings.backend == "vllm":
+        merged = Path(bundle.path) / "merged"
+        if not (merged / "config.json").exists():
+            raise BundleError(f"{bundle.path} has no merged/ export, which the vllm backend serves")
+        yes_id, no_id = bundle.manifest["answer_token_ids"]
+        return cls(merged, yes_id=int(yes_id), no_id=int(no_id), dtype=settings.dtype)
+    return cls(bundle)
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Load and start everything in order; stop it in reverse, also when start-up fails half-way."""
     s: Settings = app.state.settings
     if s.redis_url is None:
         raise RuntimeError("RELLAX_REDIS_URL is not set (`rellax serve` starts an embedded Redis for demos)")
     if app.state.bundle is None:
         app.state.bundle = await asyncio.to_thread(load_bundle, s)
     bundle = app.state.bundle
-    client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)
-    store = app.state.store = HistoryStore(client, cap=s.history_cap)
-    backend = backend_class(s.backend)(bundle=bundle, settings=s)
-    await backend.start()
-    batcher = app.state.batcher = MicroBatcher(
-        backend, max_batch=s.max_batch, max_tokens=s.max_tokens, max_wait_s=s.max_wait_ms / 1000,
-        max_queue=s.max_queue, metrics=app.state.metrics,
-    )  # fmt: skip
-    await batcher.start()
-    app.state.pipeline = ScoringPipeline(
-        bundle, store, batcher, app.state.metrics, k=s.k, deadline_s=s.deadline_ms / 1000,
-        max_candidates=s.max_candidates, overload_mode=s.overload_mode, redis_down_mode=s.redis_down_mode,
-    )  # fmt: skip
-    app.state.canary_ok = await app.state.pipeline.canary()
-    log.info(
-        "service ready", model_version=bundle.model_version, backend=s.backend, canary=app.state.canary_ok
-    )
-    try:
+    async with AsyncExitStack() as stack:
+        client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)
+        stack.push_async_callback(client.aclose)
+        store = app.state.store = HistoryStore(client, cap=s.history_cap)
+        backend = build_backend(s, bundle)
+        await backend.start()
+        stack.push_async_callback(backend.close)
+        batcher = app.state.batcher = MicroBatcher(
+            backend, max_batch=s.max_batch, max_tokens=s.max_tokens, max_wait_s=s.max_wait_ms / 1000,
+            max_queue=s.max_queue, metrics=app.state.metrics,
+        )  # fmt: skip
+        await batcher.start()
+        stack.push_async_callback(batcher.close)
+        app.state.pipeline = ScoringPipeline(
+            bundle, store, batcher, app.state.metrics, k=s.k, deadline_s=s.deadline_ms / 1000,
+            max_candidates=s.max_candidates, overload_mode=s.overload_mode, redis_down_mode=s.redis_down_mode,
+        )  # fmt: skip
+        app.state.canary_ok = await app.state.pipeline.canary()
+        log.info(
+            "service ready", model_version=bundle.model_version, backend=s.backend, canary=app.state.canary_ok
+        )
         yield
-    finally:
-        await batcher.close()
-        await backend.close()
-        await client.aclose()
 
 
 def create_app(settings: Settings | None = None, *, bundle: Any = None) -> FastAPI:

@@ -272,3 +272,12 @@ async def test_api_keys_guard_v1_only(redis_url: str) -> None:
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert bearer.status_code == 200 and header.status_code == 200
     assert [r.status_code for r in open_] == [200, 200, 200]
+
+
+def test_vllm_backend_needs_the_merged_export(redis_url: str) -> None:
+    from rellax.errors import BundleError
+    from service.main import build_backend
+
+    with pytest.raises(BundleError, match="no merged/ export"):
+        build_backend(make_settings(redis_url, backend="vllm"), tiny_bundle())
+    assert build_backend(make_settings(redis_url), tiny_bundle()).name == "torch"

@@ -27,7 +27,7 @@ class TorchBackend:
     name = "torch"
     max_concurrent_batches = 1
 
-    def __init__(self, bundle: Any, settings: Any = None) -> None:
+    def __init__(self, bundle: Any) -> None:
         self.bundle = bundle
         self._pool: ThreadPoolExecutor | None = None
 
