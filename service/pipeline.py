@@ -4,7 +4,10 @@
     prompt + soft tokens (rellax's one prompt function, the same one training calls) -> micro-batcher
     -> backend -> P(yes)
 
-Every stage is timed into `rellax_stage_duration_seconds`. The two degraded modes return DIN's own
+Every stage is timed into `rellax_stage_duration_seconds` under the contract's names (service.metrics
+.STAGES): redis, subr, crm, prompt (as reported by `bundle.prepare(timings=...)` when the bundle
+supports it), queue_wait, model, total. The response's timing also shows "prepare", the whole of
+SUBR + DIN + prompt as the service saw it. The two degraded modes return DIN's own
 CTR with `degraded: true` (a 200, not an error): queue full with OVERLOAD_MODE=degrade, and Redis down
 with REDIS_DOWN_MODE=degrade (then on an empty history and unknown profile).
 """
@@ -23,7 +26,7 @@ from rellax.errors import HistoryStoreError, UnknownItem
 from rellax.logs import get_logger
 from service.batcher import MicroBatcher
 from service.errors import LimitExceeded, Overloaded
-from service.metrics import Metrics
+from service.metrics import STAGES, Metrics
 from service.store import HistoryStore, UserState
 
 __all__ = ["ScoreResult", "Scored", "ScoringPipeline"]
@@ -113,7 +116,10 @@ class ScoringPipeline:
                 for p in prepared
             ]
         for name, seconds in stages.items():
-            self.metrics.stage_duration.labels(stage=name).observe(seconds)
+            if (
+                name in STAGES
+            ):  # "prepare" = subr + crm + prompt: the stacked dashboard panel would count it twice
+                self.metrics.stage_duration.labels(stage=name).observe(seconds)
         total = time.perf_counter() - start
         self.metrics.stage_duration.labels(stage="total").observe(total)
         return ScoreResult(items=items, cold_start=state.cold_start, stages=stages, total_s=total)

@@ -94,7 +94,8 @@ class Timing(_Model):
 
     total_ms: float = Field(description="Wall time inside the service.")
     stages_ms: dict[str, float] = Field(
-        description="Per stage: redis, prepare (SUBR + DIN + prompt), queue_wait, model."
+        description="Per stage: redis, prepare (= subr + crm + prompt, each also listed when the bundle "
+        "reports it), queue_wait, model."
     )
 
 
