@@ -271,11 +271,13 @@ async def test_api_keys_guard_v1_only(redis_url: str) -> None:
         bearer = await client.post("/v1/score", json=body, headers={"Authorization": f"Bearer {key}"})
         header = await client.get("/v1/users/a/history", headers={"X-API-Key": other})
         open_ = [await client.get(p) for p in ("/healthz", "/readyz", "/metrics")]
+        invalid = await client.post("/v1/score", json={"user_id": "a b"})  # no key: 401 before validation
     assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
     assert "missing API key" in missing.json()["error"]["message"]
     assert wrong.status_code == 401 and wrong.json()["error"]["code"] == "invalid_api_key"
     assert bearer.status_code == 200 and header.status_code == 200
     assert [r.status_code for r in open_] == [200, 200, 200]
+    assert invalid.status_code == 401
 
 
 def test_vllm_backend_needs_the_merged_export(redis_url: str) -> None:
