@@ -3,6 +3,7 @@ the service's P(click) equals `bundle.score_prepared` on the same user state and
 
 from __future__ import annotations
 
+import inspect
 import re
 import uuid
 
@@ -163,6 +164,8 @@ async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
         assert f'rellax_stage_duration_seconds_count{{stage="{stage}"}}' in metrics
     seen = set(re.findall(r'rellax_stage_duration_seconds_count\{stage="(\w+)"\}', metrics))
     assert seen <= set(STAGES)  # the dashboard stacks these: no overlapping "prepare" label
+    if "timings" in inspect.signature(tiny_bundle().prepare).parameters:  # the bundle reports sub-stages
+        assert {"subr", "crm", "prompt"} <= seen
     assert 'rellax_requests_total{endpoint="/v1/score",status_class="2xx"} 1.0' in metrics
     assert 'rellax_requests_total{endpoint="/v1/score",status_class="4xx"} 1.0' in metrics
     assert 'endpoint="/v1/users/{user_id}/events"' in metrics  # route template: no ids in labels
