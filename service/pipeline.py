@@ -91,38 +91,42 @@ class ScoringPipeline:
         self._check(item_ids)
         self.metrics.candidates.labels(endpoint=endpoint).observe(len(item_ids))
         stages: dict[str, float] = {}
-        state, store_down = await self._user(user_id, stages)
-        if state.cold_start:
+        state, degrade = await self._user(user_id, stages)
+        if state.cold_start and not degrade:
             self.metrics.cold_starts.inc()
         prepared = await self._prepare(user_id, state, item_ids, stages)
-        degrade = store_down
+        scores = None
         if not degrade:
             try:
                 batch = await self.batcher.submit([p.model_input for p in prepared], deadline)
+                stages["queue_wait"], stages["model"] = batch.queue_wait_s, batch.model_s
+                scores = batch.scores
             except Overloaded:
                 if not self.overload_degrades:
                     raise
-                degrade = True
-            else:
-                stages["queue_wait"], stages["model"] = batch.queue_wait_s, batch.model_s
-                items = [
-                    Scored(int(p.item_id), float(s), [int(r) for r in p.retrieved], False)
-                    for p, s in zip(prepared, batch.scores, strict=True)
-                ]
-        if degrade:
+        if scores is None:  # degraded: DIN's own CTR, a 200 with degraded: true
             self.metrics.degraded.labels(endpoint=endpoint).inc()
-            items = [
-                Scored(int(p.item_id), float(p.din_prob), [int(r) for r in p.retrieved], True)
-                for p in prepared
-            ]
+        items = [
+            Scored(
+                item_id=int(p.item_id),
+                p_click=float(p.din_prob if scores is None else scores[n]),
+                retrieved=[int(r) for r in p.retrieved],
+                degraded=scores is None,
+            )
+            for n, p in enumerate(prepared)
+        ]
+        stages["total"] = time.perf_counter() - start
+        self._observe(stages)
+        return ScoreResult(
+            items=items, cold_start=state.cold_start, stages=stages, total_s=stages.pop("total")
+        )
+
+    def _observe(self, stages: dict[str, float]) -> None:
+        # Only the contract's names: "prepare" (= subr + crm + prompt) would be counted twice by the
+        # dashboard's stacked stage panel.
         for name, seconds in stages.items():
-            if (
-                name in STAGES
-            ):  # "prepare" = subr + crm + prompt: the stacked dashboard panel would count it twice
+            if name in STAGES:
                 self.metrics.stage_duration.labels(stage=name).observe(seconds)
-        total = time.perf_counter() - start
-        self.metrics.stage_duration.labels(stage="total").observe(total)
-        return ScoreResult(items=items, cold_start=state.cold_start, stages=stages, total_s=total)
 
     async def canary(self) -> bool:
         """Score one cold-start candidate through prepare + batcher + backend (no Redis): the
