@@ -15,9 +15,10 @@ from __future__ import annotations
 import copy
 import json
 import time
+import types
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, get_args, get_origin, get_type_hints
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from training.baselines import Fields, fields_for, run_baselines
 from training.datasets import load_dataset
-from training.metrics import ctr_metrics
+from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
 from training.samples import Samples
 
 __all__ = ["CONFIG_PATH", "CRMConfig", "CRMRecipe", "load_config", "main"]
@@ -47,6 +48,7 @@ class CRMConfig:
     seed: int = 0
     max_epochs: int = 6  # upper bound; early stopping usually ends sooner
     patience: int = 1  # epochs without a better valid AUC before stopping
+    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests); None = the whole split
     batch_size: int = 1024
     eval_batch_size: int = 8192
     lr: float = 1e-3
@@ -59,8 +61,8 @@ class CRMConfig:
     out: str | None = None  # default: cache_dir("crm") / "din"
     ml1m: str | None = None  # folder with ML-1M .dat files; default is the bundled ML-100K
 
-    def validate(self) -> None:
-        """Raise one ValueError naming every bad value, so a run fails at start-up, once."""
+    def problems(self) -> list[str]:
+        """Every bad value, so a run fails at start-up, once, naming all of them."""
         problems = [
             f"{name}={getattr(self, name)!r} must be > 0"
             for name in ("max_epochs", "patience", "batch_size", "eval_batch_size", "lr", "embed_dim")
@@ -68,12 +70,13 @@ class CRMConfig:
         ]
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
+            problems.append(f"max_steps_per_epoch={self.max_steps_per_epoch!r} must be > 0 or null")
         if self.max_history < 1:
             problems.append(f"max_history={self.max_history!r} must be >= 1")
         if not self.hidden or min(self.hidden) <= 0:
             problems.append(f"hidden={self.hidden!r} needs positive layer sizes")
-        if problems:
-            raise ValueError("invalid CRM config: " + "; ".join(problems))
+        return problems
 
 
 def load_config(path: Path | None = None, overrides: list[str] | None = None, **values: Any) -> CRMConfig:
@@ -90,10 +93,34 @@ def load_config(path: Path | None = None, overrides: list[str] | None = None, **
     unknown = sorted(set(raw) - known)
     if unknown:
         raise ValueError(f"unknown CRM config key(s): {unknown}; known: {sorted(known)}")
-    hints = get_type_hints(CRMConfig)
-    cfg = CRMConfig(**{k: tuple(v) if "tuple" in str(hints[k]) else v for k, v in raw.items()})
-    cfg.validate()
+    hints, kwargs, problems = get_type_hints(CRMConfig), {}, []
+    for key, value in raw.items():
+        try:
+            kwargs[key] = _coerce(value, hints[key])
+        except (TypeError, ValueError):
+            problems.append(f"{key}={value!r} is not a {hints[key]}")
+    cfg = CRMConfig(**kwargs)
+    problems += cfg.problems()
+    if problems:
+        raise ValueError("invalid CRM config: " + "; ".join(problems))
     return cfg
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """YAML gives ints for floats and lists for tuples; reject what cannot be converted."""
+    optional = isinstance(hint, types.UnionType) and type(None) in get_args(hint)
+    if value is None:
+        if not optional:
+            raise TypeError("null not allowed")
+        return None
+    base = next(t for t in get_args(hint) if t is not type(None)) if optional else hint  # X | None -> X
+    if get_origin(base) is tuple:
+        return tuple(int(v) for v in value)
+    if base is bool:
+        if not isinstance(value, bool):
+            raise TypeError("not a bool")
+        return value
+    return base(value)
 
 
 class CRMRecipe:
@@ -162,7 +189,9 @@ class CRMRecipe:
             order = torch.randperm(len(train), generator=self._rng)
             bar = tqdm(order.split(cfg.batch_size), desc=f"DIN epoch {epoch}", unit="batch", leave=False)
             total, seen = 0.0, 0
-            for idx in bar:
+            for step, idx in enumerate(bar):
+                if cfg.max_steps_per_epoch is not None and step >= cfg.max_steps_per_epoch:
+                    break
                 loss = self.loss_fn(self.model(train.select(idx)), labels[idx])
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
@@ -233,6 +262,13 @@ def main(cfg: CRMConfig) -> dict:
             k: {n: v for n, v in r.items() if n != "test_probs"} for k, r in results.items()
         }
         metrics["baselines_seconds"] = round(time.perf_counter() - start, 2)
+        # Is DIN's lead real on these test samples? A paired bootstrap over the same samples.
+        metrics["din_minus_baseline_test_auc"] = {
+            k: paired_bootstrap_auc_diff(
+                f["test"].label, test_probs, r["test_probs"], n_boot=500, seed=cfg.seed
+            )
+            for k, r in results.items()
+        }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("crm.done", out=str(out), test_auc=round(test["auc"], 4))
     return metrics

@@ -1,0 +1,91 @@
+"""`rellax train ...` (and, later, `rellax eval` / `rellax export`): the offline pipeline's commands.
+
+Each recipe is one command on `train_app`; to add one, define another `@train_app.command("name")`
+function below. Top-level commands (eval, export) get a line in `register`. Heavy imports (torch,
+sklearn, the recipes) stay inside the command bodies so `rellax --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register", "train_app"]
+
+train_app = typer.Typer(help="Train models.", no_args_is_help=True)
+
+Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides as key=value (YAML values).")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML config (default: the recipe's).")]
+
+
+def register(app: typer.Typer) -> None:
+    """Add this package's commands to the `rellax` app."""
+    app.add_typer(train_app, name="train")
+
+
+@train_app.command("crm")
+def train_crm(
+    overrides: Overrides = None,
+    config: ConfigFile = None,
+    out: Annotated[Path | None, typer.Option(help="Model folder (default: cache/crm/din).")] = None,
+    epochs: Annotated[
+        int | None, typer.Option(help="Maximum epochs (early stopping may end sooner).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
+    patience: Annotated[int | None, typer.Option(help="Epochs without a better valid AUC.")] = None,
+    ml1m: Annotated[Path | None, typer.Option(help="Folder with ML-1M .dat files (default ML-100K).")] = None,
+    baselines: Annotated[
+        bool | None, typer.Option(help="Also fit the LR and rating-prior baselines.")
+    ] = None,
+) -> None:
+    """Train DIN (the conventional CTR model) and its baselines; print and save their metrics."""
+    from training.crm import load_config, main
+
+    try:
+        cfg = load_config(
+            config,
+            overrides,
+            out=str(out) if out else None,
+            max_epochs=epochs,
+            seed=seed,
+            lr=lr,
+            batch_size=batch_size,
+            patience=patience,
+            ml1m=str(ml1m) if ml1m else None,
+            baselines=baselines,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    _print_crm_metrics(main(cfg))
+
+
+def _print_crm_metrics(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"CTR on the test split (n={metrics['din']['test']['n']})")
+    for column in ("model", "test AUC", "test LogLoss", "valid AUC", "train s"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    rows = [("DIN", metrics["din"], metrics["train_seconds"])]
+    rows += [
+        (name.upper() if name == "lr" else name, r, r["fit_seconds"])
+        for name, r in metrics["baselines"].items()
+    ]
+    for name, r, seconds in rows:
+        table.add_row(
+            name,
+            f"{r['test']['auc']:.4f}",
+            f"{r['test']['logloss']:.4f}",
+            f"{r['valid']['auc']:.4f}",
+            f"{seconds:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    for name, d in metrics.get("din_minus_baseline_test_auc", {}).items():
+        console.print(f"DIN - {name} test AUC: {d['diff']:+.4f} (95% CI {d['lo']:+.4f} .. {d['hi']:+.4f})")
+    epochs = f"epochs {metrics['epochs']} (best {metrics['best_epoch']})"
+    console.print(f"{epochs}; model and metrics.json in {metrics['out']}")
