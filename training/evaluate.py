@@ -1,0 +1,178 @@
+"""`rellax eval`: every mode on the same fixed, seeded rows of a split (issue 3 §5).
+
+Modes: zero-shot recency and SUBR (the base LLM), rella (stage 1), spa / cflora / rellax (stage 2
+runs, whichever exist), and the DIN on the same rows. AUC, LogLoss and accuracy per mode, written as
+JSON and a markdown table. LLM modes run through the serving path (CFLoRA layers with stage-1 A/B),
+so what is evaluated is what is served.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from rellax.assets import prepare_model
+from rellax.cflora import inject_cflora, load_lora_weights
+from rellax.features import Featurizer, Mode
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from rellax.scorer import Scorer, ScoringModel
+from rellax.tokens import answer_token_ids
+from training.datasets import load_dataset
+from training.fewshot import eval_rows
+from training.llm_data import Catalogue, build_examples
+from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index
+from training.metrics import ctr_metrics
+from training.stage2 import build_stage2_model, load_stage2_weights
+
+__all__ = ["EvalConfig", "main", "markdown_table"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    n: int | None = 2000  # None = every row of the split
+    seed: int = 1234
+    k: int = 15
+    stage1: Path | None = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage1")
+    stage2: dict[str, Path] = field(default_factory=dict)  # mode -> run dir
+    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    out: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "eval")
+    zero_shot: bool = True
+    model_dir: Path | None = None
+
+
+def _score(model: ScoringModel, examples: list, projected: bool = False) -> np.ndarray:
+    scorer = Scorer(model, dtype=next(model.parameters()).dtype, cast=False)
+    soft = [e.soft for e in examples] if examples[0].soft is not None else None
+    h = torch.stack([e.h for e in examples]) if examples[0].h is not None else None
+    return scorer.score([e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=32)
+
+
+def stage1_model(lm, tokenizer, stage1: Path) -> ScoringModel:  # noqa: ANN001
+    """The stage-1 model as served: CFLoRA layers without gates carrying the peft A and B."""
+    cfg = json.loads((stage1 / "metrics.json").read_text())["config"]
+    inject_cflora(lm, int(cfg["r"]), float(cfg["alpha"]), float(cfg["dropout"]), gate_dim=None)
+    load_lora_weights(lm, load_file(stage1 / "adapter" / "adapter_model.safetensors"))
+    yes, no = answer_token_ids(tokenizer)
+    return ScoringModel(lm, yes, no)
+
+
+def main(cfg: EvalConfig) -> dict[str, Any]:
+    data, samples, manifest = load_dataset()
+    catalogue = Catalogue.from_tables(data)
+    rows = eval_rows(samples, cfg.split, cfg.n, seed=cfg.seed)
+    labels = samples.label[rows].astype(np.int64)
+    model_dir = prepare_model(cfg.model_dir)
+    din = load_din(cfg.din_dir)
+    results: dict[str, dict[str, Any]] = {}
+    preds: dict[str, np.ndarray] = {}
+
+    def fresh():  # noqa: ANN202 - (lm, tokenizer, featurizer factory)
+        lm, tok = load_base_lm(model_dir)
+        index = load_or_build_index(default_index_dir(), lm, tok, catalogue)
+        return lm, tok, index
+
+    def run(name: str, model: ScoringModel, tok, index, mode: Mode, spa: bool, with_din: bool) -> None:  # noqa: ANN001
+        t = time.perf_counter()
+        featurizer = Featurizer(tok, catalogue.items, index, din, k=cfg.k, spa=spa)
+        examples = build_examples(
+            featurizer,
+            catalogue,
+            samples,
+            [(int(r), mode) for r in rows],
+            with_din=with_din,
+            desc=f"{name} prompts",
+        )
+        p = _score(model, examples)
+        preds[name] = p
+        results[name] = {**ctr_metrics(labels, p), "seconds": round(time.perf_counter() - t, 1)}
+        log.info("evaluated", mode=name, auc=round(results[name]["auc"], 4))
+
+    if cfg.zero_shot:
+        lm, tok, index = fresh()
+        yes, no = answer_token_ids(tok)
+        base = ScoringModel(lm, yes, no)
+        run("zero-shot recency", base, tok, index, "recency", False, False)
+        run("zero-shot SUBR", base, tok, index, "subr", False, False)
+    if cfg.stage1 is not None and (cfg.stage1 / "metrics.json").exists():
+        lm, tok, index = fresh()
+        run("rella", stage1_model(lm, tok, cfg.stage1), tok, index, "subr", False, False)
+    for mode, folder in cfg.stage2.items():
+        if not (folder / "metrics.json").exists():
+            continue
+        meta = json.loads((folder / "metrics.json").read_text())
+        lm, tok, index = fresh()
+        model = build_stage2_model(
+            lm,
+            tok,
+            load_file(Path(meta["config"]["stage1"]) / "adapter" / "adapter_model.safetensors"),
+            meta["stage1_config"],
+            mode,
+            din.config.embed_dim,
+        )
+        load_stage2_weights(model, folder)
+        run(mode, model, tok, index, "subr", model.spa is not None, True)
+    din_pred = _din_predictions(din, catalogue, samples, rows)
+    preds["DIN"] = din_pred
+    results["DIN"] = ctr_metrics(labels, din_pred)
+    report = {
+        "split": cfg.split,
+        "rows": int(len(rows)),
+        "seed": cfg.seed,
+        "k": cfg.k,
+        "label_rate": float(labels.mean()),
+        "data_hash": manifest["source_hash"],
+        "results": results,
+    }
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    (cfg.out / "eval.json").write_text(json.dumps(report, indent=2))
+    (cfg.out / "eval.md").write_text(markdown_table(report))
+    np.savez(
+        cfg.out / "predictions.npz",
+        rows=rows,
+        labels=labels,
+        **{k.replace(" ", "_"): v for k, v in preds.items()},
+    )
+    return report
+
+
+def _din_predictions(din, catalogue: Catalogue, samples, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    from rellax.features import History
+
+    featurizer = Featurizer(None, catalogue.items, None, din, k=0, spa=False)  # type: ignore[arg-type]
+    users = [samples.user_id(int(r)) for r in rows]
+    histories = [History(*(a.tolist() for a in samples.history(int(r))[:2])) for r in rows]
+    from rellax.entities import Profile
+
+    batch = featurizer.din_batch(
+        users,
+        [catalogue.profiles.get(u, Profile()) for u in users],
+        [int(samples.item_id[r]) for r in rows],
+        histories,
+    )
+    return featurizer.din_outputs(batch)[0]
+
+
+def markdown_table(report: Mapping[str, Any]) -> str:
+    """The eval table: one row per mode."""
+    lines = [
+        f"Evaluation on {report['rows']} {report['split']} rows (seed {report['seed']}, K={report['k']}, "
+        f"label rate {report['label_rate']:.3f})",
+        "",
+        "| mode | AUC | LogLoss | accuracy |",
+        "|---|---|---|---|",
+    ]
+    for name, m in report["results"].items():
+        lines.append(f"| {name} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['accuracy']:.4f} |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,145 @@
+"""`rellax export`: a trained run -> a bundle the service loads (issue 3 §6), plus the merged
+checkpoint for vLLM (W0 + s·B·Ḡᵀ·A, DESIGN §8) with the price of merging measured on validation.
+
+The base LLM is loaded in fp32 here, so the bundle keeps the original weights bit for bit; the
+service picks its compute dtype at load time.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+
+from rellax.assets import DEFAULT_MODEL_NAME, file_sha256, prepare_model
+from rellax.bundle import BundleConfig, write_bundle, write_merged
+from rellax.cflora import cflora_modules
+from rellax.features import Featurizer
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from training.datasets import load_dataset
+from training.fewshot import eval_rows
+from training.llm_data import Catalogue, build_examples
+from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.metrics import ctr_metrics
+from training.stage2 import build_stage2_model, load_stage2_weights
+
+__all__ = ["ExportConfig", "main"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class ExportConfig:
+    stage2: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage2")
+    out: Path = field(default_factory=lambda: cache_dir("bundles") / "demo")
+    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    eval_json: Path | None = None
+    merged: bool = True
+    merged_valid_rows: int = 256
+    model_dir: Path | None = None
+
+
+def main(cfg: ExportConfig) -> dict[str, Any]:
+    meta = json.loads((cfg.stage2 / "metrics.json").read_text())
+    mode, s2cfg, s1cfg = meta["stage"], meta["config"], meta["stage1_config"]
+    data, samples, manifest = load_dataset()
+    catalogue = Catalogue.from_tables(data)
+    model_dir = prepare_model(cfg.model_dir)
+    lm, tokenizer = load_base_lm(model_dir, bf16=False)
+    index = load_or_build_index(default_index_dir(), lm, tokenizer, catalogue)
+    din = load_din(cfg.din_dir)
+    lora = load_file(Path(s2cfg["stage1"]) / "adapter" / "adapter_model.safetensors")
+    model = build_stage2_model(lm, tokenizer, lora, s1cfg, mode, din.config.embed_dim)
+    load_stage2_weights(model, cfg.stage2)
+    config = BundleConfig(
+        k=int(s2cfg["k"]),
+        mode="subr",
+        spa=model.spa is not None,
+        gated=mode in ("cflora", "rellax"),
+        r=int(s1cfg["r"]),
+        alpha=float(s1cfg["alpha"]),
+        dropout=float(s1cfg["dropout"]),
+    )
+    metrics: dict[str, Any] = {"valid_auc_exact": meta["result"]["best_valid_auc"]}
+    if cfg.eval_json and cfg.eval_json.exists():
+        metrics["eval"] = json.loads(cfg.eval_json.read_text())
+    base_sha = (
+        file_sha256(model_dir / "model.safetensors") if (model_dir / "model.safetensors").exists() else None
+    )
+    extra = {
+        "base_model": {
+            "name": DEFAULT_MODEL_NAME if cfg.model_dir is None else str(cfg.model_dir),
+            "sha256": base_sha,
+        },
+        "data": {"source_hash": manifest["source_hash"], "splits": manifest["splits"]},
+        "training": {"stage1": s1cfg, "stage2": s2cfg, "mode": mode},
+    }
+    if cfg.merged:
+        merged_info = _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config)
+        metrics.update(merged_info.pop("metrics"))
+        extra["merged"] = merged_info
+    manifest_out = write_bundle(
+        cfg.out,
+        lm=model.lm,
+        tokenizer=tokenizer,
+        din=din,
+        items=list(catalogue.items.values()),
+        item_index=index,
+        config=config,
+        spa=model.spa,
+        metrics=metrics,
+        extra=extra,
+    )
+    log.info("bundle written", out=str(cfg.out), model_version=manifest_out["model_version"])
+    return manifest_out
+
+
+def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config) -> dict[str, Any]:  # noqa: ANN001
+    """Write merged/ and measure validation AUC exact vs merged on the same rows."""
+    g_bars = None
+    if (cfg.stage2 / "gbar.safetensors").exists():
+        g_bars = load_file(cfg.stage2 / "gbar.safetensors")
+        g_bars = {k.removeprefix("lm."): v for k, v in g_bars.items()}
+    out = cfg.out / "merged"
+    scaling = config.alpha / config.r
+    checksums = write_merged(out, model.lm, tokenizer, g_bars, scaling)
+    if model.spa is not None:
+        save_file(
+            {k: v.detach().float().contiguous() for k, v in model.spa.state_dict().items()},
+            out / "spa.safetensors",
+        )
+    (out / "rellax_merged.json").write_text(
+        json.dumps({"soft_token_ids": tokenizer.convert_tokens_to_ids(["[hist]", "[target]"])})
+    )
+    featurizer = Featurizer(tokenizer, catalogue.items, index, din, k=config.k, spa=config.spa)
+    rows = eval_rows(samples, "valid", cfg.merged_valid_rows)
+    examples = build_examples(
+        featurizer,
+        catalogue,
+        samples,
+        [(int(r), "subr") for r in rows],
+        with_din=True,
+        desc="merged-vs-exact prompts",
+    )
+    labels = np.array([e.label for e in examples])
+    exact = ctr_metrics(labels, score_examples(model, examples))["auc"]
+    modules = cflora_modules(model.lm)
+    for name, module in modules.items():
+        module.merge(None if g_bars is None or module.gate is None else g_bars[name])
+    merged = ctr_metrics(labels, score_examples(model, examples))["auc"]
+    for module in modules.values():
+        module.unmerge()
+    return {
+        "path": "merged",
+        "files": checksums,
+        "metrics": {
+            "valid_auc_exact_subset": exact,
+            "valid_auc_merged_subset": merged,
+            "merged_valid_rows": int(len(rows)),
+        },
+    }

@@ -1,0 +1,143 @@
+"""CLI for the LLM stages: `rellax train rella|rellax`, `rellax eval`, `rellax export`, `rellax demo`.
+
+Heavy imports stay inside the commands so `rellax --help` stays instant.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+__all__ = ["register"]
+
+Force = Annotated[bool, typer.Option(help="Retrain even if a finished run is in --out.")]
+
+
+def _train_group(app: typer.Typer) -> typer.Typer:
+    for group in app.registered_groups:
+        if group.name == "train":
+            return group.typer_instance
+    train = typer.Typer(help="Train models.", no_args_is_help=True)
+    app.add_typer(train, name="train")
+    return train
+
+
+def rella(
+    out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage1].")] = None,
+    n_rows: Annotated[int, typer.Option(help="Few-shot training rows (each gives 2 prompts).")] = 256,
+    k: Annotated[int, typer.Option(help="History items per prompt.")] = 15,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Effective batch (gradient accumulation).")] = 64,
+    micro_batch: int = 8,
+    valid_rows: Annotated[int, typer.Option(help="Validation rows for checkpoint selection.")] = 256,
+    seed: int = 0,
+    force: Force = False,
+) -> None:
+    """Stage 1 (ReLLa): peft LoRA on q_proj/v_proj, selected on validation AUC."""
+    import json
+
+    from training.llm_loop import LoopConfig
+    from training.stage1 import Stage1Config, main
+
+    loop = LoopConfig(lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed)
+    cfg = Stage1Config(n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop)
+    if out:
+        cfg.out = out
+    typer.echo(json.dumps(main(cfg, force=force)["result"], indent=2))
+
+
+def rellax(
+    mode: Annotated[str, typer.Option(help="rellax (SPA + CFLoRA), spa or cflora.")] = "rellax",
+    stage1: Annotated[Path | None, typer.Option(help="Stage-1 run dir.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage2].")] = None,
+    gate_init: Annotated[str, typer.Option(help="identity (ours) or random (the authors').")] = "identity",
+    n_rows: int = 256,
+    k: int = 15,
+    epochs: int = 1,
+    lr: float = 3e-4,
+    batch_size: int = 64,
+    micro_batch: int = 8,
+    valid_rows: int = 256,
+    seed: int = 0,
+    force: Force = False,
+) -> None:
+    """Stage 2 (ReLLaX): SPA projector and/or CFLoRA gates over the frozen stage-1 model."""
+    import json
+
+    from training.llm_loop import LoopConfig
+    from training.stage2 import Stage2Config, main
+
+    if mode not in ("rellax", "spa", "cflora"):
+        raise typer.BadParameter(f"mode must be rellax, spa or cflora, got {mode!r}", param_hint="--mode")
+    if gate_init not in ("identity", "random"):
+        raise typer.BadParameter("gate-init must be identity or random", param_hint="--gate-init")
+    loop = LoopConfig(lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed)
+    cfg = Stage2Config(mode=mode, gate_init=gate_init, n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop)  # type: ignore[arg-type]
+    if stage1:
+        cfg.stage1 = stage1
+    if out:
+        cfg.out = out
+    typer.echo(json.dumps(main(cfg, force=force)["result"], indent=2))
+
+
+def evaluate(
+    split: str = "test",
+    n: Annotated[str, typer.Option(help="Rows of the split, or 'all'.")] = "2000",
+    stage1: Annotated[Path | None, typer.Option(help="Stage-1 run dir.")] = None,
+    stage2: Annotated[list[str] | None, typer.Option(help="mode=DIR of a stage-2 run (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where eval.json / eval.md go.")] = None,
+    zero_shot: bool = True,
+    k: int = 15,
+) -> None:
+    """AUC / LogLoss / accuracy of every mode and the DIN on the same seeded rows."""
+    from training.evaluate import EvalConfig, main, markdown_table
+
+    cfg = EvalConfig(split=split, n=None if n == "all" else int(n), zero_shot=zero_shot, k=k)
+    if stage1:
+        cfg.stage1 = stage1
+    for spec in stage2 or []:
+        mode, _, folder = spec.partition("=")
+        cfg.stage2[mode] = Path(folder)
+    if out:
+        cfg.out = out
+    typer.echo(markdown_table(main(cfg)))
+
+
+def export(
+    stage2: Annotated[Path | None, typer.Option(help="Stage-2 run dir.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Bundle dir [default: cache/bundles/demo].")] = None,
+    eval_json: Annotated[Path | None, typer.Option(help="eval.json to record in the manifest.")] = None,
+    merged: Annotated[bool, typer.Option(help="Also write merged/ for vLLM.")] = True,
+) -> None:
+    """Write the bundle (and the merged vLLM checkpoint) from a stage-2 run."""
+    from training.export import ExportConfig, main
+
+    cfg = ExportConfig(eval_json=eval_json, merged=merged)
+    if stage2:
+        cfg.stage2 = stage2
+    if out:
+        cfg.out = out
+    manifest = main(cfg)
+    typer.echo(f"bundle {manifest['model_version']} written to {cfg.out}")
+
+
+def demo(
+    n_rows: Annotated[int, typer.Option(help="Few-shot rows per stage.")] = 256,
+    eval_rows: Annotated[int, typer.Option(help="Test rows in the demo's eval table.")] = 500,
+) -> None:
+    """Everything offline, end to end on the bundled defaults (cached on the second run)."""
+    from training.demo import build
+
+    typer.echo(build(n_rows=n_rows, eval_rows=eval_rows))
+
+
+def register(app: typer.Typer) -> None:
+    train = _train_group(app)
+    train.command("rella")(rella)
+    train.command("rellax")(rellax)
+    app.command("eval")(evaluate)
+    app.command("export")(export)
+    app.command("demo-build")(demo)

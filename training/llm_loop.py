@@ -1,0 +1,184 @@
+"""The training loop both LLM stages share: answer-token cross-entropy, gradient accumulation over
+length-bucketed micro-batches, a linear schedule, validation-AUC model selection, resumable
+checkpoints. Stage recipes decide *what* trains; this decides nothing about the model.
+
+Speed: bf16 autocast on CPUs with native bf16 (the frozen base weights are already bf16, so the
+casts are no-ops), right padding with no attention mask (SDPA's mask-free causal kernel), and the
+full-vocabulary head applied only at the answer positions (2 per prompt instead of ~350).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from rellax.logs import get_logger
+from rellax.scorer import ScoringModel
+from training.llm_data import Batch, LLMExample, collate, length_sorted_chunks
+
+__all__ = ["LoopConfig", "TrainResult", "answer_loss", "train_loop"]
+
+log = get_logger(__name__)
+
+
+@dataclass
+class LoopConfig:
+    """Optimisation settings of one stage."""
+
+    lr: float = 1e-3
+    epochs: int = 1
+    batch_size: int = 64  # examples per optimizer step (gradient accumulation)
+    micro_batch: int = 8
+    warmup_ratio: float = 0.05
+    weight_decay: float = 0.0
+    evals_per_epoch: int = 2
+    seed: int = 0
+    bf16: bool = True
+
+
+@dataclass
+class TrainResult:
+    """What a stage reports: best validation AUC, its step, the curve and the speed."""
+
+    best_valid_auc: float
+    best_step: int
+    curve: list[dict[str, float]] = field(default_factory=list)
+    samples_per_s: float = 0.0
+    train_seconds: float = 0.0
+    steps: int = 0
+    examples: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def answer_loss(model: ScoringModel, batch: Batch) -> torch.Tensor:
+    """Mean cross-entropy over the answer tokens only; full-vocab logits at those positions only."""
+    hidden = model.hidden_states(batch.input_ids, batch.soft_positions, batch.soft_vectors, batch.h)
+    picked = hidden[batch.target_rows, batch.target_cols]  # (N, H)
+    logits = model.lm.get_output_embeddings()(picked).float()
+    return F.cross_entropy(logits, batch.targets)
+
+
+def _schedule(total: int, warmup: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / max(1, warmup)
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return factor
+
+
+def train_loop(
+    model: ScoringModel,
+    params: Mapping[str, torch.nn.Parameter],
+    examples: Sequence[LLMExample],
+    cfg: LoopConfig,
+    evaluate: Callable[[], float],
+    checkpoint: Path,
+    pad_id: int,
+) -> TrainResult:
+    """Train `params` (all others must be frozen) on `examples`; keep the best on `evaluate()`.
+
+    `checkpoint` (a file) is written after every evaluation and read back on start, so a killed run
+    resumes where it stopped. On return the model holds the best parameters seen.
+    """
+    micro_per_step = max(1, cfg.batch_size // cfg.micro_batch)
+    lengths = [len(e) for e in examples]
+    epochs_chunks = [
+        length_sorted_chunks(lengths, cfg.micro_batch, cfg.seed + ep) for ep in range(cfg.epochs)
+    ]
+    micro_total = sum(len(c) for c in epochs_chunks)
+    total_steps = math.ceil(micro_total / micro_per_step)
+    eval_every = max(1, total_steps // max(1, cfg.evals_per_epoch * cfg.epochs))
+    optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _schedule(total_steps, int(cfg.warmup_ratio * total_steps))
+    )
+    result = TrainResult(best_valid_auc=-1.0, best_step=0)
+    best_state = {k: v.detach().clone() for k, v in params.items()}
+    step = 0
+    if checkpoint.exists():
+        state = torch.load(checkpoint, weights_only=False)
+        for k, v in state["params"].items():
+            params[k].data.copy_(v)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        best_state, step = state["best_state"], state["step"]
+        result = TrainResult(**state["result"])
+        log.info("resumed", checkpoint=str(checkpoint), step=step)
+    if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
+        result.best_valid_auc = evaluate()
+        result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc})
+    model.train()
+    flat = [chunk for chunks in epochs_chunks for chunk in chunks]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+    started, seen, loss_ema = time.perf_counter(), 0, None
+    while step < total_steps:
+        chunk_ids = flat[step * micro_per_step : (step + 1) * micro_per_step]
+        n_step = sum(len(c) for c in chunk_ids)
+        optimizer.zero_grad(set_to_none=True)
+        for chunk in chunk_ids:
+            batch = collate([examples[i] for i in chunk], pad_id)
+            with autocast:
+                loss = answer_loss(model, batch) * (len(chunk) / n_step)
+            loss.backward()
+            value = loss.detach().item() * n_step / len(chunk)  # this chunk's mean loss
+            loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+        torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
+        optimizer.step()
+        scheduler.step()
+        step += 1
+        seen += n_step
+        rate = seen / (time.perf_counter() - started)
+        bar.set_postfix(loss=f"{loss_ema:.4f}", samples_s=f"{rate:.2f}")
+        bar.update(1)
+        if step % eval_every == 0 or step == total_steps:
+            model.eval()
+            auc = evaluate()
+            model.train()
+            examples_done = step * cfg.batch_size
+            result.curve.append({"step": step, "examples": examples_done, "valid_auc": auc, "loss": loss_ema})
+            log.info("validation", step=step, valid_auc=round(auc, 4), loss=round(loss_ema or 0.0, 4))
+            if auc > result.best_valid_auc:
+                result.best_valid_auc, result.best_step = auc, step
+                best_state = {k: v.detach().clone() for k, v in params.items()}
+            result.samples_per_s = rate
+            _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
+    bar.close()
+    model.eval()
+    for k, v in best_state.items():
+        params[k].data.copy_(v)
+    result.train_seconds = result.train_seconds + (time.perf_counter() - started)
+    result.steps, result.examples = total_steps, len(examples) * cfg.epochs
+    if seen:
+        result.samples_per_s = seen / (time.perf_counter() - started)
+    return result
+
+
+def _save_checkpoint(path: Path, params, optimizer, scheduler, best_state, step: int, result) -> None:  # noqa: ANN001
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(
+        {
+            "params": {k: v.detach().clone() for k, v in params.items()},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "best_state": best_state,
+            "step": step,
+            "result": result.to_json(),
+        },
+        tmp,
+    )
+    tmp.replace(path)
+    (path.parent / "curve.json").write_text(json.dumps(result.curve, indent=2))

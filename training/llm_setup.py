@@ -1,0 +1,104 @@
+"""Set-up pieces both LLM stages and the evaluation share: the base LLM with soft tokens, the item
+index, the frozen DIN, the featurizer, and a validation function. Plain functions, plain arguments."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from index.embed import cpu_supports_bf16
+from index.item_index import ItemIndex, build_item_index
+from rellax.din import DIN
+from rellax.features import Featurizer, Mode
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from rellax.scorer import Scorer, ScoringModel
+from rellax.tokens import add_soft_tokens
+from training.llm_data import Catalogue, LLMExample, build_examples
+from training.metrics import ctr_metrics
+from training.samples import Samples
+
+__all__ = [
+    "default_index_dir",
+    "load_base_lm",
+    "load_din",
+    "load_or_build_index",
+    "make_validator",
+    "score_examples",
+]
+
+log = get_logger(__name__)
+
+
+def default_index_dir() -> Path:
+    return cache_dir("index") / "ml100k"
+
+
+def load_base_lm(model_dir: Path, bf16: bool | None = None):  # noqa: ANN201 - (model, tokenizer)
+    """The frozen base LLM (bf16 weights on CPUs with native bf16) and its tokenizer, soft tokens added."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    bf16 = cpu_supports_bf16() if bf16 is None else bf16
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    add_soft_tokens(tokenizer, lm)
+    lm.requires_grad_(False)
+    if bf16:
+        lm.to(torch.bfloat16)
+    return lm.eval(), tokenizer
+
+
+def load_or_build_index(folder: Path, lm, tokenizer, catalogue: Catalogue) -> ItemIndex:  # noqa: ANN001
+    """The item index from `folder`, built from the base LLM first if it is not there."""
+    if (folder / "meta.json").exists():
+        return ItemIndex.load(folder)
+    log.info("building item index", folder=str(folder))
+    index = build_item_index(lm, tokenizer, list(catalogue.items.values()))
+    index.save(folder)
+    return index
+
+
+def load_din(folder: Path) -> DIN:
+    """The frozen DIN from `rellax train crm`."""
+    if not (folder / "model.safetensors").exists():
+        raise FileNotFoundError(f"no DIN at {folder}: run `rellax train crm` first")
+    din = DIN.load(folder).eval()
+    din.requires_grad_(False)
+    return din
+
+
+def score_examples(model: ScoringModel, examples: Sequence[LLMExample], max_batch: int = 32) -> np.ndarray:
+    """P(yes) for examples' prompts with the live model (no weight casts: trainers keep fp32 adapters)."""
+    scorer = Scorer(model, dtype=next(model.parameters()).dtype, cast=False)
+    soft = [e.soft for e in examples] if examples and examples[0].soft is not None else None
+    h = torch.stack([e.h for e in examples]) if examples and examples[0].h is not None else None
+    return scorer.score([e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=max_batch)
+
+
+def make_validator(
+    model: ScoringModel,
+    featurizer: Featurizer,
+    catalogue: Catalogue,
+    samples: Samples,
+    rows: np.ndarray,
+    mode: Mode,
+    with_din: bool,
+):  # noqa: ANN201 - Callable[[], float]
+    """A zero-argument function returning validation AUC on fixed rows (prompts built once)."""
+    examples = build_examples(
+        featurizer,
+        catalogue,
+        samples,
+        [(int(r), mode) for r in rows],
+        with_din=with_din,
+        desc="valid prompts",
+    )
+    labels = np.array([e.label for e in examples])
+
+    def evaluate() -> float:
+        return float(ctr_metrics(labels, score_examples(model, examples))["auc"])
+
+    return evaluate

@@ -1,0 +1,213 @@
+"""Stage 2, ReLLaX (DESIGN §7): SPA projector and/or CFLoRA gates over the frozen stage-1 model.
+
+The LLM, the stage-1 A and B, and the DIN are frozen. Modes (for the ablations):
+  spa     - train the SPA projector only (prompts carry [hist]/[target]; gates absent, G = I)
+  cflora  - train the gates only (text-only prompts)
+  rellax  - train both
+Each gate starts at G(h) = I, so step 0 is exactly the stage-1 model (our deliberate change from the
+authors' random init; `gate_init="random"` reproduces theirs for the ablation). After training, Ḡ =
+mean G(h) over the training instances is stored for the merged (vLLM) export.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rellax.assets import prepare_model
+from rellax.cflora import (
+    adapter_params,
+    cflora_modules,
+    gate_matrices,
+    inject_cflora,
+    load_lora_weights,
+    set_trainable,
+)
+from rellax.features import Featurizer
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from rellax.scorer import ScoringModel
+from rellax.spa import SPAProjector
+from rellax.tokens import answer_token_ids
+from training.datasets import load_dataset
+from training.fewshot import eval_rows, fewshot_rows, interleave_modes
+from training.llm_data import Catalogue, build_examples
+from training.llm_loop import LoopConfig, TrainResult, train_loop
+from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
+
+__all__ = ["Stage2Config", "Stage2Mode", "build_stage2_model", "main"]
+
+log = get_logger(__name__)
+
+Stage2Mode = Literal["spa", "cflora", "rellax"]
+
+
+@dataclass
+class Stage2Config:
+    """Stage-2 settings; defaults are sized for the demo on a 2-core CPU."""
+
+    stage1: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage1")
+    out: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage2")
+    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    model_dir: Path | None = None
+    index_dir: Path | None = None
+    mode: Stage2Mode = "rellax"
+    gate_init: Literal["identity", "random"] = "identity"
+    n_rows: int = 256
+    k: int = 15
+    valid_rows: int = 256
+    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=3e-4))
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+
+
+def build_stage2_model(
+    lm,
+    tokenizer,
+    lora_state: dict[str, torch.Tensor],
+    stage1_cfg: dict,
+    mode: str,  # noqa: ANN001
+    embed_dim: int,
+) -> ScoringModel:
+    """Inject CFLoRA (gated unless mode='spa') with stage-1 A/B, add SPA (unless mode='cflora').
+
+    Adapters and gates are kept in fp32 over the (possibly bf16) frozen base.
+    """
+    gated = mode in ("cflora", "rellax")
+    inject_cflora(
+        lm,
+        int(stage1_cfg["r"]),
+        float(stage1_cfg["alpha"]),
+        float(stage1_cfg["dropout"]),
+        gate_dim=256 if gated else None,
+    )
+    for module in cflora_modules(lm).values():
+        module.lora_A.float()
+        module.lora_B.float()
+        if module.gate is not None:
+            module.gate.float()
+    load_lora_weights(lm, lora_state)
+    spa = SPAProjector(embed_dim, lm.config.hidden_size) if mode in ("spa", "rellax") else None
+    yes, no = answer_token_ids(tokenizer)
+    return ScoringModel(lm, yes, no, spa=spa)
+
+
+def _randomise_gates(model: ScoringModel, seed: int) -> None:
+    """The authors' init: the gate's last layer random like the others (G(h) far from I at step 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in cflora_modules(model.lm).values():
+            if module.gate is not None:
+                last = module.gate[-1]
+                bound = 1.0 / last.in_features**0.5
+                last.weight.copy_(torch.empty_like(last.weight).uniform_(-bound, bound, generator=g))
+                last.bias.copy_(torch.empty_like(last.bias).uniform_(-bound, bound, generator=g))
+
+
+class Stage2Recipe:
+    def setup(self, cfg: Stage2Config) -> None:
+        self.cfg = cfg
+        data, self.samples, self.data_manifest = load_dataset()
+        self.catalogue = Catalogue.from_tables(data)
+        lm, self.tokenizer = load_base_lm(prepare_model(cfg.model_dir), bf16=cfg.loop.bf16)
+        index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, self.tokenizer, self.catalogue)
+        self.din = load_din(cfg.din_dir)
+        stage1_metrics = json.loads((cfg.stage1 / "metrics.json").read_text())
+        self.stage1_cfg = stage1_metrics["config"]
+        lora_state = load_file(cfg.stage1 / "adapter" / "adapter_model.safetensors")
+        self.model = build_stage2_model(
+            lm, self.tokenizer, lora_state, self.stage1_cfg, cfg.mode, self.din.config.embed_dim
+        )
+        if cfg.gate_init == "random":
+            _randomise_gates(self.model, cfg.loop.seed)
+        spa_on = self.model.spa is not None
+        self.featurizer = Featurizer(
+            self.tokenizer, self.catalogue.items, index, self.din, k=cfg.k, spa=spa_on
+        )
+        rows = fewshot_rows(self.samples, cfg.n_rows, seed=cfg.loop.seed)
+        self.examples = build_examples(
+            self.featurizer,
+            self.catalogue,
+            self.samples,
+            interleave_modes(rows, cfg.loop.seed),
+            with_din=True,
+        )
+        valid = eval_rows(self.samples, "valid", cfg.valid_rows)
+        self.evaluate = make_validator(
+            self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=True
+        )
+        names: dict[str, torch.nn.Parameter] = {}
+        if cfg.mode in ("cflora", "rellax"):
+            names |= adapter_params(self.model, "gates")
+        if cfg.mode in ("spa", "rellax"):
+            names |= adapter_params(self.model, "spa")
+        set_trainable(self.model, names)
+        self.params = names
+
+    def train(self) -> TrainResult:
+        return train_loop(
+            self.model,
+            self.params,
+            self.examples,
+            self.cfg.loop,
+            self.evaluate,
+            self.cfg.out / "checkpoint.pt",
+            pad_id=int(self.tokenizer.pad_token_id or 0),
+        )
+
+    @torch.no_grad()
+    def mean_gates(self) -> dict[str, torch.Tensor]:
+        """Ḡ per gated layer: the mean of G(h) over the training instances (DESIGN §8)."""
+        h = torch.stack([e.h for e in self.examples])
+        return {name: G.float().mean(dim=0) for name, G in gate_matrices(self.model.lm, h).items()}
+
+    def save(self, result: TrainResult) -> dict[str, Any]:
+        out = self.cfg.out
+        out.mkdir(parents=True, exist_ok=True)
+        trained = {k: v.detach().float().contiguous() for k, v in self.params.items()}
+        save_file(trained, out / "stage2.safetensors")
+        g_bars = self.mean_gates()
+        if g_bars:
+            save_file({k: v.contiguous() for k, v in g_bars.items()}, out / "gbar.safetensors")
+        metrics = {
+            "stage": self.cfg.mode,
+            "result": result.to_json(),
+            "config": self.cfg.to_json(),
+            "stage1_config": self.stage1_cfg,
+            "trainable_params": sum(p.numel() for p in self.params.values()),
+            "data": {"source_hash": self.data_manifest["source_hash"]},
+            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        return metrics
+
+
+def load_stage2_weights(model: ScoringModel, folder: Path) -> None:
+    """Put a finished stage-2 run's trained tensors into a model built by `build_stage2_model`."""
+    state = load_file(folder / "stage2.safetensors")
+    params = dict(model.named_parameters())
+    missing = [k for k in state if k not in params]
+    if missing:
+        raise KeyError(f"stage-2 tensors without a parameter: {missing[:3]}")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+def main(cfg: Stage2Config, force: bool = False) -> dict[str, Any]:
+    """Train (or reuse a finished run in `cfg.out`) and return its metrics."""
+    done = cfg.out / "metrics.json"
+    if done.exists() and (cfg.out / "stage2.safetensors").exists() and not force:
+        log.info("stage 2 already trained", out=str(cfg.out))
+        return json.loads(done.read_text())
+    recipe = Stage2Recipe()
+    recipe.setup(cfg)
+    result = recipe.train()
+    return recipe.save(result)
