@@ -14,7 +14,9 @@ Two methods:
   exact  one matrix-vector product over the history's vectors; the reference.
   hnsw   hnswlib's filtered search over the catalogue graph, restricted to the history's rows; then
          the found rows are scored exactly and expanded back to positions. Approximate: recall@K
-         against exact is measured by tests and `benchmarks/subr.py`.
+         against exact is measured by tests and `benchmarks/subr.py`. A history with no more
+         distinct items than the search beam (`index.ef`) is scored exactly instead: there the
+         filtered search would walk the whole graph for the same answer.
 """
 
 from __future__ import annotations
@@ -69,12 +71,25 @@ def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
     return chosen.astype(np.int64, copy=False)
 
 
+def _product(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """queries (C, D) x vectors (M, D) -> (C, M).
+
+    One query goes through einsum, which runs on the calling thread: a multi-threaded BLAS call
+    has to wake its worker threads first, and next to a busy LLM that wake-up costs tens of ms
+    (measured by benchmarks/subr.py), far more than the memory-bound product itself. Many queries
+    amortise it, so they take BLAS.
+    """
+    if len(queries) == 1:
+        return np.einsum("d,md->m", queries[0], vectors)[None, :]
+    return queries @ vectors.T
+
+
 def _similarities(index: ItemIndex, hist_rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Cosine of each query (C, D) with each history position: (C, n), equal rows bit-identical."""
     if len(hist_rows) >= _FULL_PRODUCT_FRACTION * len(index):
-        return (queries @ index.vectors.T)[:, hist_rows]
+        return _product(queries, index.vectors)[:, hist_rows]
     unique_rows, inverse = np.unique(hist_rows, return_inverse=True)
-    return (queries @ index.vectors[unique_rows].T)[:, inverse]
+    return _product(queries, index.vectors[unique_rows])[:, inverse]
 
 
 def _hnsw_similarities(index: ItemIndex, hist_rows: np.ndarray, query: np.ndarray, k: int) -> np.ndarray:
@@ -83,15 +98,17 @@ def _hnsw_similarities(index: ItemIndex, hist_rows: np.ndarray, query: np.ndarra
     k distinct rows cover at least k positions, so the -inf positions never make the cut.
     """
     unique_rows, inverse = np.unique(hist_rows, return_inverse=True)
-    if len(unique_rows) <= k:  # every distinct item makes the cut: nothing to search
-        return (index.vectors[unique_rows] @ query)[inverse]
+    if len(unique_rows) <= max(k, index.ef):
+        # With no more allowed rows than the beam, a filtered search never fills its beam and walks
+        # the whole graph: the same answer as exact, much slower. Score those rows directly.
+        return _product(query[None, :], index.vectors[unique_rows])[0][inverse]
     try:
         found = index.knn(query, k, filter_rows=unique_rows)[0][0]
     except RuntimeError:  # hnswlib reached fewer than k allowed rows; exact is always right
         log.warning("hnsw filtered search came back short; scoring this history exactly")
-        return (index.vectors[unique_rows] @ query)[inverse]
+        return _product(query[None, :], index.vectors[unique_rows])[0][inverse]
     sims = np.full(len(unique_rows), -np.inf, dtype=np.float32)
-    sims[np.searchsorted(unique_rows, found)] = index.vectors[found] @ query
+    sims[np.searchsorted(unique_rows, found)] = _product(query[None, :], index.vectors[found])[0]
     return sims[inverse]
 
 

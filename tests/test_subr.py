@@ -78,15 +78,22 @@ def test_repeated_items_tie_and_the_latest_copies_win(random_index: ItemIndex) -
 
 
 def test_hnsw_maps_distinct_rows_back_to_every_position(random_index: ItemIndex) -> None:
-    """40 distinct items, each three times: hnsw finds rows, the answer must be positions."""
+    """200 distinct items, each three times: hnsw finds rows, the answer must be positions."""
     rng = np.random.default_rng(11)
-    distinct = rng.choice(random_index.item_ids, size=40, replace=False)
+    distinct = rng.choice(random_index.item_ids, size=200, replace=False)
+    assert len(distinct) > random_index.ef  # so the filtered graph search really runs
     history = rng.permutation(np.repeat(distinct, 3))
-    for candidate in rng.choice(random_index.item_ids, size=10):
-        for k in (10, 11, 30):
-            hnsw = subr_positions(random_index, history, int(candidate), k, "hnsw")
-            np.testing.assert_array_equal(hnsw, subr_positions(random_index, history, int(candidate), k))
-            assert len(hnsw) == k
+    hits = []
+    for candidate in (int(c) for c in distinct[:20]):
+        copies = np.flatnonzero(history == candidate)
+        # The candidate's own copies tie at similarity 1: the latest ones win, all three fit in 3.
+        np.testing.assert_array_equal(subr_positions(random_index, history, candidate, 2, "hnsw"), copies[1:])
+        np.testing.assert_array_equal(subr_positions(random_index, history, candidate, 3, "hnsw"), copies)
+        for k in (10, 30):
+            hnsw = subr_positions(random_index, history, candidate, k, "hnsw")
+            assert len(hnsw) == k and np.all(np.diff(hnsw) > 0) and set(copies) <= set(hnsw)
+            hits.append(len(np.intersect1d(hnsw, subr_positions(random_index, history, candidate, k))) / k)
+    assert np.mean(hits) >= 0.99
 
 
 @pytest.mark.parametrize("method", ["exact", "hnsw"])
