@@ -145,11 +145,22 @@ class CFLoRALinear(nn.Module):
         # The adapter may be kept in fp32 over a bf16 base (trainers do, for the optimizer's sake):
         # compute it in its own dtype and add it back in the base's, as peft's LoRA layer does.
         u = self.lora_A(self.lora_dropout(x.to(self.lora_A.weight.dtype)))  # (B, T, r)
-        if G is not None:
-            if G.dim() == 3 and G.shape[0] != u.shape[0]:
-                raise ValueError(f"G holds {G.shape[0]} samples but the input has batch {u.shape[0]}")
-            u = torch.matmul(u, G.to(u.dtype))  # row form of Gᵀ·(A·x)
-        return result + (self.scaling * self.lora_B(u)).to(result.dtype)
+        # Fold B·Gᵀ into one small M = G·Bᵀ, (r, d_out) or (B, r, d_out) per sample, so the rest
+        # is a single GEMM accumulating into the base output: y = W0·x + s·u·M. Separate bmm /
+        # matmul / scale / add passes over (B, T, d_out) cost more than W0·x itself on a CPU.
+        # Every extra op is a pass over memory and a thread barrier; s rides along as GEMM alpha.
+        Bt = self.lora_B.weight.t()
+        M = Bt if G is None else torch.matmul(G.to(Bt.dtype), Bt)
+        u, M, s = u.to(result.dtype), M.to(result.dtype), self.scaling
+        in_place = not torch.is_grad_enabled()  # result is ours and nothing saved it for backward
+        if M.dim() == 3:
+            if result.dim() != 3 or M.shape[0] != result.shape[0]:
+                raise ValueError(f"G holds {M.shape[0]} samples, the input batch is {tuple(x.shape)[:-2]}")
+            return result.baddbmm_(u, M, alpha=s) if in_place else torch.baddbmm(result, u, M, alpha=s)
+        flat, u = result.view(-1, result.shape[-1]), u.reshape(-1, self.r)
+        return (flat.addmm_(u, M, alpha=s) if in_place else torch.addmm(flat, u, M, alpha=s)).view(
+            result.shape
+        )
 
     def delta_weight(self, G: torch.Tensor | None = None) -> torch.Tensor:
         """s·B·Gᵀ·A as a (d_out, d_in) fp32 tensor for one fixed G (r, r); None means G = I."""

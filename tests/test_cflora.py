@@ -231,3 +231,20 @@ def test_fp32_adapter_over_bf16_base_keeps_the_base_dtype() -> None:
     torch.testing.assert_close(
         out.float(), reference, atol=0.1, rtol=0.02
     )  # bf16 base: ~3 significant digits
+
+
+def test_training_path_matches_inference_path_and_trains_the_gates(tiny_llama, input_ids) -> None:  # noqa: ANN001
+    model = copy.deepcopy(tiny_llama)
+    inject_cflora(model, dropout=0.0, gate_dim=GATE_DIM)
+    _randomize(model)
+    set_trainable(model, adapter_params(model, "gates"))
+    h = torch.randn(2, GATE_DIM)
+    with gate_context(model, h):
+        trained = model(input_ids=input_ids).logits  # autograd: out-of-place accumulation
+        with torch.inference_mode():
+            served = model(input_ids=input_ids).logits  # in-place accumulation into the base output
+    torch.testing.assert_close(trained.detach(), served, atol=ATOL, rtol=0)
+    trained[:, -1, :5].sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(adapter_params(model, "gates"))
+    assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("gate.3.weight"))
