@@ -50,6 +50,8 @@ class EvalConfig:
     out: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "eval")
     zero_shot: bool = True
     model_dir: Path | None = None
+    index_dir: Path | None = None
+    bf16: bool | None = None  # None = where the CPU has native bf16
 
 
 def _score(model: ScoringModel, examples: list, projected: bool = False) -> np.ndarray:
@@ -79,8 +81,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     preds: dict[str, np.ndarray] = {}
 
     def fresh():  # noqa: ANN202 - (lm, tokenizer, featurizer factory)
-        lm, tok = load_base_lm(model_dir)
-        index = load_or_build_index(default_index_dir(), lm, tok, catalogue)
+        lm, tok = load_base_lm(model_dir, bf16=cfg.bf16)
+        index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tok, catalogue)
         return lm, tok, index
 
     def run(name: str, model: ScoringModel, tok, index, mode: Mode, spa: bool, with_din: bool) -> None:  # noqa: ANN001

@@ -42,6 +42,7 @@ class ExportConfig:
     merged: bool = True
     merged_valid_rows: int = 256
     model_dir: Path | None = None
+    index_dir: Path | None = None
 
 
 def main(cfg: ExportConfig) -> dict[str, Any]:
@@ -51,7 +52,7 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
     catalogue = Catalogue.from_tables(data)
     model_dir = prepare_model(cfg.model_dir)
     lm, tokenizer = load_base_lm(model_dir, bf16=False)
-    index = load_or_build_index(default_index_dir(), lm, tokenizer, catalogue)
+    index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tokenizer, catalogue)
     din = load_din(cfg.din_dir)
     lora = load_file(Path(s2cfg["stage1"]) / "adapter" / "adapter_model.safetensors")
     model = build_stage2_model(lm, tokenizer, lora, s1cfg, mode, din.config.embed_dim)

@@ -99,7 +99,8 @@ class Stage1Recipe:
 
     def save(self, result: TrainResult) -> dict[str, Any]:
         out = self.cfg.out
-        self.peft_model.save_pretrained(out / "adapter")
+        # The soft-token rows were added before peft and never train: the adapter is A and B only.
+        self.peft_model.save_pretrained(out / "adapter", save_embedding_layers=False)
         metrics = {
             "stage": "rella",
             "result": result.to_json(),
