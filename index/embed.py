@@ -86,7 +86,9 @@ def embed_texts(
 
     `dtype=None` runs matmuls in bf16 autocast where the device has native bf16 (see
     `cpu_supports_bf16`) and in fp32 otherwise; `torch.float32` disables autocast (the numerically
-    checked reference). The pooling itself is always done in fp32.
+    checked reference). A model whose weights are already in `dtype` (or, with `None`, in the
+    resolved dtype) runs as it is, without autocast: on AVX-512-BF16 CPUs a bf16 copy of the
+    weights is faster than autocast (benchmarks/subr.py). The pooling is always done in fp32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

@@ -21,11 +21,13 @@ Two methods:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from index.item_index import ItemIndex
 
@@ -71,17 +73,23 @@ def _top_k(sims: np.ndarray, k: int) -> np.ndarray:
     return chosen.astype(np.int64, copy=False)
 
 
-def _product(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """queries (C, D) x vectors (M, D) -> (C, M).
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
 
-    One query goes through einsum, which runs on the calling thread: a multi-threaded BLAS call
-    has to wake its worker threads first, and next to a busy LLM that wake-up costs tens of ms
-    (measured by benchmarks/subr.py), far more than the memory-bound product itself. Many queries
-    amortise it, so they take BLAS.
+
+def _product(queries: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    """queries (C, D) x vectors (M, D) -> (C, M), on the calling thread only.
+
+    A multi-threaded BLAS call first wakes its worker threads, and next to a busy LLM that wake-up
+    costs tens of ms (benchmarks/subr.py measured it), far more than these memory-bound products.
+    One query goes through einsum (numpy's own loop, never BLAS); many take BLAS limited to one
+    thread (the limit is process-wide while it lasts, which only ever makes BLAS calls smaller).
     """
     if len(queries) == 1:
         return np.einsum("d,md->m", queries[0], vectors)[None, :]
-    return queries @ vectors.T
+    with _blas().limit(limits=1, user_api="blas"):
+        return queries @ vectors.T
 
 
 def _similarities(index: ItemIndex, hist_rows: np.ndarray, queries: np.ndarray) -> np.ndarray:
