@@ -248,3 +248,25 @@ def test_training_path_matches_inference_path_and_trains_the_gates(tiny_llama, i
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(adapter_params(model, "gates"))
     assert all(g.abs().sum() > 0 for n, g in grads.items() if n.endswith("gate.3.weight"))
+
+
+def test_gates_computed_at_once_equal_each_layers_own(tiny_llama, input_ids) -> None:  # noqa: ANN001
+    model = copy.deepcopy(tiny_llama)
+    inject_cflora(model, dropout=0.0, gate_dim=GATE_DIM)
+    _randomize(model)
+    h = torch.randn(2, GATE_DIM)
+    batched = gate_matrices(model, h)  # one op per gate stage for all layers
+    for name, m in cflora_modules(model).items():
+        torch.testing.assert_close(batched[name], m.gate_matrix(h), atol=ATOL, rtol=0)
+    with gate_context(model, h):  # G·Bᵀ precomputed in the context ...
+        via_context = _logits(model, input_ids)
+    hooks = [  # ... equals G handed to each layer's forward
+        m.register_forward_pre_hook(lambda mod, args, n=n: (args[0], batched[n]))
+        for n, m in cflora_modules(model).items()
+    ]
+    try:
+        explicit = _logits(model, input_ids)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    torch.testing.assert_close(via_context, explicit, atol=ATOL, rtol=0)
