@@ -37,7 +37,7 @@ from torch import nn
 from rellax.entities import Profile
 from rellax.errors import BundleError
 
-__all__ = ["DIN", "DINBatch", "DINConfig", "DINVocab", "encode_batch"]
+__all__ = ["ActivationUnit", "DIN", "DINBatch", "DINConfig", "DINVocab", "encode_batch"]
 
 VOCAB_FIELDS = ("users", "items", "genres", "genders", "ages", "jobs")
 WEIGHTS_FILE, CONFIG_FILE, VOCAB_FILE = "model.safetensors", "config.json", "vocab.json"
@@ -140,6 +140,8 @@ class DINConfig:
 
     @classmethod
     def from_json(cls, data: dict) -> DINConfig:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"DIN config format_version {data.get('format_version')!r} != {FORMAT_VERSION}")
         known = {f.name for f in fields(cls)}
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
         return cls(**kwargs)
@@ -353,6 +355,13 @@ class DIN(nn.Module):
             raise BundleError(f"{folder}: DIN file(s) missing: {missing}")
         config = DINConfig.from_json(json.loads((folder / CONFIG_FILE).read_text()))
         vocab = DINVocab.from_json(json.loads((folder / VOCAB_FILE).read_text()))
+        sizes = {name: getattr(config, name) for name in vocab.sizes()}
+        if sizes != vocab.sizes():
+            # A vocab that does not match the tables would shift every id by some rows, silently.
+            raise BundleError(f"{folder}: config table sizes {sizes} != vocab sizes {vocab.sizes()}")
         model = cls(config, vocab)
-        model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        try:
+            model.load_state_dict(load_file(folder / WEIGHTS_FILE))
+        except RuntimeError as exc:  # missing/unexpected keys or shape mismatches
+            raise BundleError(f"{folder}: DIN weights do not match config.json: {exc}") from exc
         return model.eval()

@@ -9,8 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rellax import din as din_module
-from rellax.din import DIN, DINBatch, DINConfig, DINVocab, encode_batch
+from rellax.din import DIN, ActivationUnit, DINBatch, DINConfig, DINVocab, encode_batch
 from rellax.entities import Profile
 from rellax.errors import BundleError
 
@@ -96,7 +95,7 @@ def test_padding_does_not_change_the_output() -> None:
 def test_attention_pooling_matches_a_manual_computation() -> None:
     torch.manual_seed(3)
     d, hidden = 4, (3, 2)
-    unit = din_module.ActivationUnit(d, hidden).double()
+    unit = ActivationUnit(d, hidden).double()
     q = torch.randn(2, d, dtype=torch.float64)
     k = torch.randn(2, 3, d, dtype=torch.float64)
     mask = torch.tensor([[False, True, True], [True, True, True]])
@@ -185,6 +184,11 @@ def test_save_load_round_trip(tmp_path: Path) -> None:
     b, hb = loaded.forward_with_hidden(batch)
     assert torch.equal(a, b) and torch.equal(ha, hb)
     assert torch.equal(loaded.item_embeddings(torch.arange(61)), model.item_embeddings(torch.arange(61)))
+    # A vocab that does not match the weights' tables is refused, not silently shifted.
+    short_vocab = DINVocab.from_json({**vocab.to_json(), "items": list(range(100, 159))})
+    (tmp_path / "din" / "vocab.json").write_text(json.dumps(short_vocab.to_json()))
+    with pytest.raises(BundleError, match="sizes"):
+        DIN.load(tmp_path / "din")
     (tmp_path / "din" / "vocab.json").unlink()
     with pytest.raises(BundleError, match="vocab.json"):
         DIN.load(tmp_path / "din")
