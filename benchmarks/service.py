@@ -196,7 +196,7 @@ def markdown(result: dict) -> str:
     lines = [
         f"# Service benchmark ({result['bundle_version']}, {result['candidates']} candidates/request)",
         "",
-        f"Machine: {result['machine']}. "
+        f"Machine: {result['machine']} (1-min load average at the end: {result['load_average_1m_at_end']}). "
         f"Offline batched scorer: **{off['model_candidates_per_s']} candidates/s** "
         f"(model only, batch {off['batch']}, mean prompt {off['mean_prompt_tokens']} tokens); "
         f"prepare {off['prepare_ms_per_request']} ms/request.",
@@ -267,6 +267,7 @@ def main() -> None:
         "bundle": str(args.bundle),
         "bundle_version": version,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "load_average_1m_at_end": round(os.getloadavg()[0], 2),  # other processes share these cores
         "candidates": args.candidates,
         "history_events_loaded": n_events,
         "levels": results,
