@@ -107,8 +107,11 @@ def build_prompt_embeds(table: torch.Tensor, item: ModelInput) -> torch.Tensor:
 
 
 def p_yes(logprob_yes: float, logprob_no: float) -> float:
-    """P(yes) = softmax over the two answer logits; log-probs differ from logits by one constant."""
-    return float(1.0 / (1.0 + np.exp(logprob_no - logprob_yes)))
+    """P(yes) = softmax over the two answer logits; log-probs differ from logits by one constant.
+
+    Written as a tanh so that no margin overflows: sigmoid(d) = (1 + tanh(d / 2)) / 2.
+    """
+    return float(0.5 * (1.0 + np.tanh(0.5 * (logprob_yes - logprob_no))))
 
 
 class VllmBackend:
@@ -117,7 +120,8 @@ class VllmBackend:
     Args:
         model_dir: the merged export: HF causal-LM dir (safetensors) whose vocabulary has the soft tokens.
         yes_id, no_id: the answer tokens read at the last position (`rellax.tokens.answer_token_ids`).
-        dtype: "auto" (the checkpoint's), "float32" (the numerically checked reference) or "bfloat16".
+        dtype: "float32" (the numerically checked reference), "bfloat16", or "auto": vLLM's choice, the
+            checkpoint's dtype except that fp32 checkpoints run in bf16 (on this CPU too).
         kv_cache_memory_bytes: KV cache size. Explicit, so vLLM never sizes it from free memory (on CPU
             that default takes a fraction of all RAM, shared with every other process).
         max_model_len: longest prompt + the one generated token; longer prompts raise `BackendError`.

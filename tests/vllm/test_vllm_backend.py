@@ -127,6 +127,18 @@ async def test_is_a_scoring_backend_and_errors_are_backend_errors(vllm_backend, 
     np.testing.assert_allclose(await vllm_backend.score([good]), before, atol=1e-6, rtol=0)
 
 
+async def test_a_cancelled_call_leaves_the_engine_serving(vllm_backend, tokenizer_soft) -> None:  # noqa: ANN001
+    good = ModelInput(input_ids=encode(tokenizer_soft, PROMPTS[2]))
+    before = await vllm_backend.score([good])
+    long = ModelInput(input_ids=encode(tokenizer_soft, " ".join(PROMPTS * 3)))
+    task = asyncio.ensure_future(vllm_backend.score([long] * 32))
+    await asyncio.sleep(0.05)  # let the call reach the engine (not asserted: either way must be safe)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    np.testing.assert_allclose(await vllm_backend.score([good, good]), [before[0]] * 2, atol=1e-6, rtol=0)
+
+
 async def test_score_before_start_is_a_backend_error(merged_dir, answer_ids) -> None:  # noqa: ANN001
     from service.backends.vllm_backend import VllmBackend
 
