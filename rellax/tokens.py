@@ -96,10 +96,10 @@ def _answer_tokens(tokenizer, vocab_size: int) -> tuple[tuple[int, ...], tuple[i
     del vocab_size  # part of the cache key only: adding tokens can change tokenisation
     probe = "Answer yes or no."
     prompt = _encode(tokenizer, render_chat(tokenizer, probe))
-    empty = _encode(tokenizer, render_chat(tokenizer, probe, ""))
     answers = []
     for answer in ANSWERS:
-        full = _encode(tokenizer, render_chat(tokenizer, probe, answer))
+        text = render_chat(tokenizer, probe, answer)
+        full = _encode(tokenizer, text)
         if full[: len(prompt)] != prompt:
             # The template's generation prompt ends in text the answer merges into (e.g. a trailing
             # space): scoring at the prompt's last token would then predict the wrong thing.
@@ -108,7 +108,8 @@ def _answer_tokens(tokenizer, vocab_size: int) -> tuple[tuple[int, ...], tuple[i
                 f"for {answer!r}: prompt ends {prompt[-3:]}, answered chat has "
                 f"{full[len(prompt) - 3 : len(prompt) + 2]} there"
             )
-        closing = empty[len(prompt) :] if empty[: len(prompt)] == prompt else []
+        # Whatever the template writes after the answer (end of turn, EOS) is not part of it.
+        closing = _encode(tokenizer, text[text.rindex(answer) + len(answer) :])
         end = len(full) - len(closing) if closing and full[-len(closing) :] == closing else len(full)
         answers.append(tuple(full[len(prompt) : end]))
     if not answers[0] or not answers[1] or answers[0][0] == answers[1][0]:

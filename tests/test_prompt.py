@@ -223,3 +223,21 @@ def test_add_soft_tokens_is_idempotent_and_keeps_answer_rows(tokenizer_dir, tiny
     assert torch.equal(head[[yes, no]], before)
     assert torch.equal(emb[vocab:], torch.zeros(2, emb.shape[1]))
     assert answer_token_ids(tok) == (yes, no)
+
+
+def test_tokenizer_without_chat_template_uses_vicuna_and_finds_the_spaced_answer(tokenizer_dir) -> None:  # noqa: ANN001
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.chat_template = None
+    add_soft_tokens(tok)
+    prompt = _golden(tok, spa=True)
+    assert prompt.text.startswith(
+        f"{tok.bos_token}A chat between a curious user and an artificial intelligence"
+    )
+    assert " USER: The user is a female." in prompt.text and prompt.text.endswith("yes or no. ASSISTANT:")
+    assert prompt.input_ids == tok(prompt.text, add_special_tokens=False)["input_ids"]
+    # "ASSISTANT:" + " Yes.": the answer token carries the space ("ĠYes"), and it is found, not assumed
+    yes, no = answer_token_ids(tok)
+    assert tok.convert_ids_to_tokens([yes, no]) == ["ĠYes", "ĠNo"]
+    assert answer_ids(tok, 1) == tok(" Yes.", add_special_tokens=False)["input_ids"]  # no EOS: not the answer
