@@ -1,0 +1,268 @@
+"""Scoring benchmark (issue 3 §7): naive transformers vs careful transformers vs the rellax runtime.
+
+    .venv/bin/python benchmarks/scoring.py [--candidates 64] [--naive 8] [--ks 15 30]
+
+One ML-100K user (the first test-split sample with at least 60 history items: its profile and
+history), `--candidates` candidates (that sample's target plus seeded unseen catalogue items), real
+prompts from `rellax.prompt.build_prompt` with recency selection, for each K. All three variants
+read the very same token ids (the SPA prompts, K+1 placeholders included), so candidates/s compare
+like for like:
+
+(a) naive: transformers fp32, one candidate at a time, full-vocabulary logits at every position,
+    softmax over the two answer logits at the last one (on the first `--naive` candidates only:
+    it is slow, and its rate does not depend on how many there are);
+(b) careful: transformers with bf16 weights, all candidates in one left-padded batch with an
+    attention mask and matching position ids, `logits_to_keep=1`;
+(c) rellax: `Scorer` (bf16 weights, right padding, length buckets, two-row head) over a model with
+    CFLoRA on every q_proj/v_proj (r=8, random B and gates, a random h per candidate) and a random
+    SPA projector fed random 64-d "DIN" vectors.
+
+Also measured in the same run: the bf16 matmul peak (square 2048^3 matmuls, best of 10) and the
+model FLOPs per candidate = 2 x (decoder linear weights) x tokens + causal attention
+2 x layers x hidden x tokens^2; embedding lookups and the head are not counted (the naive variant
+also computes the full-vocabulary head at every position, which is wasted work, not useful FLOPs).
+Writes benchmarks/results/scoring.json and scoring.md. The machine is shared: the load average
+before and after is recorded, and figures taken under load are depressed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rellax.prompt import Prompt, build_prompt  # noqa: E402
+from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
+
+VARIANTS = {
+    "a": "(a) naive fp32, one at a time, full vocab",
+    "b": "(b) transformers bf16, batched, logits_to_keep=1",
+    "c": "(c) rellax runtime bf16, CFLoRA + SPA",
+}
+
+
+def matmul_peak(n: int = 2048, repeats: int = 10) -> float:
+    """Best bf16 GFLOP/s of an n^3 matmul."""
+    a, b = torch.randn(n, n, dtype=torch.bfloat16), torch.randn(n, n, dtype=torch.bfloat16)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * n**3 / best / 1e9
+
+
+def _timed(fn) -> float:  # noqa: ANN001
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def workload(
+    tokenizer, n_candidates: int, ks: list[int], seed: int = 0
+) -> tuple[dict, dict[int, list[Prompt]]]:  # noqa: ANN001
+    """One user's profile and history, candidates, and the recency prompts for each K."""
+    from training.datasets import load_dataset
+
+    data, samples, _ = load_dataset()
+    items = {item.item_id: item for item in data.item_records()}
+    test = samples.indices("test")
+    i = int(test[np.argmax(samples.hist_len[test] >= 60)])
+    hist_ids, ratings, _ = samples.history(i)
+    history = [(items[int(a)], float(r)) for a, r in zip(hist_ids, ratings, strict=True)]
+    profile = data.profile(samples.user_id(i))
+    unseen = sorted(set(items) - set(int(a) for a in hist_ids) - {int(samples.item_id[i])})
+    rng = np.random.default_rng(seed)
+    candidates = [int(samples.item_id[i]), *rng.choice(unseen, n_candidates - 1, replace=False).tolist()]
+    prompts = {
+        k: [
+            build_prompt(tokenizer, profile, history, items[c], k=k, mode="recency", spa=True)
+            for c in candidates
+        ]
+        for k in ks
+    }
+    info = {"user_id": samples.user_id(i), "history_len": len(history), "candidates": len(candidates)}
+    return info, prompts
+
+
+def naive(model, prompts: list[Prompt], yes: int, no: int) -> np.ndarray:  # noqa: ANN001
+    out = []
+    with torch.inference_mode():
+        for p in prompts:
+            logits = model(input_ids=torch.tensor([p.input_ids])).logits  # (1, T, V): every position
+            out.append(torch.softmax(logits[0, -1, [yes, no]].float(), dim=0)[0].item())
+    return np.array(out)
+
+
+def careful(model, prompts: list[Prompt], yes: int, no: int, pad: int) -> np.ndarray:  # noqa: ANN001
+    width = max(len(p.input_ids) for p in prompts)
+    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, p in enumerate(prompts):  # left padding: the last position is every prompt's last token
+        ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
+        mask[row, width - len(p.input_ids) :] = 1
+    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    with torch.inference_mode():
+        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
+    return torch.softmax(logits[:, -1, [yes, no]].float(), dim=1)[:, 0].numpy()
+
+
+def build_runtime(base, tokenizer, gate_dim: int = 256, embed_dim: int = 64):  # noqa: ANN001, ANN201
+    """The rellax runtime with CFLoRA and SPA on, random adapters (G != I, B != 0)."""
+    from rellax.cflora import cflora_modules, inject_cflora
+    from rellax.scorer import Scorer, ScoringModel
+    from rellax.spa import SPAProjector
+
+    lm = copy.deepcopy(base).float()
+    inject_cflora(lm, r=8, alpha=16, dropout=0.05, gate_dim=gate_dim)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in cflora_modules(lm).values():
+            m.lora_B.weight.normal_(0, 0.01, generator=g)
+            m.gate[-1].weight.normal_(0, 0.05, generator=g)
+    model = ScoringModel(lm, *answer_token_ids(tokenizer), spa=SPAProjector(embed_dim, lm.config.hidden_size))
+    return Scorer(model, dtype=torch.bfloat16, pad_id=tokenizer.pad_token_id or 0)
+
+
+def model_flops(model, tokens: np.ndarray) -> np.ndarray:  # noqa: ANN001
+    """Useful forward FLOPs per prompt: decoder linear layers + causal attention."""
+    linear = sum(m.weight.numel() for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
+    cfg = model.config
+    return 2.0 * linear * tokens + 2.0 * cfg.num_hidden_layers * cfg.hidden_size * tokens.astype(float) ** 2
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=64)
+    parser.add_argument("--naive", type=int, default=8, help="candidates scored by the slow variant (a)")
+    parser.add_argument("--ks", type=int, nargs="+", default=[15, 30])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from rellax.assets import prepare_model
+
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    path = prepare_model()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    add_soft_tokens(tokenizer)
+    yes, no = answer_token_ids(tokenizer)
+    info, prompts = workload(tokenizer, args.candidates, args.ks)
+    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    add_soft_tokens(tokenizer, fp32)  # the placeholder ids exist (zero rows) for every variant
+    bf16 = copy.deepcopy(fp32).to(torch.bfloat16)
+    runtime = build_runtime(fp32, tokenizer)
+    rng = np.random.default_rng(1)
+    peak = matmul_peak()
+
+    rows, checks = [], {}
+    for k in args.ks:
+        ps = prompts[k]
+        tokens = np.array([len(p.input_ids) for p in ps])
+        flops = model_flops(fp32, tokens)
+        vectors = [rng.standard_normal((len(p.soft_positions), 64)).astype(np.float32) for p in ps]
+        h = rng.standard_normal((len(ps), 256)).astype(np.float32)
+
+        def run(kind: str, n: int, ps=ps, vectors=vectors, h=h) -> np.ndarray:  # noqa: ANN001
+            if kind == "a":
+                return naive(fp32, ps[:n], yes, no)
+            if kind == "b":
+                return careful(bf16, ps[:n], yes, no, tokenizer.pad_token_id)
+            return runtime.score(ps[:n], vectors[:n], h[:n])
+
+        results = {}
+        for kind, name in VARIANTS.items():
+            n = args.naive if kind == "a" else len(ps)
+            run(kind, 1 if kind == "a" else 4)  # warm-up on a few candidates
+            start = time.perf_counter()
+            results[kind] = run(kind, n)
+            rate = n / (time.perf_counter() - start)
+            achieved = float(flops[:n].mean()) * rate / 1e9
+            rows.append(
+                {
+                    "K": k,
+                    "variant": name,
+                    "candidates": n,
+                    "candidates_per_s": round(rate, 3),
+                    "mean_tokens": round(float(tokens[:n].mean()), 1),
+                    "gflop_per_candidate": round(float(flops[:n].mean()) / 1e9, 2),
+                    "achieved_gflop_s": round(achieved, 1),
+                    "pct_of_peak": round(100 * achieved / peak, 1),
+                }
+            )
+            print(rows[-1], flush=True)
+        gap = np.abs(results["a"] - results["b"][: args.naive]).max()
+        checks[f"K={k}"] = {"max_abs_p_yes_a_vs_b": round(float(gap), 4)}
+    by = {(r["K"], r["variant"][1]): r["candidates_per_s"] for r in rows}
+    ratios = {
+        f"K={k}": {
+            "b_over_a": round(by[k, "b"] / by[k, "a"], 2),
+            "c_over_a": round(by[k, "c"] / by[k, "a"], 2),
+            "c_over_b": round(by[k, "c"] / by[k, "b"], 3),
+        }
+        for k in args.ks
+    }
+    load_after = os.getloadavg()
+    result = {
+        "workload": info,
+        "peak_bf16_gflop_s": round(peak, 1),
+        "rows": rows,
+        "ratios": ratios,
+        "checks": checks,
+        "load_avg_before": [round(x, 2) for x in load_before],
+        "load_avg_after": [round(x, 2) for x in load_after],
+        "torch_threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "scoring.json").write_text(json.dumps(result, indent=2))
+    table = render(result)
+    (args.out / "scoring.md").write_text(table)
+    print(table)
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"# Scoring benchmark (SmolLM2-135M, {result['cpus']} CPUs, {result['torch_threads']} threads, "
+        f"load avg {result['load_avg_before'][0]} -> {result['load_avg_after'][0]})",
+        "",
+        f"One ML-100K user ({result['workload']['history_len']} history items), "
+        f"{result['workload']['candidates']} candidates, recency prompts with SPA placeholders "
+        "(the same ids for all variants). "
+        f"bf16 matmul peak (2048^3): {result['peak_bf16_gflop_s']} GFLOP/s.",
+        "",
+        "| K | variant | candidates | tokens | GFLOP/cand | cand/s | GFLOP/s | % of peak |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in result["rows"]:
+        cells = (r["K"], r["variant"], r["candidates"], r["mean_tokens"], r["gflop_per_candidate"])
+        cells += (r["candidates_per_s"], r["achieved_gflop_s"], r["pct_of_peak"])
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    lines += ["", "| K | (b)/(a) | (c)/(a) | (c)/(b) |", "|---:|---:|---:|---:|"]
+    for k, v in result["ratios"].items():
+        lines.append(f"| {k[2:]} | {v['b_over_a']} | {v['c_over_a']} | {v['c_over_b']} |")
+    lines += [
+        "",
+        "FLOPs = 2 x decoder linear weights x tokens + causal attention (2 x layers x hidden x tokens^2); "
+        "(a)'s full-vocabulary head is not counted. Figures are depressed when the load average "
+        "exceeds the CPU count (other jobs share the cores).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
