@@ -6,9 +6,11 @@ A `CFLoRALinear` wraps a frozen `nn.Linear` the way peft's LoRA layer does (STYL
 class without a gate (G = I), which is how stage-1 A and B (trained with peft) are served.
 
 The per-sample h cannot travel through Hugging Face's Llama forward as an argument, so it reaches
-the modules through `gate_context(model, h)`: on entry every module's G(h) is computed once (one
-small batched MLP per module), the decoder runs, and on exit the gates are cleared. This is module
-state: run one forward at a time per model (the service's micro-batcher does).
+the modules through `gate_context(model, h)`: on entry the G(h) of every layer is computed once,
+all layers together (one op per gate stage, not four tiny ops per layer), along with each layer's
+M = G·Bᵀ; the decoder runs; on exit the gates are cleared. Per token, a layer then costs one
+(d_in x r) GEMM and one accumulating (r x d_out) GEMM on top of W0·x: O(r·(d_in + d_out)), DESIGN §8.
+This is module state: run one forward at a time per model (the service's micro-batcher does).
 
 Merging folds a fixed gate G_bar into the base weight for backends that cannot run per-sample
 adapters (vLLM, DESIGN §8): W = W0 + s·B·G_barᵀ·A. `delta_weight` is the one formula behind the
