@@ -1,6 +1,6 @@
 """Scoring benchmark (issue 3 §7): naive transformers vs careful transformers vs the rellax runtime.
 
-    .venv/bin/python benchmarks/scoring.py [--candidates 64] [--naive 8] [--ks 15 30]
+    .venv/bin/python benchmarks/scoring.py [--candidates 64] [--naive 4] [--ks 15 30]
 
 One ML-100K user (the first test-split sample with at least 60 history items: its profile and
 history), `--candidates` candidates (that sample's target plus seeded unseen catalogue items), real
@@ -142,7 +142,7 @@ def model_flops(model, tokens: np.ndarray) -> np.ndarray:  # noqa: ANN001
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=64)
-    parser.add_argument("--naive", type=int, default=8, help="candidates scored by the slow variant (a)")
+    parser.add_argument("--naive", type=int, default=4, help="candidates scored by the slow variant (a)")
     parser.add_argument("--ks", type=int, nargs="+", default=[15, 30])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -183,7 +183,7 @@ def main() -> None:
         results = {}
         for kind, name in VARIANTS.items():
             n = args.naive if kind == "a" else len(ps)
-            run(kind, 1 if kind == "a" else 4)  # warm-up on a few candidates
+            run(kind, 1 if kind == "a" else 2)  # warm-up on a few candidates
             start = time.perf_counter()
             results[kind] = run(kind, n)
             rate = n / (time.perf_counter() - start)
