@@ -170,6 +170,22 @@ class VllmBackend:
         self._params: Any = None
         self._ids = itertools.count()
 
+    @classmethod
+    def from_bundle(cls, bundle: Any, settings: Any = None, **kwargs: Any) -> VllmBackend:
+        """The backend for a loaded `rellax.bundle.Bundle`: its `merged/` export and answer ids.
+
+        `settings` (service Settings) contributes `dtype`; `kwargs` go to the constructor.
+        """
+        merged = Path(bundle.path) / "merged"
+        if not (merged / "config.json").exists():
+            raise BackendError(
+                f"bundle {bundle.path} has no merged/ export (DESIGN §8): export one with "
+                "rellax.bundle.write_merged, or serve it with the torch backend"
+            )
+        model = bundle.scorer.model
+        kwargs.setdefault("dtype", getattr(settings, "dtype", "auto"))
+        return cls(merged, yes_id=model.yes_id, no_id=model.no_id, **kwargs)
+
     async def start(self) -> None:
         """Build the engine in its thread, load the embedding table, and (optionally) warm up."""
         if self._engine is not None:

