@@ -379,9 +379,18 @@ class _EngineThread:
         return True
 
     def _shutdown(self) -> None:
+        gone = BackendError(f"vLLM engine is dead: {self._dead!r}" if self._dead else "vLLM engine shut down")
+        self._dead = self._dead or gone  # later submits fail at once instead of waiting forever
         for future in self._pending.values():
-            _settle(future, exc=BackendError("vLLM engine shut down"))
+            _settle(future, exc=gone)
         self._pending.clear()
+        while True:  # requests queued after the loop ended
+            try:
+                kind, payload = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "add":
+                _settle(payload[3], exc=gone)
         try:
             self.engine.engine_core.shutdown()
             from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
