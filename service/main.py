@@ -10,12 +10,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI
 
-from rellax.errors import BundleError
 from rellax.logs import get_logger
 from service.api import api_router
 from service.backends import ScoringBackend, backend_class
@@ -40,16 +38,9 @@ def load_bundle(settings: Settings) -> Any:
 
 
 def build_backend(settings: Settings, bundle: Any) -> ScoringBackend:
-    """The configured backend over this bundle: torch scores the bundle's exact model; vLLM serves the
-    bundle's merged export (`merged/`, CFLoRA folded in with the mean gate, DESIGN §8)."""
-    cls = backend_class(settings.backend)
-    if settings.backend == "vllm":
-        merged = Path(bundle.path) / "merged"
-        if not (merged / "config.json").exists():
-            raise BundleError(f"{bundle.path} has no merged/ export, which the vllm backend serves")
-        yes_id, no_id = bundle.manifest["answer_token_ids"]
-        return cls(merged, yes_id=int(yes_id), no_id=int(no_id), dtype=settings.dtype)
-    return cls(bundle)
+    """The configured backend over this bundle, through each backend's `from_bundle`: torch scores the
+    bundle's exact model; vLLM serves its merged export (CFLoRA folded in with the mean gate, DESIGN §8)."""
+    return backend_class(settings.backend).from_bundle(bundle, settings)
 
 
 @asynccontextmanager

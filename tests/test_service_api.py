@@ -284,9 +284,9 @@ async def test_api_keys_guard_v1_only(redis_url: str) -> None:
 
 
 def test_vllm_backend_needs_the_merged_export(redis_url: str) -> None:
-    from rellax.errors import BundleError
+    from rellax.errors import BackendError
     from service.main import build_backend
 
-    with pytest.raises(BundleError, match="no merged/ export"):
+    with pytest.raises(BackendError, match="no merged/ export"):
         build_backend(make_settings(redis_url, backend="vllm"), tiny_bundle())
     assert build_backend(make_settings(redis_url), tiny_bundle()).name == "torch"

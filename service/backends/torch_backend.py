@@ -31,6 +31,12 @@ class TorchBackend:
         self.bundle = bundle
         self._pool: ThreadPoolExecutor | None = None
 
+    @classmethod
+    def from_bundle(cls, bundle: Any, settings: Any = None) -> TorchBackend:
+        """The factory every backend offers (`service.main.build_backend`); the bundle was already
+        loaded with the configured dtype, so settings add nothing here."""
+        return cls(bundle)
+
     async def start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rellax-model")
 
