@@ -2,9 +2,11 @@
 length-bucketed micro-batches, a linear schedule, validation-AUC model selection, resumable
 checkpoints. Stage recipes decide *what* trains; this decides nothing about the model.
 
-Speed: bf16 autocast on CPUs with native bf16 (the frozen base weights are already bf16, so the
-casts are no-ops), right padding with no attention mask (SDPA's mask-free causal kernel), and the
-full-vocabulary head applied only at the answer positions (2 per prompt instead of ~350).
+Speed: the frozen base runs in bf16 weights on CPUs with native bf16 while adapters, gates and the
+projector stay fp32 (each layer computes in its own dtype, as peft's LoRA does); no autocast, which
+measured 1.45x slower here (8.5 s vs 12.4 s per 8 x 330-token micro-batch) for its per-op casts.
+Right padding with no attention mask (SDPA's mask-free causal kernel), and the full-vocabulary
+head applied only at the answer positions (2 per prompt instead of ~350).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class LoopConfig:
     weight_decay: float = 0.0
     evals_per_epoch: int = 2
     seed: int = 0
-    bf16: bool = True
+    bf16: bool = True  # frozen base weights in bf16 (where the CPU has native bf16)
 
 
 @dataclass
@@ -121,7 +123,6 @@ def train_loop(
         result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc})
     model.train()
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16)
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
     started, seen, loss_ema = time.perf_counter(), 0, None
     while step < total_steps:
@@ -130,8 +131,7 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         for chunk in chunk_ids:
             batch = collate([examples[i] for i in chunk], pad_id)
-            with autocast:
-                loss = answer_loss(model, batch) * (len(chunk) / n_step)
+            loss = answer_loss(model, batch) * (len(chunk) / n_step)
             loss.backward()
             value = loss.detach().item() * n_step / len(chunk)  # this chunk's mean loss
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
