@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+# Offline pipeline (cached after the first run), histories into the embedded Redis, then serve :8000.
 demo: setup
-	$(VENV)/bin/rellax demo
+	$(VENV)/bin/rellax demo-build
+	$(VENV)/bin/rellax load-history
+	$(VENV)/bin/rellax serve
 
 test: setup
 	$(PY) -m pytest -q -rs tests --ignore=tests/vllm
