@@ -280,16 +280,19 @@ class Bundle:
         candidate_ids: Sequence[int],
         k: int | None = None,
         user_id: int | str | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[Prepared]:
         """SUBR + prompt + DIN (h, own CTR) + SPA vectors for each candidate of one user.
 
         Raises `UnknownItem` for candidates outside the catalogue. `user_id` feeds DIN's user
-        embedding (unknown or non-numeric ids use the cold-start row).
+        embedding (unknown or non-numeric ids use the cold-start row). With `timings`, the seconds
+        spent in "subr", "prompt" and "crm" (DIN + SPA vectors) are added to it.
         """
         f = self.featurizer
         f.check_candidates(candidate_ids)
         hist = History([e.item_id for e in history], [e.rating for e in history])
-        prompts = f.prompts(profile, hist, candidate_ids, self.config.mode, k=k)
+        prompts = f.prompts(profile, hist, candidate_ids, self.config.mode, k=k, timings=timings)
+        started = time.perf_counter()
         uid = (
             int(user_id)
             if isinstance(user_id, int) or (isinstance(user_id, str) and user_id.isdigit())
@@ -300,6 +303,8 @@ class Bundle:
         din_probs, h = f.din_outputs(batch)
         vectors = self.project(f.soft_embeddings(prompts)) if self.config.spa else [None] * n
         gate_h = h.numpy() if self.config.gated else [None] * n
+        if timings is not None:
+            timings["crm"] = timings.get("crm", 0.0) + time.perf_counter() - started
         return [
             Prepared(
                 item_id=int(c),

@@ -9,6 +9,7 @@ catalogue cannot be written into a prompt and are skipped (the DIN never saw the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -84,8 +85,13 @@ class Featurizer:
         mode: Mode,
         k: int | None = None,
         spa: bool | None = None,
+        timings: dict[str, float] | None = None,
     ) -> list[Prompt]:
-        """One prompt per candidate for one user; SUBR runs as one matrix product for all of them."""
+        """One prompt per candidate for one user; SUBR runs as one matrix product for all of them.
+
+        With `timings`, adds the seconds spent in "subr" and in "prompt" (rendering + tokens).
+        """
+        started = time.perf_counter()
         self.check_candidates(candidate_ids)
         k = self.k if k is None else k
         spa = self.spa if spa is None else spa
@@ -97,16 +103,21 @@ class Featurizer:
         if mode == "subr" and len(history) > k:
             many = subr_positions_many(self.item_index, history.item_ids, candidate_ids, k)
             picks = {int(c): p for c, p in zip(candidate_ids, many, strict=True)}
+        subr_done = time.perf_counter()
 
         def subr(_hist: Sequence[int], candidate_id: int, _k: int) -> np.ndarray:
             return picks[int(candidate_id)]
 
-        return [
+        prompts = [
             build_prompt(
                 self.tokenizer, profile, entries, self.items[int(c)], k=k, mode=mode, spa=spa, subr=subr
             )
             for c in candidate_ids
         ]
+        if timings is not None:
+            timings["subr"] = timings.get("subr", 0.0) + subr_done - started
+            timings["prompt"] = timings.get("prompt", 0.0) + time.perf_counter() - subr_done
+        return prompts
 
     def din_batch(
         self,
