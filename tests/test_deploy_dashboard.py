@@ -279,6 +279,11 @@ async def drive_load(
             await asyncio.gather(one(sent), one(sent + 1))
             sent = sum(statuses.values())
             await asyncio.sleep(0.1)
+        # Enough load was sent: on a loaded machine Prometheus may still be behind, so wait for it.
+        while (
+            time.monotonic() < deadline and await asyncio.to_thread(prom.scrapes, "rellax") < start + scrapes
+        ):
+            await asyncio.sleep(0.25)
     return statuses
 
 
@@ -300,7 +305,7 @@ def test_dashboard_queries_return_series_from_the_running_service(prometheus_bin
         ready = httpx.get(f"{base}/readyz", timeout=30)
         assert ready.status_code == 200, ready.text
         with Prometheus(prometheus_bin, scrape_config(target)) as prom:
-            statuses = asyncio.run(drive_load(base, items, prom, scrapes=3, max_seconds=20, max_requests=200))
+            statuses = asyncio.run(drive_load(base, items, prom, scrapes=3, max_seconds=60, max_requests=200))
             assert prom.scrapes("rellax") >= 3, prom.log()[-2000:]
             assert statuses.get("200", 0) > 0 and statuses.get("404", 0) > 0, statuses
             results = evaluate_all(prom, queries, target)
