@@ -100,9 +100,10 @@ class ScoringModel(nn.Module):
         counts = [(len(p), len(v)) for p, v in zip(soft_positions, soft_vectors, strict=True)]
         if any(n != m for n, m in counts):
             raise ValueError(f"soft positions vs soft vectors per sample differ: {counts}")
-        flat = torch.cat([torch.as_tensor(v) for v in soft_vectors]).to(embeds.device, embeds.dtype)
-        if not projected:
-            flat = self.spa(flat)
+        flat = torch.cat([torch.as_tensor(v) for v in soft_vectors]).to(embeds.device)
+        if not projected:  # the projector may stay fp32 over a bf16 LM (trainers keep it so)
+            flat = self.spa(flat.to(next(self.spa.parameters()).dtype))
+        flat = flat.to(embeds.dtype)
         per_sample = torch.split(flat, [len(p) for p in soft_positions])
         return inject_soft_tokens(embeds, soft_positions, per_sample)
 

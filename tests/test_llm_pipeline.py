@@ -241,3 +241,24 @@ def test_bundle_checksum_mismatch_names_the_file(bundle_dir: Path, tmp_path: Pat
     (copy / "items.json").unlink()
     with pytest.raises(BundleError, match="items.json"):
         verify(copy)
+
+
+def test_fp32_projector_and_gates_over_a_bf16_base(tiny_llama, soft_tokenizer) -> None:  # noqa: ANN001
+    """What the trainers run: bf16 frozen base, fp32 SPA projector and CFLoRA gates (no autocast)."""
+    from rellax.cflora import gate_context, inject_cflora
+    from rellax.scorer import ScoringModel
+    from rellax.spa import SPAProjector
+    from rellax.tokens import add_soft_tokens, answer_token_ids
+
+    lm = tiny_llama
+    hist_id, target_id = add_soft_tokens(soft_tokenizer, lm)
+    lm.to(torch.bfloat16)
+    inject_cflora(lm, gate_dim=16)
+    for name, p in lm.named_parameters():
+        if ".lora_" in name or ".gate." in name:
+            p.data = p.data.float()
+    model = ScoringModel(lm, *answer_token_ids(soft_tokenizer), spa=SPAProjector(8, 64))
+    ids = torch.tensor([[1, 2, hist_id, 3, target_id, 4]])
+    with gate_context(lm, torch.randn(1, 16)):
+        hidden = model.hidden_states(ids, [[2, 4]], [torch.randn(2, 8)])
+    assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden.float()).all()
