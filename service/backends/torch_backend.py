@@ -2,7 +2,8 @@
 
 The model runs in one dedicated worker thread: the event loop never blocks, and one batch at a time
 owns the CPU cores (torch's intra-op threads already use all of them; two concurrent batches would
-only fight over the caches). Scores come from `bundle.score_prepared`, the very call the offline
+only fight over the caches). The request path's own CPU work (prompt, DIN) runs on this thread too,
+between batches (`prepare_executor`). Scores come from `bundle.score_prepared`, the very call the offline
 evaluation and the train/serve parity test use.
 """
 
@@ -36,6 +37,11 @@ class TorchBackend:
         """The factory every backend offers (`service.main.build_backend`); the bundle was already
         loaded with the configured dtype, so settings add nothing here."""
         return cls(bundle)
+
+    @property
+    def prepare_executor(self) -> ThreadPoolExecutor | None:
+        """The model thread, offered for the request path's CPU work (see ScoringPipeline._off_loop)."""
+        return self._pool
 
     async def start(self) -> None:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="rellax-model")
