@@ -61,7 +61,7 @@ def din_dir(tmp_path_factory: pytest.TempPathFactory, ml100k) -> Path:  # noqa: 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path) -> dict[str, Path]:
-    """Stage 1, then stage 2 in modes cflora and rellax, each 2 optimizer steps."""
+    """Stage 1, then stage 2 in modes spa, cflora and rellax, each 2 optimizer steps."""
     from training.stage1 import Stage1Config
     from training.stage1 import main as stage1
     from training.stage2 import Stage2Config
@@ -70,7 +70,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir
     root = tmp_path_factory.mktemp("runs")
     common = dict(model_dir=tiny_model_dir, index_dir=root / "index", n_rows=8, valid_rows=32, k=5)
     stage1(Stage1Config(out=root / "s1", loop=LoopConfig(lr=1e-2, **LOOP), **common))
-    for mode in ("cflora", "rellax"):
+    for mode in ("spa", "cflora", "rellax"):
         stage2(
             Stage2Config(
                 stage1=root / "s1",
@@ -81,7 +81,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir
                 **common,
             )
         )
-    return {"root": root, "s1": root / "s1", "cflora": root / "cflora", "rellax": root / "rellax"}
+    return {"root": root, "s1": root / "s1", **{mode: root / mode for mode in ("spa", "cflora", "rellax")}}
 
 
 def _metrics(folder: Path) -> dict:
@@ -135,10 +135,13 @@ def test_stage2_starts_exactly_at_stage1(runs: dict[str, Path]) -> None:
 def test_stage2_trains_exactly_gates_and_projector(runs: dict[str, Path]) -> None:
     from safetensors.torch import load_file
 
-    for mode, want in (("cflora", {"gate"}), ("rellax", {"gate", "spa"})):
+    for mode, want in (("spa", {"spa"}), ("cflora", {"gate"}), ("rellax", {"gate", "spa"})):
         names = list(load_file(runs[mode] / "stage2.safetensors"))
         kinds = {"spa" if n.startswith("spa.") else "gate" if ".gate." in n else n for n in names}
         assert kinds == want, (mode, sorted(kinds))
+        if mode == "spa":  # no gates, so no mean gate for the merged export
+            assert not (runs[mode] / "gbar.safetensors").exists()
+            continue
         gbar = load_file(runs[mode] / "gbar.safetensors")
         assert len(gbar) == 4 and all(g.shape == (8, 8) for g in gbar.values())
 
@@ -262,3 +265,111 @@ def test_fp32_projector_and_gates_over_a_bf16_base(tiny_llama, soft_tokenizer) -
     with gate_context(lm, torch.randn(1, 16)):
         hidden = model.hidden_states(ids, [[2, 4]], [torch.randn(2, 8)])
     assert hidden.dtype == torch.bfloat16 and torch.isfinite(hidden.float()).all()
+
+
+def _stage1_config(out: Path, tiny_model_dir: Path, index_dir: Path, lr: float = 1e-2):  # noqa: ANN202
+    from training.stage1 import Stage1Config
+
+    return Stage1Config(
+        out=out,
+        model_dir=tiny_model_dir,
+        index_dir=index_dir,
+        n_rows=8,
+        valid_rows=32,
+        k=5,
+        loop=LoopConfig(lr=lr, **LOOP),
+    )
+
+
+def test_runs_are_reused_only_under_the_same_config(
+    runs: dict[str, Path], tiny_model_dir: Path, din_dir: Path, tmp_path: Path
+) -> None:
+    """A finished run is returned as it is for the same config; another config (or a retrained
+    stage 1 under an unchanged stage-2 config) trains again instead of returning stale weights."""
+    import shutil
+
+    from training.stage1 import main as stage1
+    from training.stage2 import Stage2Config
+    from training.stage2 import main as stage2
+
+    s1, s2 = tmp_path / "s1", tmp_path / "cflora"
+    shutil.copytree(runs["s1"], s1)
+    shutil.copytree(runs["cflora"], s2)
+    index_dir = runs["root"] / "index"
+    first = _metrics(runs["s1"])["run_id"]
+    assert stage1(_stage1_config(s1, tiny_model_dir, index_dir))["run_id"] == first  # reused
+    s2_cfg = Stage2Config(
+        stage1=s1,
+        out=s2,
+        din_dir=din_dir,
+        mode="cflora",
+        model_dir=tiny_model_dir,
+        index_dir=index_dir,
+        n_rows=8,
+        valid_rows=32,
+        k=5,
+        loop=LoopConfig(lr=1e-2, **LOOP),
+    )
+    s2_first = _metrics(runs["cflora"])["run_id"]
+    assert stage2(s2_cfg)["run_id"] == s2_first  # reused: the copied stage 1 is the same run
+
+    other = stage1(_stage1_config(s1, tiny_model_dir, index_dir, lr=3e-3))
+    assert other["run_id"] != first and other["config"]["loop"]["lr"] == 3e-3
+    assert [p["step"] for p in other["result"]["curve"]] == [0, 2]  # from step 0, not the old checkpoint
+    again = stage2(s2_cfg)  # same stage-2 config, newer stage 1 below it
+    assert again["run_id"] != s2_first and again["stage1_run_id"] == other["run_id"]
+
+
+def test_eval_scores_every_mode_on_the_same_rows(
+    runs: dict[str, Path],
+    bundle_dir: Path,
+    tiny_model_dir: Path,
+    din_dir: Path,
+    ml100k,  # noqa: ANN001
+    ml100k_samples,  # noqa: ANN001
+) -> None:
+    """`rellax eval`: each mode on one seeded row set; metrics recomputable from the saved
+    predictions; the rellax mode scores what the exported bundle serves."""
+    from sklearn.metrics import roc_auc_score
+
+    from training.evaluate import EvalConfig, main
+
+    out = runs["root"] / "eval"
+    report = main(
+        EvalConfig(
+            n=24,
+            k=5,
+            stage1=runs["s1"],
+            stage2={mode: runs[mode] for mode in ("spa", "cflora", "rellax")},
+            din_dir=din_dir,
+            model_dir=tiny_model_dir,
+            index_dir=runs["root"] / "index",
+            out=out,
+        )
+    )
+    modes = ["zero-shot recency", "zero-shot SUBR", "rella", "spa", "cflora", "rellax", "DIN"]
+    assert list(report["results"]) == modes and report["rows"] == 24
+    saved = np.load(out / "predictions.npz")
+    rows = eval_rows(ml100k_samples, "test", 24, seed=1234)
+    np.testing.assert_array_equal(saved["rows"], rows)
+    np.testing.assert_array_equal(saved["labels"], ml100k_samples.label[rows])
+    for mode in modes:
+        p = saved[mode.replace(" ", "_")]
+        assert p.shape == (24,) and np.all((p > 0) & (p < 1))
+        assert report["results"][mode]["auc"] == pytest.approx(roc_auc_score(saved["labels"], p), abs=1e-9)
+    assert "| rellax |" in (out / "eval.md").read_text()
+
+    profiles = Catalogue.from_tables(ml100k).profiles
+    bundle = Bundle.load(bundle_dir, dtype="float32")
+    served = []
+    for r in rows[:4]:
+        items, ratings, stamps = ml100k_samples.history(int(r))
+        history = [
+            HistoryEvent(int(i), float(x), int(t)) for i, x, t in zip(items, ratings, stamps, strict=True)
+        ]
+        uid = ml100k_samples.user_id(int(r))
+        (prepared,) = bundle.prepare(
+            profiles[uid], history, [int(ml100k_samples.item_id[r])], user_id=str(uid)
+        )
+        served.append(bundle.score_prepared([prepared])[0])
+    np.testing.assert_allclose(served, saved["rellax"][:4], atol=1e-5)

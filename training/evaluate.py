@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from safetensors.torch import load_file
 
 from rellax.assets import prepare_model
@@ -24,12 +23,18 @@ from rellax.cflora import inject_cflora, load_lora_weights
 from rellax.features import Featurizer, Mode
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
-from rellax.scorer import Scorer, ScoringModel
+from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.datasets import load_dataset
 from training.fewshot import eval_rows
 from training.llm_data import Catalogue, build_examples
-from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index
+from training.llm_setup import (
+    default_index_dir,
+    load_base_lm,
+    load_din,
+    load_or_build_index,
+    score_examples,
+)
 from training.metrics import ctr_metrics
 from training.stage2 import build_stage2_model, load_stage2_weights
 
@@ -52,13 +57,6 @@ class EvalConfig:
     model_dir: Path | None = None
     index_dir: Path | None = None
     bf16: bool | None = None  # None = where the CPU has native bf16
-
-
-def _score(model: ScoringModel, examples: list, projected: bool = False) -> np.ndarray:
-    scorer = Scorer(model, dtype=next(model.parameters()).dtype, cast=False)
-    soft = [e.soft for e in examples] if examples[0].soft is not None else None
-    h = torch.stack([e.h for e in examples]) if examples[0].h is not None else None
-    return scorer.score([e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=32)
 
 
 def stage1_model(lm, tokenizer, stage1: Path) -> ScoringModel:  # noqa: ANN001
@@ -96,7 +94,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
             with_din=with_din,
             desc=f"{name} prompts",
         )
-        p = _score(model, examples)
+        p = score_examples(model, examples)
         preds[name] = p
         results[name] = {**ctr_metrics(labels, p), "seconds": round(time.perf_counter() - t, 1)}
         log.info("evaluated", mode=name, auc=round(results[name]["auc"], 4))

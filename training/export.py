@@ -78,7 +78,7 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
             "sha256": base_sha,
         },
         "data": {"source_hash": manifest["source_hash"], "splits": manifest["splits"]},
-        "training": {"stage1": s1cfg, "stage2": s2cfg, "mode": mode},
+        "training": {"stage1": s1cfg, "stage2": s2cfg, "mode": mode, "stage2_run_id": meta.get("run_id")},
     }
     if cfg.merged:
         merged_info = _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config)

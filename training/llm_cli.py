@@ -10,6 +10,8 @@ from typing import Annotated
 
 import typer
 
+from training.demo import DEMO_EVAL_ROWS, DEMO_ROWS, DEMO_VALID_ROWS
+
 __all__ = ["register"]
 
 Force = Annotated[bool, typer.Option(help="Retrain even if a finished run is in --out.")]
@@ -125,13 +127,14 @@ def export(
 
 
 def demo(
-    n_rows: Annotated[int, typer.Option(help="Few-shot rows per stage.")] = 256,
-    eval_rows: Annotated[int, typer.Option(help="Test rows in the demo's eval table.")] = 500,
+    n_rows: Annotated[int, typer.Option(help="Few-shot rows per stage.")] = DEMO_ROWS,
+    eval_rows: Annotated[int, typer.Option(help="Test rows in the demo's eval table.")] = DEMO_EVAL_ROWS,
+    valid_rows: Annotated[int, typer.Option(help="Validation rows for selection.")] = DEMO_VALID_ROWS,
 ) -> None:
     """Everything offline, end to end on the bundled defaults (cached on the second run)."""
     from training.demo import build
 
-    typer.echo(build(n_rows=n_rows, eval_rows=eval_rows))
+    typer.echo(build(n_rows=n_rows, eval_rows=eval_rows, valid_rows=valid_rows))
 
 
 def register(app: typer.Typer) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from training.fewshot import eval_rows, fewshot_rows, interleave_modes
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop
 from training.llm_setup import default_index_dir, load_base_lm, load_or_build_index, make_validator
+from training.runs import finished_run, start_run
 
 __all__ = ["Stage1Config", "main"]
 
@@ -108,6 +110,7 @@ class Stage1Recipe:
             "trainable_params": sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad),
             "data": {"source_hash": self.data_manifest["source_hash"]},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "run_id": uuid.uuid4().hex,  # stage-2 runs over this one record it
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         return metrics
@@ -115,10 +118,11 @@ class Stage1Recipe:
 
 def main(cfg: Stage1Config, force: bool = False) -> dict[str, Any]:
     """Train (or reuse a finished run in `cfg.out`) and return its metrics."""
-    done = cfg.out / "metrics.json"
-    if done.exists() and (cfg.out / "adapter").exists() and not force:
+    key = {k: v for k, v in cfg.to_json().items() if k != "out"}  # where it lives is not what it is
+    if not force and (done := finished_run(cfg.out, key, ["adapter"])) is not None:
         log.info("stage 1 already trained", out=str(cfg.out))
-        return json.loads(done.read_text())
+        return done
+    start_run(cfg.out, key, stale=["adapter"], fresh=force)
     recipe = Stage1Recipe()
     recipe.setup(cfg)
     result = recipe.train()

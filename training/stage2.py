@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -40,6 +41,7 @@ from training.fewshot import eval_rows, fewshot_rows, interleave_modes
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
+from training.runs import finished_run, start_run
 
 __all__ = ["Stage2Config", "Stage2Mode", "build_stage2_model", "main"]
 
@@ -121,6 +123,7 @@ class Stage2Recipe:
         self.din = load_din(cfg.din_dir)
         stage1_metrics = json.loads((cfg.stage1 / "metrics.json").read_text())
         self.stage1_cfg = stage1_metrics["config"]
+        self.stage1_run_id = stage1_metrics.get("run_id")
         lora_state = load_file(cfg.stage1 / "adapter" / "adapter_model.safetensors")
         self.model = build_stage2_model(
             lm, self.tokenizer, lora_state, self.stage1_cfg, cfg.mode, self.din.config.embed_dim
@@ -181,6 +184,8 @@ class Stage2Recipe:
             "result": result.to_json(),
             "config": self.cfg.to_json(),
             "stage1_config": self.stage1_cfg,
+            "stage1_run_id": self.stage1_run_id,
+            "run_id": uuid.uuid4().hex,  # the bundle and eval made from this run record it
             "trainable_params": sum(p.numel() for p in self.params.values()),
             "data": {"source_hash": self.data_manifest["source_hash"]},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -203,10 +208,15 @@ def load_stage2_weights(model: ScoringModel, folder: Path) -> None:
 
 def main(cfg: Stage2Config, force: bool = False) -> dict[str, Any]:
     """Train (or reuse a finished run in `cfg.out`) and return its metrics."""
-    done = cfg.out / "metrics.json"
-    if done.exists() and (cfg.out / "stage2.safetensors").exists() and not force:
+    outputs = ["stage2.safetensors"]
+    # A retrained stage 1 (new run id) makes a stage-2 run over it stale, whatever its own config.
+    stage1_run = json.loads((cfg.stage1 / "metrics.json").read_text()).get("run_id")
+    key = {k: v for k, v in cfg.to_json().items() if k not in ("out", "stage1")}
+    key["stage1_run_id"] = stage1_run
+    if not force and (done := finished_run(cfg.out, key, outputs)) is not None:
         log.info("stage 2 already trained", out=str(cfg.out))
-        return json.loads(done.read_text())
+        return done
+    start_run(cfg.out, key, stale=[*outputs, "gbar.safetensors"], fresh=force)
     recipe = Stage2Recipe()
     recipe.setup(cfg)
     result = recipe.train()

@@ -1,0 +1,56 @@
+"""Run directories that know what they were trained with: reuse a finished run only when the
+requested config is the one it ran with, and never resume a checkpoint written under another.
+
+Without this, `rellax demo-build --n-rows 512` would silently return the 256-row run sitting in the
+same folder, and a killed run restarted with a new learning rate would resume the old optimizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from rellax.logs import get_logger
+
+__all__ = ["canonical", "finished_run", "start_run"]
+
+log = get_logger(__name__)
+
+_CONFIG = "run_config.json"
+
+
+def canonical(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The config as JSON reads it back (tuples -> lists, Paths -> str), so saved == requested."""
+    return json.loads(json.dumps(config, default=str, sort_keys=True))
+
+
+def finished_run(out: Path, config: Mapping[str, Any], outputs: Sequence[str]) -> dict[str, Any] | None:
+    """The finished run's metrics.json when `out` holds `outputs` made with exactly `config` (what
+    `start_run` recorded: the stage config plus anything else the run depends on)."""
+    metrics, recorded = out / "metrics.json", out / _CONFIG
+    if not metrics.exists() or not all((out / name).exists() for name in outputs):
+        return None
+    if not recorded.exists() or canonical(json.loads(recorded.read_text())) != canonical(config):
+        log.info("finished run has another config; retraining", out=str(out))
+        return None
+    return json.loads(metrics.read_text())
+
+
+def start_run(out: Path, config: Mapping[str, Any], stale: Sequence[str], fresh: bool = False) -> None:
+    """Record `config` in `out`; a checkpoint and outputs (`stale`) left by another config go, and
+    so do those of the same config when `fresh` (a forced retrain starts from step 0)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / _CONFIG
+    other = path.exists() and canonical(json.loads(path.read_text())) != canonical(config)
+    if other or fresh:
+        log.warning("discarding the run dir's checkpoint", out=str(out), other_config=bool(other))
+        for name in ("checkpoint.pt", "curve.json", "metrics.json", *stale):
+            target = out / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            else:
+                target.unlink(missing_ok=True)
+    path.write_text(json.dumps(canonical(config), indent=2))
