@@ -18,7 +18,8 @@ Policy, per worker (one by default; a backend may set `max_concurrent_batches` t
      A model error fails that batch's requests with a `BackendError` carrying an error id; the
      worker keeps serving.
 Admission is checked in `submit`: if the queue would exceed `max_queue` candidates, `Overloaded`
-is raised at once; nothing waits.
+is raised at once; nothing waits. The request path checks first, before Redis and prepare, counting
+the candidates still being prepared (service.pipeline); this check is the race-safe last word.
 """
 
 from __future__ import annotations

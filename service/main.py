@@ -56,7 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)
         stack.push_async_callback(client.aclose)
         store = app.state.store = HistoryStore(client, cap=s.history_cap)
-        backend = build_backend(s, bundle)
+        backend = app.state.backend or build_backend(s, bundle)
         await backend.start()
         stack.push_async_callback(backend.close)
         batcher = app.state.batcher = MicroBatcher(
@@ -76,8 +76,12 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
 
 
-def create_app(settings: Settings | None = None, *, bundle: Any = None) -> FastAPI:
-    """Build the app; `bundle` lets tests share one loaded bundle between apps."""
+def create_app(
+    settings: Settings | None = None, *, bundle: Any = None, backend: ScoringBackend | None = None
+) -> FastAPI:
+    """Build the app; `bundle` lets tests share one loaded bundle between apps, `backend` serves a
+    backend built by the caller (not yet started: the lifespan starts and closes it) instead of the
+    configured one."""
     settings = settings or Settings()
     app = FastAPI(
         title="rellax",
@@ -88,6 +92,7 @@ def create_app(settings: Settings | None = None, *, bundle: Any = None) -> FastA
     app.state.settings = settings
     app.state.metrics = Metrics()
     app.state.bundle = bundle
+    app.state.backend = backend
     app.state.canary_ok = False
     install_error_handlers(app)
     app.include_router(api_router)

@@ -37,7 +37,9 @@ class Metrics:
             ["endpoint"], buckets=SIZE_BUCKETS, registry=r,
         )  # fmt: skip
         self.queue_depth = Gauge("rellax_queue_depth", "Candidates waiting for the model.", registry=r)
-        self.inflight = Gauge("rellax_inflight_requests", "Requests being handled now.", registry=r)
+        self.inflight = Gauge(
+            "rellax_inflight_requests", "/v1 requests being handled now (not probes or /metrics).", registry=r
+        )
         self.requests = Counter(
             "rellax_requests", "Requests answered.", ["endpoint", "status_class"], registry=r
         )  # exported as rellax_requests_total

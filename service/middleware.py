@@ -16,11 +16,17 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import error_response
 from service.metrics import Metrics
 
-__all__ = ["BodyLimitMiddleware", "RequestMetricsMiddleware"]
+__all__ = ["API_PREFIX", "BodyLimitMiddleware", "RequestMetricsMiddleware"]
+
+API_PREFIX = "/v1/"  # requests under it count in rellax_inflight_requests; probes and /metrics do not
 
 
 class RequestMetricsMiddleware:
     """Latency by endpoint (the route template, never the raw path: no ids in labels) and status class.
+
+    `rellax_inflight_requests` (the HPA's metric) counts only API requests (paths under /v1/): the
+    Prometheus scrape and the kubelet's probes would otherwise count themselves, and a scrape always
+    sees at least itself in flight.
 
     The template is found by matching the path against the app's own route templates (its OpenAPI
     paths plus plain routes such as /docs), compiled once: FastAPI keeps included routers nested, so
@@ -40,6 +46,14 @@ class RequestMetricsMiddleware:
         path = scope.get("path", "")
         return next((template for regex, template in self._templates if regex.match(path)), "unmatched")
 
+    @staticmethod
+    def is_api(scope: Scope) -> bool:
+        """A /v1 request (the path as routed: after a `root_path` prefix, if the server has one)."""
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]
+        return path.startswith(API_PREFIX)
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -52,11 +66,14 @@ class RequestMetricsMiddleware:
                 status = message["status"]
             await send(message)
 
-        self.metrics.inflight.inc()
+        counted = self.is_api(scope)
+        if counted:
+            self.metrics.inflight.inc()
         try:
             await self.app(scope, receive, send_status)
         finally:
-            self.metrics.inflight.dec()
+            if counted:
+                self.metrics.inflight.dec()
             endpoint, status_class = self.endpoint(scope), f"{status // 100}xx"
             self.metrics.request_duration.labels(endpoint, status_class).observe(time.perf_counter() - start)
             self.metrics.requests.labels(endpoint, status_class).inc()

@@ -10,6 +10,20 @@ supports it), queue_wait, model, total. The response's timing also shows "prepar
 SUBR + DIN + prompt as the service saw it. The two degraded modes return DIN's own
 CTR with `degraded: true` (a 200, not an error): queue full with OVERLOAD_MODE=degrade, and Redis down
 with REDIS_DOWN_MODE=degrade (then on an empty history and unknown profile).
+
+Admission and deadline, before any work (issue 4 §5):
+  * A request with more candidates than the model queue holds (RELLAX_MAX_QUEUE) can never be
+    scored by the model: 422 naming `item_ids` (a limit, not a 503 that invites a retry); with
+    OVERLOAD_MODE=degrade it gets DIN's own CTR instead, as any request the queue cannot take.
+  * Otherwise it is admitted only if the batcher's queued candidates + the candidates of requests
+    already admitted and still on their way (Redis, waiting for or running prepare) + its own fit in
+    `max_queue`; if not, `Overloaded` (503 + Retry-After) at once: no Redis, no prepare, no wait for
+    the model thread. With the torch backend prepare queues on the single model thread, so this is
+    also what bounds the requests waiting there. `MicroBatcher.submit` checks again (the last word).
+  * In degrade mode a request that is not admitted still gets DIN's own CTR, prepared on the default
+    thread pool rather than behind the model thread.
+  * The deadline is checked after Redis and again when prepare gets the executor, and bounds the
+    wait for it: an expired request is answered 504 and its SUBR/DIN/prompt never run.
 """
 
 from __future__ import annotations
@@ -26,7 +40,7 @@ from rellax.entities import HistoryEvent, Profile
 from rellax.errors import HistoryStoreError, UnknownItem
 from rellax.logs import get_logger
 from service.batcher import MicroBatcher
-from service.errors import LimitExceeded, Overloaded
+from service.errors import DeadlineExceeded, LimitExceeded, Overloaded
 from service.metrics import STAGES, Metrics
 from service.store import HistoryStore, UserState
 
@@ -83,6 +97,16 @@ class ScoringPipeline:
         self.redis_down_degrades = redis_down_mode == "degrade"
         # A bundle that reports its own sub-stage times (subr, crm, prompt) gets a dict to fill.
         self._bundle_times = "timings" in inspect.signature(bundle.prepare).parameters
+        # Candidates of admitted requests not yet handed to the batcher (Redis, prepare): they count
+        # as queued, so a burst cannot pile up behind the model thread before the batcher sees it.
+        self.admitted = 0
+        if batcher.max_queue < max_candidates:
+            log.warning(
+                "max_queue is below max_candidates: requests with more than max_queue candidates are "
+                + ("scored by DIN only" if self.overload_degrades else "refused with 422"),
+                max_queue=batcher.max_queue,
+                max_candidates=max_candidates,
+            )
 
     async def score(self, user_id: str, item_ids: Sequence[int], endpoint: str) -> ScoreResult:
         """Score `item_ids` for `user_id`; raises UnknownItem, LimitExceeded, HistoryStoreError,
@@ -92,12 +116,21 @@ class ScoringPipeline:
         self._check(item_ids)
         self.metrics.candidates.labels(endpoint=endpoint).observe(len(item_ids))
         stages: dict[str, float] = {}
-        state, degrade = await self._user(user_id, stages)
-        if state.cold_start and not degrade:
-            self.metrics.cold_starts.inc()
-        prepared = await self._prepare(user_id, state, item_ids, stages)
+        count = len(item_ids)
+        admitted = self._admit(count)  # raises Overloaded, or False: degrade mode, DIN only
+        try:
+            state, store_down = await self._user(user_id, stages)
+            if state.cold_start and not store_down:
+                self.metrics.cold_starts.inc()
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("the request deadline passed before its candidates were prepared")
+            prepared = await self._prepare(user_id, state, item_ids, stages, deadline, model_thread=admitted)
+        finally:
+            if admitted:
+                self.admitted -= count
+        # No await between the release above and submit's own admission check: nothing can slip in.
         scores = None
-        if not degrade:
+        if admitted and not store_down:
             try:
                 batch = await self.batcher.submit([p.model_input for p in prepared], deadline)
                 stages["queue_wait"] = stages.get("queue_wait", 0.0) + batch.queue_wait_s
@@ -150,9 +183,29 @@ class ScoringPipeline:
                 f"item_ids: at most {self.max_candidates} candidates per request, got {len(item_ids)}",
                 param="item_ids",
             )
+        if len(item_ids) > self.batcher.max_queue and not self.overload_degrades:  # never fits
+            raise LimitExceeded(
+                f"item_ids: at most {self.batcher.max_queue} candidates fit the model queue "
+                f"(RELLAX_MAX_QUEUE), got {len(item_ids)}; split the request",
+                param="item_ids",
+            )
         unknown = [i for i in item_ids if i not in self.bundle.items]
         if unknown:
             raise UnknownItem(unknown)
+
+    def _admit(self, n: int) -> bool:
+        """Reserve queue room for `n` candidates before any work; False = not admitted, degrade."""
+        queued = self.batcher.queued + self.admitted
+        if queued + n > self.batcher.max_queue:
+            if not self.overload_degrades:
+                raise Overloaded(
+                    f"model queue full ({queued} of {self.batcher.max_queue} candidates queued or "
+                    "being prepared)",
+                    retry_after=1,
+                )
+            return False
+        self.admitted += n
+        return True
 
     async def _user(self, user_id: str, stages: dict[str, float]) -> tuple[UserState, bool]:
         t = time.perf_counter()
@@ -168,31 +221,48 @@ class ScoringPipeline:
         return state, False
 
     async def _prepare(
-        self, user_id: str, state: UserState, item_ids: Sequence[int], stages: dict[str, float]
+        self,
+        user_id: str,
+        state: UserState,
+        item_ids: Sequence[int],
+        stages: dict[str, float],
+        deadline: float,
+        *,
+        model_thread: bool = True,
     ) -> list[Any]:
         """SUBR + DIN + prompt off the event loop (tokenising and DIN are CPU work). Time spent waiting
-        for the executor (the model thread, with the torch backend) counts as queue_wait."""
+        for the executor (the model thread, with the torch backend) counts as queue_wait. The wait is
+        bounded by the deadline, and an executor that frees up after the deadline skips the work."""
         submitted = time.perf_counter()
 
         def run() -> list[Any]:
             started = time.perf_counter()
+            if time.monotonic() >= deadline:
+                raise DeadlineExceeded("the request deadline passed while waiting to be prepared")
             stages["queue_wait"] = started - submitted
             out = self._prepare_sync(user_id, state.prompt_profile, state.history, list(item_ids), stages)
             stages["prepare"] = time.perf_counter() - started
             return out
 
-        return await self._off_loop(run)
+        try:
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return await self._off_loop(run, model_thread=model_thread)
+        except TimeoutError:  # a queued executor job is cancelled with the await: never computed
+            raise DeadlineExceeded(
+                f"not prepared within the {1000 * self.deadline_s:.0f} ms deadline"
+            ) from None
 
-    async def _off_loop(self, fn: Any, *args: Any) -> Any:
+    async def _off_loop(self, fn: Any, *args: Any, model_thread: bool = True) -> Any:
         """Run CPU work (tokenising, DIN, SUBR) off the event loop, on the executor the backend names.
 
         The torch backend names its own model thread: prepare then runs *between* model batches
         instead of beside them. On a small CPU the two would otherwise fight for the same cores
         (torch's intra-op threads stall when preempted); measured with benchmarks/service.py on
         2 cores, the model slowed by a third at concurrency 32. A GPU backend names none, so
-        prepare overlaps the model in the default pool.
+        prepare overlaps the model in the default pool. `model_thread=False` forces the default pool
+        (the degraded DIN-only path must not queue behind the model it stands in for).
         """
-        executor = getattr(self.batcher.backend, "prepare_executor", None)
+        executor = getattr(self.batcher.backend, "prepare_executor", None) if model_thread else None
         return await asyncio.get_running_loop().run_in_executor(executor, functools.partial(fn, *args))
 
     def _prepare_sync(

@@ -11,20 +11,31 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from rellax.entities import Profile
+from service.backends.base import ModelInput, ScoringBackend
+from service.backends.torch_backend import TorchBackend
 from service.embedded_redis import free_port
 from service.main import create_app
 from service.settings import Settings
 
-__all__ = ["asgi_app", "make_settings", "tiny_bundle", "tiny_bundle_path", "uvicorn_app"]
+__all__ = [
+    "GatedTorchBackend",
+    "asgi_app",
+    "make_settings",
+    "tiny_bundle",
+    "tiny_bundle_path",
+    "uvicorn_app",
+]
 
 
 def _bundle_api() -> Any:
@@ -70,10 +81,46 @@ def make_settings(redis_url: str, **overrides: Any) -> Settings:
     return Settings(_env_file=None, **values)
 
 
+class GatedTorchBackend(TorchBackend):
+    """The real torch backend (the bundle's exact model on its one model thread) with two test hooks:
+
+    * `gate`: while cleared, a batch that reached the model waits inside the model thread (as a long
+      batch would); `entered` is set when a batch is in there, `finished` counts batches computed.
+    * `poison`: item ids whose cold-start prompts make the model raise, as a model bug would.
+    """
+
+    def __init__(self, bundle: Any, poison: Iterable[int] = ()) -> None:
+        super().__init__(bundle)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.finished = 0
+        # what the service builds for a cold-start user (no history, unknown profile)
+        self._poison = {tuple(p.model_input.input_ids) for p in bundle.prepare(Profile(), [], list(poison))}
+
+    def _score_sync(self, inputs: list[ModelInput]) -> np.ndarray:
+        self.entered.set()
+        try:
+            if not self.gate.wait(timeout=60):
+                raise RuntimeError("test gate never opened")
+            if any(tuple(x.input_ids) in self._poison for x in inputs):
+                raise RuntimeError("poisoned input (test)")
+            return super()._score_sync(inputs)
+        finally:
+            self.entered.clear()
+            self.finished += 1
+
+    async def close(self) -> None:
+        self.gate.set()  # never leave the model thread parked at shutdown
+        await super().close()
+
+
 @contextlib.asynccontextmanager
-async def asgi_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
+async def asgi_app(
+    settings: Settings, backend: ScoringBackend | None = None
+) -> AsyncIterator[tuple[FastAPI, httpx.AsyncClient]]:
     """The real app with its lifespan, called in-process through httpx's ASGI transport."""
-    app = create_app(settings, bundle=tiny_bundle())
+    app = create_app(settings, bundle=tiny_bundle(), backend=backend)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)
         async with httpx.AsyncClient(transport=transport, base_url="http://rellax.test") as client:
@@ -81,9 +128,9 @@ async def asgi_app(settings: Settings) -> AsyncIterator[tuple[FastAPI, httpx.Asy
 
 
 @contextlib.contextmanager
-def uvicorn_app(settings: Settings) -> Iterator[tuple[FastAPI, str]]:
+def uvicorn_app(settings: Settings, backend: ScoringBackend | None = None) -> Iterator[tuple[FastAPI, str]]:
     """The real app served by uvicorn on a free loopback port, in a background thread."""
-    app = create_app(settings, bundle=tiny_bundle())
+    app = create_app(settings, bundle=tiny_bundle(), backend=backend)
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, name="uvicorn-test", daemon=True)

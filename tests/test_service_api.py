@@ -3,14 +3,16 @@ the service's P(click) equals `bundle.score_prepared` on the same user state and
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import re
+import time
 import uuid
 
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from service_support import asgi_app, make_settings, tiny_bundle
+from service_support import GatedTorchBackend, asgi_app, make_settings, tiny_bundle
 
 from rellax.entities import HistoryEvent, Profile
 from service.metrics import STAGES
@@ -179,6 +181,36 @@ async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
             continue  # FastAPI's own, unused: our 422s are ErrorResponse
         for field, spec in schema.get("properties", {}).items():
             assert spec.get("description"), f"{name}.{field} has no description"
+
+
+async def test_inflight_gauge_counts_v1_requests_only(redis_url: str) -> None:
+    """The HPA's metric: the scrape and the probes do not count themselves, a /v1 request does."""
+    backend = GatedTorchBackend(tiny_bundle())
+
+    def inflight(text: str) -> float:
+        return float(re.search(r"^rellax_inflight_requests (\S+)$", text, re.M).group(1))
+
+    async with asgi_app(make_settings(redis_url), backend) as (_, client):
+        await client.get("/healthz")
+        await client.get("/readyz")
+        idle = inflight((await client.get("/metrics")).text)
+        backend.gate.clear()
+        try:
+            held = asyncio.create_task(
+                client.post("/v1/score", json={"user_id": new_user(), "item_ids": catalogue(2)})
+            )
+            give_up = time.monotonic() + 30
+            while not backend.entered.is_set():  # the request is inside the model, held by the gate
+                assert time.monotonic() < give_up, "the request never reached the model"
+                await asyncio.sleep(0.005)
+            probes = [(await client.get(p)).status_code for p in ("/healthz", "/readyz")]
+            busy = inflight((await client.get("/metrics")).text)
+        finally:
+            backend.gate.set()
+        assert (await held).status_code == 200
+        after = inflight((await client.get("/metrics")).text)
+    assert probes == [200, 200]
+    assert (idle, busy, after) == (0.0, 1.0, 0.0)
 
 
 async def test_unknown_items_are_404_naming_them(redis_url: str) -> None:

@@ -4,12 +4,19 @@ and concurrent writers/readers against uvicorn on a loopback port."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import re
+import time
 import uuid
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import httpx
 import numpy as np
-from service_support import asgi_app, make_settings, tiny_bundle, uvicorn_app
+import pytest
+from fastapi import FastAPI
+from service_support import GatedTorchBackend, asgi_app, make_settings, tiny_bundle, uvicorn_app
 
 from rellax.entities import HistoryEvent, Profile
 from service.embedded_redis import EmbeddedRedis, free_port
@@ -78,22 +85,107 @@ async def test_redis_down_degrades_to_din_when_configured() -> None:
     assert ready.status_code == 503
 
 
-async def test_full_queue_is_503_with_retry_after(redis_url: str) -> None:
+async def until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for a state of the app (polled; the timeout only turns a hang into a failure)."""
+    give_up = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > give_up:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.005)
+
+
+def new_user() -> str:
+    return f"f{uuid.uuid4().hex[:10]}"
+
+
+@contextlib.asynccontextmanager
+async def model_held_and_queue_full(
+    app: FastAPI, client: httpx.AsyncClient, backend: GatedTorchBackend
+) -> AsyncIterator[None]:
+    """With max_queue=4: request A (2 candidates) is inside the model, held there by the gate;
+    request B (3 candidates) is admitted and waits for prepare behind it on the model thread. The
+    batcher's own queue is empty, yet 3 of the 4 places are taken. Leaving opens the gate; A and B
+    must then both be scored."""
+    assert app.state.batcher.max_queue == 4
+    backend.gate.clear()
+    first = asyncio.create_task(
+        client.post("/v1/score", json={"user_id": new_user(), "item_ids": catalogue(2)})
+    )
+    try:
+        await until(backend.entered.is_set, "request A's batch to reach the model")
+        second = asyncio.create_task(
+            client.post("/v1/score", json={"user_id": new_user(), "item_ids": catalogue(3, offset=2)})
+        )
+        await until(lambda: app.state.pipeline.admitted == 3, "request B to be admitted")
+        assert app.state.batcher.queued == 0
+        yield
+        assert not first.done() and not second.done() and backend.entered.is_set()
+    finally:
+        backend.gate.set()
+    for r in await asyncio.gather(first, second):
+        assert r.status_code == 200, r.text
+    assert app.state.pipeline.admitted == 0 and app.state.batcher.queued == 0
+
+
+async def test_full_queue_is_503_at_once_while_the_model_is_busy(redis_url: str) -> None:
+    backend = GatedTorchBackend(tiny_bundle())
+    body = {"user_id": new_user(), "item_ids": catalogue(2, offset=5)}
+    with uvicorn_app(make_settings(redis_url, max_queue=4, max_batch=4), backend) as (app, url):
+        async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+            async with model_held_and_queue_full(app, client, backend):
+                computed = backend.finished
+                # 0 queued + 3 being prepared + 2 > 4: refused before Redis, prepare or the model
+                r = await asyncio.wait_for(client.post("/v1/score", json=body), timeout=20)
+                assert backend.finished == computed  # answered while the model still holds batch A
+            again = await client.post("/v1/score", json=body)
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "overloaded"
+    assert "being prepared" in r.json()["error"]["message"]
+    assert again.status_code == 200  # the model is free again: the same request is scored
+
+
+async def test_full_queue_degrades_to_din_when_configured(redis_url: str) -> None:
+    backend = GatedTorchBackend(tiny_bundle())
+    cands = catalogue(2, offset=20)
+    settings = make_settings(redis_url, max_queue=4, max_batch=4, overload_mode="degrade")
+    with uvicorn_app(settings, backend) as (app, url):
+        async with (
+            httpx.AsyncClient(base_url=url, timeout=60) as client,
+            model_held_and_queue_full(app, client, backend),
+        ):
+            computed = backend.finished
+            # DIN's own CTR, prepared beside the model thread rather than behind it
+            r = await asyncio.wait_for(
+                client.post("/v1/score", json={"user_id": new_user(), "item_ids": cands}), timeout=20
+            )
+            assert backend.finished == computed
+    assert r.status_code == 200 and r.json()["degraded"] is True
+    np.testing.assert_allclose([it["p_click"] for it in r.json()["items"]], din_scores(cands), atol=1e-6)
+
+
+async def test_more_candidates_than_the_queue_holds_is_422(redis_url: str) -> None:
+    """It could never be scored, however idle the model: a limit naming the field, not a 503 to retry."""
     async with asgi_app(make_settings(redis_url, max_queue=4)) as (app, client):
         before = app.state.batcher.batches_run
         r = await client.post("/v1/score", json={"user_id": "q", "item_ids": catalogue(5)})
         small = await client.post("/v1/score", json={"user_id": "q", "item_ids": catalogue(4)})
         ran = app.state.batcher.batches_run - before
-    assert r.status_code == 503 and r.headers["retry-after"] == "1"
-    assert r.json()["error"]["code"] == "queue_full" and r.json()["error"]["type"] == "overloaded"
-    assert small.status_code == 200 and ran == 1  # the refused request never reached the model
+    assert r.status_code == 422 and "retry-after" not in r.headers
+    err = r.json()["error"]
+    assert err["param"] == "item_ids" and err["code"] == "limit_exceeded"
+    assert err["message"].startswith("item_ids") and "RELLAX_MAX_QUEUE" in err["message"]
+    assert small.status_code == 200 and small.json()["degraded"] is False
+    assert ran == 1  # the refused request never reached the model
 
 
-async def test_full_queue_degrades_to_din_when_configured(redis_url: str) -> None:
+async def test_more_candidates_than_the_queue_holds_degrades_when_configured(redis_url: str) -> None:
     cands = catalogue(5, offset=20)
-    async with asgi_app(make_settings(redis_url, max_queue=4, overload_mode="degrade")) as (_, client):
-        r = await client.post("/v1/score", json={"user_id": f"o{uuid.uuid4().hex[:6]}", "item_ids": cands})
-    assert r.status_code == 200 and r.json()["degraded"] is True
+    settings = make_settings(redis_url, max_queue=4, overload_mode="degrade")
+    async with asgi_app(settings) as (app, client):
+        before = app.state.batcher.batches_run
+        r = await client.post("/v1/score", json={"user_id": new_user(), "item_ids": cands})
+        ran = app.state.batcher.batches_run - before
+    assert r.status_code == 200 and r.json()["degraded"] is True and ran == 0
     np.testing.assert_allclose([it["p_click"] for it in r.json()["items"]], din_scores(cands), atol=1e-6)
 
 
@@ -108,6 +200,69 @@ async def test_deadline_drops_the_request_before_compute(redis_url: str) -> None
         queued = app.state.batcher.queued
     assert r.status_code == 504 and r.json()["error"]["code"] == "deadline_exceeded"
     assert ran == 0 and queued == 0
+
+
+async def test_deadline_passed_waiting_for_prepare_is_never_prepared(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Request D waits for prepare on the model thread (busy with A's batch) past its deadline: 504 at
+    the deadline, and its SUBR/DIN/prompt never run, even once the thread is free."""
+    bundle = tiny_bundle()
+    prepared_for: list[object] = []
+    real_prepare = bundle.prepare
+
+    @functools.wraps(real_prepare)
+    def spy(*args: object, **kwargs: object) -> object:
+        prepared_for.append(kwargs.get("user_id"))
+        return real_prepare(*args, **kwargs)
+
+    monkeypatch.setattr(bundle, "prepare", spy)
+    backend = GatedTorchBackend(bundle)
+    doomed = new_user()
+    async with asgi_app(make_settings(redis_url, deadline_ms=2000), backend) as (app, client):
+        backend.gate.clear()
+        try:
+            first = asyncio.create_task(
+                client.post("/v1/score", json={"user_id": new_user(), "item_ids": catalogue(2)})
+            )
+            await until(backend.entered.is_set, "request A's batch to reach the model")
+            d = await asyncio.wait_for(
+                client.post("/v1/score", json={"user_id": doomed, "item_ids": catalogue(2, offset=2)}),
+                timeout=20,
+            )
+            held = backend.entered.is_set()
+        finally:
+            backend.gate.set()
+        await first  # A itself may have run out of time inside the model: either answer is fine
+        after = await client.post(
+            "/v1/score", json={"user_id": new_user(), "item_ids": catalogue(2, offset=4)}
+        )
+    assert held  # D was answered while the model thread was still busy
+    assert d.status_code == 504 and d.json()["error"]["code"] == "deadline_exceeded"
+    assert "prepared" in d.json()["error"]["message"]
+    assert after.status_code == 200  # queued after D's cancelled job on the same thread: D was skipped
+    assert doomed not in prepared_for and len(prepared_for) >= 3  # canary, A, the one after
+
+
+async def test_model_error_is_500_with_an_error_id_and_the_service_keeps_serving(redis_url: str) -> None:
+    bundle = tiny_bundle()
+    poisoned = catalogue(1, offset=30)[0]
+    assert poisoned != next(iter(bundle.items))  # the start-up canary must pass
+    backend = GatedTorchBackend(bundle, poison=[poisoned])
+    with uvicorn_app(make_settings(redis_url), backend) as (app, url):
+        with httpx.Client(base_url=url, timeout=60) as client:
+            bad = client.post("/v1/score", json={"user_id": new_user(), "item_ids": [poisoned]})
+            good = client.post("/v1/score", json={"user_id": new_user(), "item_ids": catalogue(2, offset=31)})
+            ready = client.get("/readyz")
+        errors = app.state.metrics.registry.get_sample_value(
+            "rellax_errors_total", {"reason": "backend_error"}
+        )
+    assert bad.status_code == 500, bad.text
+    err = bad.json()["error"]
+    assert err["code"] == "backend_error" and re.fullmatch(r"[0-9a-f]{16}", err["error_id"])
+    assert "poisoned" not in bad.text  # internals are logged, not returned
+    assert good.status_code == 200 and not good.json()["degraded"]
+    assert ready.status_code == 200 and errors == 1
 
 
 def test_concurrent_ingest_over_http_loses_and_duplicates_nothing(redis_url: str) -> None:
