@@ -38,7 +38,7 @@ from training.llm_setup import (
 from training.metrics import ctr_metrics
 from training.stage2 import build_stage2_model, load_stage2_weights
 
-__all__ = ["EvalConfig", "main", "markdown_table"]
+__all__ = ["EvalConfig", "din_predictions", "main", "markdown_table"]
 
 log = get_logger(__name__)
 
@@ -123,7 +123,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         )
         load_stage2_weights(model, folder)
         run(mode, model, tok, index, "subr", model.spa is not None, True)
-    din_pred = _din_predictions(din, catalogue, samples, rows)
+    din_pred = din_predictions(din, catalogue, samples, rows)
     preds["DIN"] = din_pred
     results["DIN"] = ctr_metrics(labels, din_pred)
     report = {
@@ -147,7 +147,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     return report
 
 
-def _din_predictions(din, catalogue: Catalogue, samples, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
+def din_predictions(din, catalogue: Catalogue, samples, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001
     from rellax.features import History
 
     featurizer = Featurizer(None, catalogue.items, None, din, k=0, spa=False)  # type: ignore[arg-type]

@@ -137,6 +137,53 @@ def demo(
     typer.echo(build(n_rows=n_rows, eval_rows=eval_rows, valid_rows=valid_rows))
 
 
+experiment_app = typer.Typer(help="The quality study (issue 6): resumable runs and the report.")
+
+
+@experiment_app.command("ml100k")
+def experiment_ml100k(
+    test_rows: Annotated[int, typer.Option(help="Fixed seeded test rows every model is scored on.")] = 5000,
+    n: Annotated[list[int] | None, typer.Option(help="Stage-1 few-shot N (repeatable).")] = None,
+    k_sweep: Annotated[list[int] | None, typer.Option(help="Extra K values at the best N.")] = None,
+    valid_rows: int = 512,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these steps (repeatable).")] = None,
+    results: Annotated[Path, typer.Option(help="Where each step's JSON goes.")] = Path("docs/results"),
+    hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
+    report: Annotated[bool, typer.Option(help="Render docs/results.md at the end.")] = True,
+) -> None:
+    """Run every unfinished step of the ML-100K study, then render the report. Run it again to resume."""
+    from training.experiment import ExperimentConfig, plan, run
+
+    cfg = ExperimentConfig(
+        results=results, test_rows=test_rows, valid_rows=valid_rows, only=tuple(only or ())
+    )
+    if n:
+        cfg.n_values = tuple(n)
+    if k_sweep is not None:
+        cfg.k_sweep = tuple(k_sweep)
+    if hours is not None:
+        cfg.max_seconds = hours * 3600
+    unknown = sorted(set(cfg.only) - set(plan(ExperimentConfig(n_values=cfg.n_values, k_sweep=cfg.k_sweep))))
+    if unknown:
+        raise typer.BadParameter(f"unknown steps {unknown}", param_hint="--only")
+    for step, state in run(cfg).items():
+        typer.echo(f"{step:22s} {state}")
+    if report:
+        experiment_report(results=results, out=results.parent / "results.md")
+
+
+@experiment_app.command("report")
+def experiment_report(
+    results: Annotated[Path, typer.Option(help="The steps' JSON folder.")] = Path("docs/results"),
+    out: Annotated[Path, typer.Option(help="The markdown report.")] = Path("docs/results.md"),
+) -> None:
+    """Render docs/results.md (and learning_curves.png) from the study's JSON files."""
+    from training.report import render
+
+    render(results, out)
+    typer.echo(f"wrote {out}")
+
+
 def register(app: typer.Typer) -> None:
     train = _train_group(app)
     train.command("rella")(rella)
@@ -144,3 +191,4 @@ def register(app: typer.Typer) -> None:
     app.command("eval")(evaluate)
     app.command("export")(export)
     app.command("demo-build")(demo)
+    app.add_typer(experiment_app, name="experiment")

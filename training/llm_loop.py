@@ -94,7 +94,7 @@ def train_loop(
 ) -> TrainResult:
     """Train `params` (all others must be frozen) on `examples`; keep the best on `evaluate()`.
 
-    `checkpoint` (a file) is written after every evaluation and read back on start, so a killed run
+    `checkpoint` (a file) is written after every optimizer step and read back on start, so a killed run
     resumes where it stopped. On return the model holds the best parameters seen.
     """
     micro_per_step = max(1, cfg.batch_size // cfg.micro_batch)
@@ -128,6 +128,7 @@ def train_loop(
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
     started, seen, loss_ema = time.perf_counter(), 0, None
+    seconds_before = result.train_seconds  # a resumed run adds to the time its checkpoint recorded
     while step < total_steps:
         chunk_ids = flat[step * micro_per_step : (step + 1) * micro_per_step]
         n_step = sum(len(c) for c in chunk_ids)
@@ -156,13 +157,15 @@ def train_loop(
             if auc > result.best_valid_auc:
                 result.best_valid_auc, result.best_step = auc, step
                 best_state = {k: v.detach().clone() for k, v in params.items()}
-            result.samples_per_s = rate
-            _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
+        result.samples_per_s = rate
+        result.train_seconds = seconds_before + (time.perf_counter() - started)
+        # Every step, not only after evaluations: on a CPU a step takes minutes, a save milliseconds.
+        _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
     bar.close()
     model.eval()
     for k, v in best_state.items():
         params[k].data.copy_(v)
-    result.train_seconds = result.train_seconds + (time.perf_counter() - started)
+    result.train_seconds = seconds_before + (time.perf_counter() - started)
     result.steps, result.examples = total_steps, len(examples) * cfg.epochs
     if seen:
         result.samples_per_s = seen / (time.perf_counter() - started)

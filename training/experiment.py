@@ -1,0 +1,329 @@
+"""`rellax experiment ml100k`: the quality study of issue 6, as resumable steps.
+
+Every model is scored on the same fixed, seeded test rows. Each step writes one JSON file into the
+results folder (metrics, selection figures, training cost, and the per-row predictions, so paired
+bootstrap intervals and the report can be recomputed without the models) and is skipped when that
+file exists with the same inputs. LLM scoring is checkpointed every `chunk` rows and training
+through the stage loops' own checkpoints, so a killed run (or a session ending) loses minutes, not
+hours: run the same command again. `training.report` renders docs/results.md from the JSON files.
+
+Steps, in order (a step needing an unfinished one waits for a later invocation):
+  baselines            DIN, LR on one-hot fields, user/item mean prior, LR on prompt features
+  zero-shot-recency    the base LLM, recency K prompts
+  zero-shot-subr       the base LLM, SUBR K prompts
+  rella-n{N}           stage 1 on N few-shot rows (x2 prompts), for each N
+  rella-k{K}           stage 1 at the best N (by valid AUC) with another K
+  spa / cflora / rellax         stage 2 over the best stage-1 run
+  rellax-random-init   stage 2 with the authors' random gate init
+  rellax-merged        the rellax run with CFLoRA folded in at the mean gate (what vLLM serves)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file
+
+from index.item_index import ItemIndex
+from rellax.assets import prepare_model
+from rellax.cflora import cflora_modules
+from rellax.features import Featurizer, Mode
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from rellax.scorer import ScoringModel
+from rellax.tokens import answer_token_ids
+from training.fewshot import eval_rows
+from training.llm_data import Catalogue, LLMExample, build_examples
+from training.llm_loop import LoopConfig
+from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.metrics import ctr_metrics
+
+__all__ = ["ExperimentConfig", "plan", "run"]
+
+log = get_logger(__name__)
+
+STAGE2_STEPS = ("spa", "cflora", "rellax", "rellax-random-init")
+
+
+@dataclass
+class ExperimentConfig:
+    """What the study runs. Defaults are the issue's plan; a GPU or a patient CPU runs them all."""
+
+    results: Path = Path("docs/results")
+    runs: Path = field(default_factory=lambda: cache_dir("runs") / "ml100k")
+    test_rows: int = 5000
+    test_seed: int = 1234
+    k: int = 15
+    n_values: tuple[int, ...] = (1024, 4096)
+    k_sweep: tuple[int, ...] = (5, 30)
+    valid_rows: int = 512
+    stage1_lr: float = 1e-3
+    stage2_lr: float = 3e-4
+    batch_size: int = 64
+    micro_batch: int = 8
+    chunk: int = 128  # LLM test rows scored between checkpoints
+    only: tuple[str, ...] = ()  # run just these steps (names as in `plan`)
+    model_dir: Path | None = None
+    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    index_dir: Path | None = None
+    max_seconds: float | None = None  # stop starting new chunks/steps after this long
+
+    def to_json(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self), default=str))
+
+
+def plan(cfg: ExperimentConfig) -> list[str]:
+    """Step names in run order."""
+    steps = ["baselines", "zero-shot-recency", "zero-shot-subr"]
+    steps += [f"rella-n{n}" for n in cfg.n_values]
+    steps += [f"rella-k{k}" for k in cfg.k_sweep if k != cfg.k]
+    steps += [*STAGE2_STEPS, "rellax-merged"]
+    return [s for s in steps if not cfg.only or s in cfg.only]
+
+
+class _Context:
+    """What every step shares: data, fixed rows, the base model factory, and the results folder."""
+
+    def __init__(self, cfg: ExperimentConfig) -> None:
+        from training.datasets import load_dataset
+
+        self.cfg = cfg
+        self.data, self.samples, self.manifest = load_dataset()
+        self.catalogue = Catalogue.from_tables(self.data)
+        self.rows = eval_rows(self.samples, "test", cfg.test_rows, seed=cfg.test_seed)
+        self.labels = self.samples.label[self.rows].astype(np.int64)
+        self.rows_hash = hashlib.sha256(self.rows.astype(np.int64).tobytes()).hexdigest()[:16]
+        self.model_dir = prepare_model(cfg.model_dir)
+        self.index_dir = cfg.index_dir or default_index_dir()
+        self.started = time.monotonic()
+        cfg.results.mkdir(parents=True, exist_ok=True)
+
+    def out_of_time(self) -> bool:
+        limit = self.cfg.max_seconds
+        return limit is not None and time.monotonic() - self.started > limit
+
+    def result(self, name: str) -> dict[str, Any] | None:
+        path = self.cfg.results / f"{name}.json"
+        if not path.exists():
+            return None
+        found = json.loads(path.read_text())
+        return found if found.get("rows_hash") == self.rows_hash else None
+
+    def save(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
+        payload = {"step": name, "rows_hash": self.rows_hash, "test_rows": len(self.rows), **payload}
+        (self.cfg.results / f"{name}.json").write_text(json.dumps(payload, indent=1))
+        log.info("experiment step done", step=name, auc=round(payload.get("test", {}).get("auc", 0), 4))
+        return payload
+
+    def base(self) -> tuple[Any, Any, Any]:
+        """A fresh base LLM (each step injects its own adapters), its tokenizer, the item index."""
+        lm, tok = load_base_lm(self.model_dir)
+        return lm, tok, load_or_build_index(self.index_dir, lm, tok, self.catalogue)
+
+    def item_index(self) -> Any:
+        return (
+            self.base()[2] if not (self.index_dir / "meta.json").exists() else ItemIndex.load(self.index_dir)
+        )
+
+    def loop(self, lr: float) -> LoopConfig:
+        return LoopConfig(lr=lr, batch_size=self.cfg.batch_size, micro_batch=self.cfg.micro_batch)
+
+    def examples(
+        self, tok, index, din, k: int, mode: Mode, spa: bool, with_din: bool, desc: str
+    ) -> list[LLMExample]:  # noqa: ANN001
+        featurizer = Featurizer(tok, self.catalogue.items, index, din, k=k, spa=spa)
+        pairs = [(int(r), mode) for r in self.rows]
+        return build_examples(featurizer, self.catalogue, self.samples, pairs, with_din=with_din, desc=desc)
+
+    def score(
+        self, name: str, model: ScoringModel, examples: Sequence[LLMExample]
+    ) -> tuple[np.ndarray, float]:
+        """P(yes) for every test example, resumable: finished chunks live in runs/<name>/partial.npy."""
+        partial = self.cfg.runs / name / "partial.npy"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        done = np.load(partial) if partial.exists() else np.zeros(0, dtype=np.float64)
+        seconds = 0.0
+        while len(done) < len(examples):
+            if self.out_of_time():
+                raise TimeoutError(f"{name}: {len(done)}/{len(examples)} rows scored; run again to resume")
+            t = time.perf_counter()
+            chunk = examples[len(done) : len(done) + self.cfg.chunk]
+            done = np.concatenate([done, score_examples(model, chunk)])
+            seconds += time.perf_counter() - t
+            np.save(partial, done)
+            log.info("scored", step=name, rows=len(done), of=len(examples))
+        return done, seconds
+
+    def llm_payload(self, p: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
+        return {
+            "test": ctr_metrics(self.labels, p),
+            "score_seconds": round(seconds, 1),
+            **extra,
+            "predictions": [round(float(x), 6) for x in p],
+        }
+
+
+def _stage1(ctx: _Context, name: str, n: int, k: int) -> dict[str, Any]:
+    from training.evaluate import stage1_model
+    from training.stage1 import Stage1Config
+    from training.stage1 import main as train
+
+    cfg = ctx.cfg
+    s1cfg = Stage1Config(
+        out=cfg.runs / name,
+        model_dir=cfg.model_dir,
+        index_dir=ctx.index_dir,
+        n_rows=n,
+        k=k,
+        valid_rows=cfg.valid_rows,
+        loop=ctx.loop(cfg.stage1_lr),
+    )
+    trained = train(s1cfg)
+    lm, tok, index = ctx.base()
+    model = stage1_model(lm, tok, s1cfg.out)
+    examples = ctx.examples(tok, index, None, k, "subr", False, False, f"{name} prompts")
+    p, seconds = ctx.score(name, model, examples)
+    return ctx.llm_payload(p, seconds, **_training_facts(trained), n_rows=n, k=k, run=str(s1cfg.out))
+
+
+def _training_facts(metrics: dict[str, Any]) -> dict[str, Any]:
+    r = metrics["result"]
+    return {
+        "valid_auc": r["best_valid_auc"],
+        "best_step": r["best_step"],
+        "curve": r["curve"],
+        "train_seconds": round(r["train_seconds"], 1),
+        "samples_per_s": round(r["samples_per_s"], 3),
+        "train_examples": r["examples"],
+        "trainable_params": metrics["trainable_params"],
+        "run_id": metrics.get("run_id"),
+    }
+
+
+def _best_stage1(ctx: _Context) -> dict[str, Any] | None:
+    """The stage-1 run with the best *validation* AUC among the N sweep (never test)."""
+    found = [ctx.result(f"rella-n{n}") for n in ctx.cfg.n_values]
+    found = [f for f in found if f is not None]
+    if len(found) < len(ctx.cfg.n_values):
+        return None
+    return max(found, key=lambda f: f["valid_auc"])
+
+
+def _stage2(ctx: _Context, name: str, best: dict[str, Any]) -> dict[str, Any]:
+    from training.stage2 import Stage2Config, build_stage2_model, load_stage2_weights
+    from training.stage2 import main as train
+
+    cfg = ctx.cfg
+    mode = "rellax" if name.startswith("rellax") else name
+    s2cfg = Stage2Config(
+        stage1=Path(best["run"]),
+        out=cfg.runs / name,
+        din_dir=cfg.din_dir,
+        model_dir=cfg.model_dir,
+        index_dir=ctx.index_dir,
+        mode=mode,  # type: ignore[arg-type]
+        gate_init="random" if name == "rellax-random-init" else "identity",
+        n_rows=best["n_rows"],
+        k=best["k"],
+        valid_rows=cfg.valid_rows,
+        loop=ctx.loop(cfg.stage2_lr),
+    )
+    trained = train(s2cfg)
+    model, tok, index, din = _load_stage2(ctx, s2cfg.out, build_stage2_model, load_stage2_weights)
+    examples = ctx.examples(
+        tok, index, din, best["k"], "subr", model.spa is not None, True, f"{name} prompts"
+    )
+    p, seconds = ctx.score(name, model, examples)
+    facts = _training_facts(trained)
+    return ctx.llm_payload(p, seconds, **facts, n_rows=best["n_rows"], k=best["k"], run=str(s2cfg.out))
+
+
+def _load_stage2(ctx: _Context, folder: Path, build: Callable, load_weights: Callable) -> tuple:
+    meta = json.loads((folder / "metrics.json").read_text())
+    lm, tok, index = ctx.base()
+    din = load_din(ctx.cfg.din_dir)
+    lora = load_file(Path(meta["config"]["stage1"]) / "adapter" / "adapter_model.safetensors")
+    model = build(lm, tok, lora, meta["stage1_config"], meta["stage"], din.config.embed_dim)
+    load_weights(model, folder)
+    return model, tok, index, din
+
+
+def _merged(ctx: _Context, exact: dict[str, Any]) -> dict[str, Any]:
+    """The rellax run served the vLLM way: W0 + s·B·Ḡᵀ·A, gates off, on the same rows."""
+    from training.stage2 import build_stage2_model, load_stage2_weights
+
+    folder = Path(exact["run"])
+    model, tok, index, din = _load_stage2(ctx, folder, build_stage2_model, load_stage2_weights)
+    g_bars = {k.removeprefix("lm."): v for k, v in load_file(folder / "gbar.safetensors").items()}
+    for name, module in cflora_modules(model.lm).items():
+        module.merge(g_bars[name] if module.gate is not None else None)
+    examples = ctx.examples(tok, index, din, exact["k"], "subr", True, True, "rellax-merged prompts")
+    p, seconds = ctx.score("rellax-merged", model, examples)
+    keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run")
+    return ctx.llm_payload(p, seconds, **{k: exact[k] for k in keep}, merged_from="rellax")
+
+
+def _zero_shot(ctx: _Context, name: str, mode: Mode) -> dict[str, Any]:
+    lm, tok, index = ctx.base()
+    model = ScoringModel(lm, *answer_token_ids(tok))
+    examples = ctx.examples(tok, index, None, ctx.cfg.k, mode, False, False, f"{name} prompts")
+    p, seconds = ctx.score(name, model, examples)
+    return ctx.llm_payload(p, seconds, k=ctx.cfg.k, trainable_params=0, train_examples=0)
+
+
+def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
+    """Run one step; None when it must wait for a step that is not finished yet."""
+    cfg = ctx.cfg
+    if name == "baselines":
+        from training.prompt_features import baseline_predictions
+
+        return ctx.save(name, baseline_predictions(ctx, cfg.k))
+    if name.startswith("zero-shot-"):
+        return ctx.save(name, _zero_shot(ctx, name, name.removeprefix("zero-shot-")))  # type: ignore[arg-type]
+    if name.startswith("rella-n"):
+        return ctx.save(name, _stage1(ctx, name, int(name.removeprefix("rella-n")), cfg.k))
+    best = _best_stage1(ctx)
+    if best is None:
+        log.info("waiting for the stage-1 N sweep", step=name)
+        return None
+    if name.startswith("rella-k"):
+        return ctx.save(name, _stage1(ctx, name, best["n_rows"], int(name.removeprefix("rella-k"))))
+    if name in STAGE2_STEPS:
+        return ctx.save(name, {**_stage2(ctx, name, best), "stage1_step": best["step"]})
+    if name == "rellax-merged":
+        exact = ctx.result("rellax")
+        if exact is None:
+            return None
+        return ctx.save(name, _merged(ctx, exact))
+    raise ValueError(f"unknown step {name!r}")
+
+
+def run(cfg: ExperimentConfig) -> dict[str, str]:
+    """Run every unfinished step of the plan; returns {step: "done"|"ran"|"waiting"|"paused"}."""
+    torch.manual_seed(0)
+    ctx = _Context(cfg)
+    status: dict[str, str] = {}
+    for name in plan(cfg):
+        if ctx.result(name) is not None:
+            status[name] = "done"
+            continue
+        if ctx.out_of_time():
+            status[name] = "paused"
+            continue
+        try:
+            status[name] = "ran" if _step(ctx, name) is not None else "waiting"
+        except TimeoutError as stop:
+            log.info("paused", step=name, why=str(stop))
+            status[name] = "paused"
+    (cfg.results / "experiment.json").write_text(
+        json.dumps({"config": cfg.to_json(), "rows_hash": ctx.rows_hash, "status": status}, indent=1)
+    )
+    return status

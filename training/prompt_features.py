@@ -1,0 +1,94 @@
+"""The non-LLM rows of the quality study, on the study's fixed test rows.
+
+Besides DIN and the two one-hot baselines, a logistic regression on features read from the very
+prompt the LLM sees (issue 6): the mean and the last stars of the K history items SUBR shows, and
+the candidate's like-rate on the train split. It is the bar any LLM on that prompt must clear: if
+the LLM cannot beat three numbers it could read off its own input, it is not using the input.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+
+from index.item_index import ItemIndex
+from index.subr import subr_positions
+from training.baselines import fields_for, run_baselines
+from training.metrics import ctr_metrics
+from training.samples import Samples
+
+__all__ = ["baseline_predictions", "prompt_features"]
+
+_PRIOR_WEIGHT = 10.0  # pseudo-counts pulling a rarely seen item's like-rate to the global rate
+
+
+def _item_like_rates(samples: Samples, rows: np.ndarray) -> np.ndarray:
+    """Each row's candidate like-rate over train samples, leaving the row itself out (no leakage)."""
+    train = samples.indices("train")
+    items, labels = samples.item_id[train], samples.label[train].astype(np.float64)
+    prior = float(labels.mean())
+    n_items = int(samples.item_id.max()) + 1
+    likes = np.bincount(items, weights=labels, minlength=n_items)
+    count = np.bincount(items, minlength=n_items).astype(np.float64)
+    item = samples.item_id[rows]
+    own = np.isin(rows, train)  # a train row's own label is not evidence about itself
+    likes_r = likes[item] - np.where(own, samples.label[rows], 0)
+    count_r = count[item] - own
+    return (likes_r + _PRIOR_WEIGHT * prior) / (count_r + _PRIOR_WEIGHT)
+
+
+def prompt_features(samples: Samples, index: ItemIndex, rows: np.ndarray, k: int) -> np.ndarray:
+    """(n, 3): mean stars and last stars of the K SUBR-shown history items, candidate like-rate."""
+    out = np.empty((len(rows), 3), dtype=np.float64)
+    for n, r in enumerate(rows):
+        items, ratings, _ = samples.history(int(r))
+        shown = subr_positions(index, items, int(samples.item_id[r]), k)  # ascending = time order
+        stars = ratings[shown].astype(np.float64)
+        out[n, 0], out[n, 1] = stars.mean(), stars[-1]
+    out[:, 2] = _item_like_rates(samples, rows)
+    return out
+
+
+def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
+    """Test predictions of DIN, LR, prior and prompt-feature LR on `ctx.rows` (the study's rows)."""
+    from training.evaluate import din_predictions
+    from training.llm_setup import load_din
+
+    samples, rows = ctx.samples, ctx.rows
+    din = load_din(ctx.cfg.din_dir)
+    models: dict[str, dict[str, Any]] = {"DIN": {"p": din_predictions(din, ctx.catalogue, samples, rows)}}
+
+    fields = {split: fields_for(ctx.data, samples, split) for split in ("train", "valid", "test")}
+    at = {int(r): n for n, r in enumerate(fields["test"].index)}
+    pick = np.array([at[int(r)] for r in rows])
+    for name, result in run_baselines(fields["train"], fields["valid"], fields["test"]).items():
+        models[{"lr": "LR one-hot", "prior": "user+item mean prior"}[name]] = {
+            "p": result["test_probs"][pick],
+            "params": result["params"],
+        }
+
+    index = ctx.item_index()
+    train, valid = samples.indices("train"), samples.indices("valid")
+    scaler = StandardScaler()
+    x_train = scaler.fit_transform(prompt_features(samples, index, train, k))
+    x_valid = scaler.transform(prompt_features(samples, index, valid, k))
+    lr = LogisticRegression(max_iter=1000).fit(x_train, samples.label[train])
+    x_test = scaler.transform(prompt_features(samples, index, rows, k))
+    models["LR on prompt features"] = {
+        "p": lr.predict_proba(x_test)[:, 1],
+        "valid_auc": ctr_metrics(samples.label[valid], lr.predict_proba(x_valid)[:, 1])["auc"],
+        "params": {"features": ["mean shown stars", "last shown stars", "item train like-rate"], "k": k},
+    }
+    return {
+        "models": {
+            name: {
+                "test": ctr_metrics(ctx.labels, m["p"]),
+                **{key: v for key, v in m.items() if key != "p"},
+                "predictions": [round(float(x), 6) for x in m["p"]],
+            }
+            for name, m in models.items()
+        }
+    }

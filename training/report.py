@@ -1,0 +1,244 @@
+"""docs/results.md from the quality study's JSON files (never typed by hand).
+
+Reads every `<step>.json` the experiment wrote, recomputes paired bootstrap intervals from the
+saved per-row predictions (same rows for every model), draws the learning curves, and says which
+of issue 6's targets are met and by how much each is missed. Steps that have not finished yet are
+listed as pending, so a partial study still renders honestly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from training.metrics import paired_bootstrap_auc_diff
+
+__all__ = ["load_results", "render"]
+
+# (label, a, b): the comparisons the conclusions rest on, AUC(a) - AUC(b) on the same rows.
+COMPARISONS = (
+    ("ReLLaX - DIN", "rellax", "DIN"),
+    ("zero-shot SUBR - zero-shot recency", "zero-shot-subr", "zero-shot-recency"),
+    ("+SPA - ReLLa", "spa", "rella"),
+    ("+CFLoRA - ReLLa", "cflora", "rella"),
+    ("ReLLaX - ReLLa", "rellax", "rella"),
+    ("identity gate init - random init", "rellax", "rellax-random-init"),
+    ("exact CFLoRA - merged (mean gate)", "rellax", "rellax-merged"),
+    ("ReLLaX - LR on prompt features", "rellax", "LR on prompt features"),
+    ("ReLLa - LR on prompt features", "rella", "LR on prompt features"),
+)
+TARGETS = (
+    ("ReLLaX >= DIN on test AUC", "rellax", "DIN"),
+    ("zero-shot SUBR >= zero-shot recency", "zero-shot-subr", "zero-shot-recency"),
+    ("SPA is a positive gain over ReLLa", "spa", "rella"),
+    ("CFLoRA is a positive gain over ReLLa", "cflora", "rella"),
+)
+PAPER = (
+    "ReLLa paper, ML-1M test AUC (DESIGN §12): DIN 0.7962, SIM 0.7992, Vicuna-13B zero-shot 0.6993, "
+    "ReLLa with <1% of the data 0.7927, with <10% 0.8033."
+)
+
+
+def load_results(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
+    """{model name: record} (baselines split into their models; 'rella' = the selected N) and the
+    experiment's status file."""
+    status = (
+        json.loads((folder / "experiment.json").read_text()) if (folder / "experiment.json").exists() else {}
+    )
+    records: dict[str, dict[str, Any]] = {}
+    for path in sorted(folder.glob("*.json")):
+        if path.name == "experiment.json":
+            continue
+        record = json.loads(path.read_text())
+        if record["step"] == "baselines":
+            for name, model in record["models"].items():
+                records[name] = {**model, "step": name, "rows_hash": record["rows_hash"]}
+        else:
+            records[record["step"]] = record
+    hashes = {r["rows_hash"] for r in records.values()}
+    if len(hashes) > 1:
+        raise ValueError(f"results in {folder} were scored on different test rows: {sorted(hashes)}")
+    sweep = [r for name, r in records.items() if name.startswith("rella-n")]
+    if sweep:  # the stage-1 model the rest builds on: best validation AUC, never test
+        records["rella"] = max(sweep, key=lambda r: r["valid_auc"])
+    return records, status
+
+
+def _labels(folder: Path) -> np.ndarray | None:
+    from training.datasets import load_dataset
+    from training.fewshot import eval_rows
+
+    status = json.loads((folder / "experiment.json").read_text())
+    cfg = status["config"]
+    _, samples, _ = load_dataset()
+    rows = eval_rows(samples, "test", cfg["test_rows"], seed=cfg["test_seed"])
+    return samples.label[rows].astype(np.int64)
+
+
+def _fmt(x: Any, digits: int = 4) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _row(name: str, r: dict[str, Any]) -> str:
+    t = r["test"]
+    cells = [
+        name,
+        _fmt(t["auc"]),
+        _fmt(t["logloss"]),
+        _fmt(t["accuracy"]),
+        _fmt(r.get("valid_auc")),
+        _fmt(r.get("trainable_params")),
+        _fmt(r.get("train_examples")),
+        _fmt(r.get("train_seconds"), 0),
+        _fmt(r.get("samples_per_s"), 2),
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+_HEAD = (
+    "| model | test AUC | LogLoss | accuracy | valid AUC (selection) | trainable params | train examples "
+    "| train s | samples/s |\n|---|---|---|---|---|---|---|---|---|"
+)
+
+
+def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, float]]:
+    out = {}
+    for label, a, b in COMPARISONS:
+        if a in records and b in records:
+            pa, pb = np.asarray(records[a]["predictions"]), np.asarray(records[b]["predictions"])
+            out[label] = paired_bootstrap_auc_diff(labels, pa, pb, n_boot=1000, seed=0)
+    return out
+
+
+def _curves(records: dict[str, dict[str, Any]], path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    staged = [(n, r) for n, r in records.items() if r.get("curve") and n != "rella" and n != "rellax-merged"]
+    if not staged:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for name, r in staged:
+        ax = axes[0] if name.startswith("rella-") else axes[1]
+        xs = [p["examples"] for p in r["curve"]]
+        ax.plot(xs, [p["valid_auc"] for p in r["curve"]], marker="o", label=name)
+    for ax, title in zip(axes, ("stage 1 (ReLLa)", "stage 2 (SPA / CFLoRA)"), strict=True):
+        ax.set_title(title)
+        ax.set_xlabel("training examples seen")
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    axes[0].set_ylabel("validation AUC")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.md")) -> str:
+    """Write docs/results.md (and the learning-curve PNG beside it); returns the markdown."""
+    records, status = load_results(folder)
+    labels = _labels(folder)
+    cfg = status.get("config", {})
+    lines = [
+        "# Model quality on MovieLens-100K",
+        "",
+        "Generated by `rellax experiment report` from the JSON files in `docs/results/` (written by "
+        "`rellax experiment ml100k`); do not edit by hand.",
+        "",
+        f"Test rows: {len(labels):,} of the temporal test split (seed {cfg.get('test_seed')}), the same rows "
+        f"for every model (rows hash `{next(iter(records.values()))['rows_hash'] if records else '-'}`); "
+        f"label rate {labels.mean():.3f}. K = {cfg.get('k')} unless the K sweep says otherwise; "
+        "LLM = SmolLM2-135M-Instruct.",
+        "",
+        "## Main table",
+        "",
+        _HEAD,
+    ]
+    order = [
+        "DIN",
+        "LR one-hot",
+        "user+item mean prior",
+        "LR on prompt features",
+        "zero-shot-recency",
+        "zero-shot-subr",
+        *sorted(
+            (n for n in records if n.startswith("rella-n")), key=lambda n: int(n.removeprefix("rella-n"))
+        ),
+        "spa",
+        "cflora",
+        "rellax",
+    ]
+    lines += [_row(n, records[n]) for n in order if n in records]
+    lines += ["", "## Ablation (stage 2 over the selected ReLLa run)", "", _HEAD]
+    lines += [
+        _row(n, records[n])
+        for n in ("rella", "spa", "cflora", "rellax", "rellax-random-init", "rellax-merged")
+        if n in records
+    ]
+    if "rella" in records:
+        lines += ["", f"`rella` is `{records['rella']['step']}` (best validation AUC of the N sweep)."]
+    sweep = {r["k"]: r for n, r in records.items() if n.startswith("rella-k")}
+    if "rella" in records:
+        sweep.setdefault(records["rella"]["k"], records["rella"])
+    if len(sweep) > 1:
+        lines += ["", "## K sweep (stage 1 at the selected N)", "", _HEAD]
+        lines += [_row(f"K={k}", sweep[k]) for k in sorted(sweep)]
+    diffs = _diffs(records, labels)
+    lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
+    lines += ["| comparison | AUC diff | 95% interval |", "|---|---|---|"]
+    lines += [f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |" for k, v in diffs.items()]
+    if _curves(records, out.parent / "learning_curves.png"):
+        lines += [
+            "",
+            "## Learning curves",
+            "",
+            "![validation AUC against training examples](learning_curves.png)",
+        ]
+    lines += ["", "## Reading", ""]
+    lines += _reading(records, diffs)
+    pending = [
+        name for name, state in status.get("status", {}).items() if state != "done" and name not in records
+    ]
+    if pending:
+        why = "not run yet, or paused mid-way; `rellax experiment ml100k` resumes them"
+        lines += ["", f"Pending steps ({why}): {', '.join(pending)}."]
+    lines += ["", PAPER, ""]
+    text = "\n".join(lines)
+    out.write_text(text)
+    return text
+
+
+def _reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, float]]) -> list[str]:
+    """One line per target of issue 6: met, missed by how much, or not measured yet."""
+    out = []
+    for text, a, b in TARGETS:
+        if a not in records or b not in records:
+            out.append(f"- {text}: not measured yet.")
+            continue
+        d = records[a]["test"]["auc"] - records[b]["test"]["auc"]
+        label = next((k for k, x, y in COMPARISONS if (x, y) == (a, b)), None)
+        ci = diffs.get(label) if label else None
+        span = f" (95% interval [{ci['lo']:+.4f}, {ci['hi']:+.4f}])" if ci else ""
+        verdict = "met" if d >= 0 else "missed"
+        out.append(f"- {text}: {verdict}, {a} {records[a]['test']['auc']:.4f} vs {b} "
+                   f"{records[b]['test']['auc']:.4f}, difference {d:+.4f}{span}.")  # fmt: skip
+    bar = records.get("LR on prompt features")
+    llms = {n: r for n, r in records.items() if n.startswith(("rella", "spa", "cflora", "zero-shot"))}
+    if bar and llms:
+        best_name, best = max(llms.items(), key=lambda kv: kv[1]["test"]["auc"])
+        verdict = "clears" if best["test"]["auc"] > bar["test"]["auc"] else "does not clear"
+        out.append(f"- The best LLM so far ({best_name}, {best['test']['auc']:.4f}) {verdict} the LR on "
+                   f"the prompt's own features ({bar['test']['auc']:.4f}).")  # fmt: skip
+    return out
