@@ -63,6 +63,8 @@ lint: setup
 
 bench: setup
 	$(PY) benchmarks/subr.py
+	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/service.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache

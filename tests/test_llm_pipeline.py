@@ -217,6 +217,12 @@ def test_bundle_scores_like_the_trained_model(
 
 def test_bundle_manifest_and_merged_export(bundle_dir: Path) -> None:
     manifest = verify(bundle_dir)
+    assert len(manifest["data"]["samples_sha256"]) == 64 and set(manifest["data"]["splits"]) == {
+        "train",
+        "valid",
+        "test",
+    }
+    assert manifest["training"]["stage2_run_id"] == _metrics(bundle_dir.parent / "rellax")["run_id"]
     assert manifest["config"]["spa"] and manifest["config"]["gated"] and manifest["config"]["mode"] == "subr"
     assert {"valid_auc_exact", "valid_auc_merged_subset", "valid_auc_exact_subset"} <= set(
         manifest["metrics"]

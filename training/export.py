@@ -77,8 +77,15 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
             "name": DEFAULT_MODEL_NAME if cfg.model_dir is None else str(cfg.model_dir),
             "sha256": base_sha,
         },
-        "data": {"source_hash": manifest["source_hash"], "splits": manifest["splits"]},
-        "training": {"stage1": s1cfg, "stage2": s2cfg, "mode": mode, "stage2_run_id": meta.get("run_id")},
+        # samples_sha256 covers every sample and its split assignment: the split hash.
+        "data": {k: manifest.get(k) for k in ("source_hash", "samples_sha256", "splits")},
+        "training": {
+            "crm": _crm_config(cfg.din_dir),
+            "stage1": s1cfg,
+            "stage2": s2cfg,
+            "mode": mode,
+            "stage2_run_id": meta.get("run_id"),
+        },
     }
     if cfg.merged:
         merged_info = _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config)
@@ -98,6 +105,12 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
     )
     log.info("bundle written", out=str(cfg.out), model_version=manifest_out["model_version"])
     return manifest_out
+
+
+def _crm_config(din_dir: Path) -> dict[str, Any] | None:
+    """The DIN recipe's config from its metrics.json (None for a DIN made elsewhere)."""
+    metrics = din_dir / "metrics.json"
+    return json.loads(metrics.read_text()).get("config") if metrics.exists() else None
 
 
 def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config) -> dict[str, Any]:  # noqa: ANN001
