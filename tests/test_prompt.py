@@ -241,3 +241,35 @@ def test_tokenizer_without_chat_template_uses_vicuna_and_finds_the_spaced_answer
     yes, no = answer_token_ids(tok)
     assert tok.convert_ids_to_tokens([yes, no]) == ["ĠYes", "ĠNo"]
     assert answer_ids(tok, 1) == tok(" Yes.", add_special_tokens=False)["input_ids"]  # no EOS: not the answer
+
+
+GOLDEN_ML100K = (
+    "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+    "<|im_start|>user\nThe user is a male. His job is educator. His age is above 56.\n"
+    "He watched the following movies in order in the past, and rated them:\n"
+    "['0. M*A*S*H (5 stars)', '1. Godfather, The (4 stars)', '2. Cinema Paradiso (5 stars)']\n"
+    "Based on the movies he has watched, deduce if he will like the movie ***Godfather: Part II, The***.\n"
+    "Note that more stars the user rated the movie, the more the user liked the movie.\n"
+    "You should ONLY tell me yes or no.<|im_end|>\n<|im_start|>assistant\n"
+)
+
+
+def test_golden_prompt_for_the_first_ml100k_test_sample(tokenizer, ml100k, ml100k_samples) -> None:  # noqa: ANN001
+    """The real data path: the first test-split sample (user 90, 72 history items, candidate 187),
+    recency K=3, its profile and titles exactly as the loaders and the prompt builder give them."""
+    from training.llm_data import Catalogue
+
+    catalogue = Catalogue.from_tables(ml100k)
+    row = int(ml100k_samples.indices("test")[0])
+    items, ratings, _ = ml100k_samples.history(row)
+    uid = ml100k_samples.user_id(row)
+    assert (uid, int(ml100k_samples.item_id[row]), len(items)) == (90, 187, 72)
+    entries = [(catalogue.items[int(i)], float(r)) for i, r in zip(items, ratings, strict=True)]
+    candidate = catalogue.items[int(ml100k_samples.item_id[row])]
+    profile = catalogue.profiles[uid]
+    prompt = build_prompt(tokenizer, profile, entries, candidate, k=3, mode="recency", spa=False)
+    assert prompt.text == GOLDEN_ML100K
+    assert (
+        prompt.selected == [69, 70, 71]
+        and prompt.input_ids == tokenizer(GOLDEN_ML100K, add_special_tokens=False)["input_ids"]
+    )
