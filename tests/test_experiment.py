@@ -5,6 +5,7 @@ run the ablations build on is chosen on validation AUC, and the report is render
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +140,16 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
     assert "| ReLLaX - DIN |" in text and "| +SPA - ReLLa |" in text
     assert "ReLLaX >= DIN on test AUC: " in text and "not measured yet" not in text
     assert "Pending steps" not in text
+
+
+def test_only_runs_the_selected_steps_and_waits_for_what_they_need(study, tmp_path: Path) -> None:  # noqa: ANN001
+    import dataclasses
+
+    from training.experiment import plan, run
+
+    cfg = dataclasses.replace(study, results=tmp_path / "results", only=("rella-k3",))
+    status = run(cfg)
+    assert status["rella-k3"] == "waiting"  # the K sweep needs the N sweep's selected run first
+    assert {s for name, s in status.items() if name != "rella-k3"} == {"not selected"}
+    assert list(status) == plan(cfg)
+    assert not list((tmp_path / "results").glob("rella*.json"))

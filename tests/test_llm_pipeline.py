@@ -233,7 +233,12 @@ def test_bundle_manifest_and_merged_export(bundle_dir: Path) -> None:
     )
     from transformers import AutoModelForCausalLM
 
-    stock = AutoModelForCausalLM.from_pretrained(bundle_dir / "merged")  # a stock HF model loads it
+    merged = bundle_dir / "merged"
+    # vLLM loads every top-level *.safetensors as weights: only the model may be there; SPA travels below
+    assert [p.name for p in merged.glob("*.safetensors")] == ["model.safetensors"]
+    extras = json.loads((merged / "rellax_merged.json").read_text())
+    assert extras["soft_token_ids"] == manifest["soft_token_ids"] and (merged / extras["spa"]).exists()
+    stock = AutoModelForCausalLM.from_pretrained(merged)  # a stock HF model loads it
     assert stock.config.vocab_size >= manifest["soft_token_ids"][1] + 1
 
 

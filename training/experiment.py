@@ -70,7 +70,7 @@ class ExperimentConfig:
     batch_size: int = 64
     micro_batch: int = 8
     chunk: int = 128  # LLM test rows scored between checkpoints
-    only: tuple[str, ...] = ()  # run just these steps (names as in `plan`)
+    only: tuple[str, ...] = ()  # run just these steps (names as in `plan`); the rest stay pending
     model_dir: Path | None = None
     din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
     index_dir: Path | None = None
@@ -85,8 +85,7 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     steps = ["baselines", "zero-shot-recency", "zero-shot-subr"]
     steps += [f"rella-n{n}" for n in cfg.n_values]
     steps += [f"rella-k{k}" for k in cfg.k_sweep if k != cfg.k]
-    steps += [*STAGE2_STEPS, "rellax-merged"]
-    return [s for s in steps if not cfg.only or s in cfg.only]
+    return [*steps, *STAGE2_STEPS, "rellax-merged"]
 
 
 class _Context:
@@ -307,13 +306,17 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
 
 
 def run(cfg: ExperimentConfig) -> dict[str, str]:
-    """Run every unfinished step of the plan; returns {step: "done"|"ran"|"waiting"|"paused"}."""
+    """Run every unfinished step of the plan (or of `cfg.only`); returns {step: state}, state one of
+    done (found), ran, waiting (needs an unfinished step), paused (out of time), not selected."""
     torch.manual_seed(0)
     ctx = _Context(cfg)
     status: dict[str, str] = {}
     for name in plan(cfg):
         if ctx.result(name) is not None:
             status[name] = "done"
+            continue
+        if cfg.only and name not in cfg.only:
+            status[name] = "not selected"
             continue
         if ctx.out_of_time():
             status[name] = "paused"

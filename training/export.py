@@ -122,14 +122,16 @@ def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config
     out = cfg.out / "merged"
     scaling = config.alpha / config.r
     checksums = write_merged(out, model.lm, tokenizer, g_bars, scaling)
+    # The projector travels with merged/ but in a subfolder: without a shard index, vLLM loads every
+    # *.safetensors at the top of the dir as model weights (an SPA file there fails start-up with
+    # "no module or parameter named 'fc1'"). The service itself projects with the bundle's own copy.
+    extras: dict[str, Any] = {"soft_token_ids": tokenizer.convert_tokens_to_ids(["[hist]", "[target]"])}
     if model.spa is not None:
-        save_file(
-            {k: v.detach().float().contiguous() for k, v in model.spa.state_dict().items()},
-            out / "spa.safetensors",
-        )
-    (out / "rellax_merged.json").write_text(
-        json.dumps({"soft_token_ids": tokenizer.convert_tokens_to_ids(["[hist]", "[target]"])})
-    )
+        (out / "rellax").mkdir(exist_ok=True)
+        spa_state = {k: v.detach().float().contiguous() for k, v in model.spa.state_dict().items()}
+        save_file(spa_state, out / "rellax" / "spa.safetensors")
+        extras["spa"] = "rellax/spa.safetensors"
+    (out / "rellax_merged.json").write_text(json.dumps(extras))
     featurizer = Featurizer(tokenizer, catalogue.items, index, din, k=config.k, spa=config.spa)
     rows = eval_rows(samples, "valid", cfg.merged_valid_rows)
     examples = build_examples(

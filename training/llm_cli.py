@@ -163,7 +163,7 @@ def experiment_ml100k(
         cfg.k_sweep = tuple(k_sweep)
     if hours is not None:
         cfg.max_seconds = hours * 3600
-    unknown = sorted(set(cfg.only) - set(plan(ExperimentConfig(n_values=cfg.n_values, k_sweep=cfg.k_sweep))))
+    unknown = sorted(set(cfg.only) - set(plan(cfg)))
     if unknown:
         raise typer.BadParameter(f"unknown steps {unknown}", param_hint="--only")
     for step, state in run(cfg).items():
