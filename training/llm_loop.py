@@ -57,8 +57,8 @@ class TrainResult:
     best_valid_auc: float
     best_step: int
     curve: list[dict[str, float]] = field(default_factory=list)
-    samples_per_s: float = 0.0
-    train_seconds: float = 0.0
+    samples_per_s: float = 0.0  # training only: time in validation is not counted
+    train_seconds: float = 0.0  # wall time of the loop, validation included
     steps: int = 0
     examples: int = 0
 
@@ -128,6 +128,7 @@ def train_loop(
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
     started, seen, loss_ema = time.perf_counter(), 0, None
+    validating = 0.0  # seconds spent in evaluate(): samples/s counts training only
     seconds_before = result.train_seconds  # a resumed run adds to the time its checkpoint recorded
     while step < total_steps:
         chunk_ids = flat[step * micro_per_step : (step + 1) * micro_per_step]
@@ -144,12 +145,14 @@ def train_loop(
         scheduler.step()
         step += 1
         seen += n_step
-        rate = seen / (time.perf_counter() - started)
+        rate = seen / (time.perf_counter() - started - validating)
         bar.set_postfix(loss=f"{loss_ema:.4f}", samples_s=f"{rate:.2f}")
         bar.update(1)
         if step % eval_every == 0 or step == total_steps:
             model.eval()
+            t_eval = time.perf_counter()
             auc = evaluate()
+            validating += time.perf_counter() - t_eval
             model.train()
             examples_done = step * cfg.batch_size
             result.curve.append({"step": step, "examples": examples_done, "valid_auc": auc, "loss": loss_ema})
@@ -168,7 +171,7 @@ def train_loop(
     result.train_seconds = seconds_before + (time.perf_counter() - started)
     result.steps, result.examples = total_steps, len(examples) * cfg.epochs
     if seen:
-        result.samples_per_s = seen / (time.perf_counter() - started)
+        result.samples_per_s = seen / (time.perf_counter() - started - validating)
     return result
 
 
