@@ -39,8 +39,7 @@ def tokenizer(tokenizer_dir: Path):  # noqa: ANN201 - transformers type
     return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
-@pytest.fixture()
-def tiny_llama(tokenizer):  # noqa: ANN201
+def _tiny_llama(tokenizer, max_positions: int):  # noqa: ANN001, ANN202 - transformers types
     """A tiny randomly initialised Llama (2 layers, hidden 64) over the real tokenizer's vocabulary."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -53,13 +52,29 @@ def tiny_llama(tokenizer):  # noqa: ANN201
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=2048,
+        max_position_embeddings=max_positions,
         tie_word_embeddings=True,
         pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
     )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config)
+
+
+@pytest.fixture()
+def tiny_llama(tokenizer):  # noqa: ANN001, ANN201
+    """The tiny Llama in memory, fresh for each test."""
+    return _tiny_llama(tokenizer, 2048).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # noqa: ANN001
+    """The tiny Llama saved with the real tokenizer as a model dir, for the training pipeline (which
+    loads a base model from disk). Read-only: stages load it and add their own adapters in memory."""
+    folder = tmp_path_factory.mktemp("tiny-llm")
+    _tiny_llama(tokenizer, 4096).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +105,18 @@ def soft_tokenizer(tokenizer_dir: Path):  # noqa: ANN201 - transformers type
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     add_soft_tokens(tok)
     return tok
+
+
+@pytest.fixture(scope="session")
+def din_dir(tmp_path_factory: pytest.TempPathFactory, ml100k) -> Path:  # noqa: ANN001
+    """A randomly initialised DIN over ML-100K's vocabulary, saved: the frozen CRM of the LLM stages."""
+    import torch
+
+    from rellax.din import DIN, DINConfig, DINVocab
+
+    torch.manual_seed(0)
+    u, i = ml100k.users, ml100k.items
+    vocab = DINVocab.build(u.user_id, i.item_id, i.genre, u.gender, u.age, u.job)
+    folder = tmp_path_factory.mktemp("din")
+    DIN(DINConfig(**vocab.sizes()), vocab).save(folder)
+    return folder

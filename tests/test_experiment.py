@@ -9,38 +9,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from training.metrics import ctr_metrics
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory: pytest.TempPathFactory, tokenizer, ml100k):  # noqa: ANN001, ANN201
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from rellax.din import DIN, DINConfig, DINVocab
+def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path):  # noqa: ANN201
     from training.experiment import ExperimentConfig
 
     root = tmp_path_factory.mktemp("study")
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    LlamaForCausalLM(config).save_pretrained(root / "llm")
-    tokenizer.save_pretrained(root / "llm")
-    u, i = ml100k.users, ml100k.items
-    vocab = DINVocab.build(u.user_id, i.item_id, i.genre, u.gender, u.age, u.job)
-    DIN(DINConfig(**vocab.sizes()), vocab).save(root / "din")
     return ExperimentConfig(
         results=root / "docs" / "results",
         runs=root / "runs",
@@ -54,8 +31,8 @@ def study(tmp_path_factory: pytest.TempPathFactory, tokenizer, ml100k):  # noqa:
         batch_size=8,
         micro_batch=4,
         chunk=16,
-        model_dir=root / "llm",
-        din_dir=root / "din",
+        model_dir=tiny_model_dir,
+        din_dir=din_dir,
         index_dir=root / "index",
     )
 

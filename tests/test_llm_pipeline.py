@@ -24,42 +24,6 @@ LOOP = dict(batch_size=8, micro_batch=4, bf16=False, evals_per_epoch=1)
 
 
 @pytest.fixture(scope="module")
-def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:  # noqa: ANN001
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        tie_word_embeddings=True,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    folder = tmp_path_factory.mktemp("tiny-llm")
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def din_dir(tmp_path_factory: pytest.TempPathFactory, ml100k) -> Path:  # noqa: ANN001
-    from rellax.din import DIN, DINConfig, DINVocab
-
-    torch.manual_seed(0)
-    u, i = ml100k.users, ml100k.items
-    vocab = DINVocab.build(u.user_id, i.item_id, i.genre, u.gender, u.age, u.job)
-    folder = tmp_path_factory.mktemp("din")
-    DIN(DINConfig(**vocab.sizes()), vocab).save(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path) -> dict[str, Path]:
     """Stage 1, then stage 2 in modes spa, cflora and rellax, each 2 optimizer steps."""
     from training.stage1 import Stage1Config
