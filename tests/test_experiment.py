@@ -39,12 +39,21 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_di
 
 @pytest.fixture(scope="module")
 def ran(study):  # noqa: ANN001, ANN201
-    from training.experiment import plan, run
-
     # A paused zero-shot-subr scoring: its first chunk already on disk, with a sentinel value.
-    partial = study.runs / "zero-shot-subr" / "partial.npy"
+    import hashlib
+
+    from training.datasets import load_dataset
+    from training.experiment import plan, run
+    from training.fewshot import eval_rows
+
+    rows = eval_rows(load_dataset()[1], "test", study.test_rows, seed=study.test_seed)
+    rows_hash = hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:16]
+    partial = study.runs / "zero-shot-subr" / f"partial-base-k{study.k}-{rows_hash}.npy"
     partial.parent.mkdir(parents=True)
     np.save(partial, np.full(study.chunk, 0.123))
+    stale = study.runs / "zero-shot-recency" / "partial-another-model.npy"  # never picked up
+    stale.parent.mkdir(parents=True)
+    np.save(stale, np.full(study.chunk, 0.321))
     status = run(study)
     return status, plan(study)
 
@@ -81,6 +90,8 @@ def test_scoring_resumed_from_the_partial_file(study, ran) -> None:  # noqa: ANN
     assert p.shape == (40,)
     np.testing.assert_allclose(p[: study.chunk], 0.123)  # kept, not recomputed
     assert not np.allclose(p[study.chunk :], 0.123)
+    other = np.asarray(_record(study, "zero-shot-recency")["predictions"])
+    assert not np.isclose(other, 0.321).any()  # another model's partial file is not this one's
 
 
 def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_samples) -> None:  # noqa: ANN001

@@ -143,10 +143,11 @@ class _Context:
         return build_examples(featurizer, self.catalogue, self.samples, pairs, with_din=with_din, desc=desc)
 
     def score(
-        self, name: str, model: ScoringModel, examples: Sequence[LLMExample]
+        self, name: str, model: ScoringModel, examples: Sequence[LLMExample], model_id: str
     ) -> tuple[np.ndarray, float]:
-        """P(yes) for every test example, resumable: finished chunks live in runs/<name>/partial.npy."""
-        partial = self.cfg.runs / name / "partial.npy"
+        """P(yes) for every test example, resumable: finished chunks live in
+        runs/<name>/partial-<model_id>-<rows hash>.npy, so a retrained model never inherits them."""
+        partial = self.cfg.runs / name / f"partial-{model_id}-{self.rows_hash}.npy"
         partial.parent.mkdir(parents=True, exist_ok=True)
         done = np.load(partial) if partial.exists() else np.zeros(0, dtype=np.float64)
         seconds = 0.0
@@ -189,7 +190,7 @@ def _stage1(ctx: _Context, name: str, n: int, k: int) -> dict[str, Any]:
     lm, tok, index = ctx.base()
     model = stage1_model(lm, tok, s1cfg.out)
     examples = ctx.examples(tok, index, None, k, "subr", False, False, f"{name} prompts")
-    p, seconds = ctx.score(name, model, examples)
+    p, seconds = ctx.score(name, model, examples, model_id=trained["run_id"])
     return ctx.llm_payload(p, seconds, **_training_facts(trained), n_rows=n, k=k, run=str(s1cfg.out))
 
 
@@ -240,7 +241,7 @@ def _stage2(ctx: _Context, name: str, best: dict[str, Any]) -> dict[str, Any]:
     examples = ctx.examples(
         tok, index, din, best["k"], "subr", model.spa is not None, True, f"{name} prompts"
     )
-    p, seconds = ctx.score(name, model, examples)
+    p, seconds = ctx.score(name, model, examples, model_id=trained["run_id"])
     facts = _training_facts(trained)
     return ctx.llm_payload(p, seconds, **facts, n_rows=best["n_rows"], k=best["k"], run=str(s2cfg.out))
 
@@ -265,7 +266,7 @@ def _merged(ctx: _Context, exact: dict[str, Any]) -> dict[str, Any]:
     for name, module in cflora_modules(model.lm).items():
         module.merge(g_bars[name] if module.gate is not None else None)
     examples = ctx.examples(tok, index, din, exact["k"], "subr", True, True, "rellax-merged prompts")
-    p, seconds = ctx.score("rellax-merged", model, examples)
+    p, seconds = ctx.score("rellax-merged", model, examples, model_id=f"merged-{exact['run_id']}")
     keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run")
     return ctx.llm_payload(p, seconds, **{k: exact[k] for k in keep}, merged_from="rellax")
 
@@ -274,7 +275,7 @@ def _zero_shot(ctx: _Context, name: str, mode: Mode) -> dict[str, Any]:
     lm, tok, index = ctx.base()
     model = ScoringModel(lm, *answer_token_ids(tok))
     examples = ctx.examples(tok, index, None, ctx.cfg.k, mode, False, False, f"{name} prompts")
-    p, seconds = ctx.score(name, model, examples)
+    p, seconds = ctx.score(name, model, examples, model_id=f"base-k{ctx.cfg.k}")
     return ctx.llm_payload(p, seconds, k=ctx.cfg.k, trainable_params=0, train_examples=0)
 
 
