@@ -348,3 +348,18 @@ def test_eval_scores_every_mode_on_the_same_rows(
         )
         served.append(bundle.score_prepared([prepared])[0])
     np.testing.assert_allclose(served, saved["rellax"][:4], atol=1e-5)
+
+
+def test_a_stage_run_is_reproducible(runs: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:
+    """Same config, fresh folder: bit-identical LoRA weights and validation curve (seeded init and
+    dropout), so every model of an ablation can be rebuilt from its config."""
+    from safetensors.torch import load_file
+
+    from training.stage1 import main as stage1
+
+    again = stage1(_stage1_config(tmp_path / "s1", tiny_model_dir, runs["root"] / "index"))
+    first = load_file(runs["s1"] / "adapter" / "adapter_model.safetensors")
+    second = load_file(tmp_path / "s1" / "adapter" / "adapter_model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert again["result"]["curve"] == _metrics(runs["s1"])["result"]["curve"]

@@ -119,6 +119,8 @@ def train_loop(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         best_state, step = state["best_state"], state["step"]
+        if "rng" in state:  # dropout masks continue where the killed run left off
+            torch.set_rng_state(state["rng"])
         result = TrainResult(**state["result"])
         log.info("resumed", checkpoint=str(checkpoint), step=step)
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
@@ -186,6 +188,7 @@ def _save_checkpoint(path: Path, params, optimizer, scheduler, best_state, step:
             "best_state": best_state,
             "step": step,
             "result": result.to_json(),
+            "rng": torch.get_rng_state(),
         },
         tmp,
     )

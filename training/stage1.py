@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from rellax.assets import prepare_model
 from rellax.features import Featurizer
 from rellax.logs import get_logger
@@ -58,6 +60,7 @@ class Stage1Recipe:
         from peft import LoraConfig, get_peft_model
 
         self.cfg = cfg
+        torch.manual_seed(cfg.loop.seed)  # adapter / gate / projector init and dropout: reproducible
         data, self.samples, self.data_manifest = load_dataset()
         self.catalogue = Catalogue.from_tables(data)
         model_dir = prepare_model(cfg.model_dir)

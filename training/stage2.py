@@ -116,6 +116,7 @@ def _randomise_gates(model: ScoringModel, seed: int) -> None:
 class Stage2Recipe:
     def setup(self, cfg: Stage2Config) -> None:
         self.cfg = cfg
+        torch.manual_seed(cfg.loop.seed)  # adapter / gate / projector init and dropout: reproducible
         data, self.samples, self.data_manifest = load_dataset()
         self.catalogue = Catalogue.from_tables(data)
         lm, self.tokenizer = load_base_lm(prepare_model(cfg.model_dir), bf16=cfg.loop.bf16)
