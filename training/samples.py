@@ -77,11 +77,6 @@ class Samples:
             start = max(start, end - last)
         return self.seq_item[start:end], self.seq_rating[start:end], self.seq_ts[start:end]
 
-    def user_history_upto(self, user_row: int, split: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """A user's interactions that belong to samples before `split` ends, for loading a store."""
-        start, end = int(self.seq_ptr[user_row]), int(self.seq_ptr[user_row + 1])
-        return self.seq_item[start:end], self.seq_rating[start:end], self.seq_ts[start:end]
-
     def save(self, path: Path) -> None:
         np.savez_compressed(path, **{name: getattr(self, name) for name in _ARRAYS})
 
