@@ -127,7 +127,7 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
     assert (study.results.parent / "learning_curves.png").stat().st_size > 1000
     assert "| ReLLaX - DIN |" in text and "| +SPA - ReLLa |" in text
     assert "ReLLaX >= DIN on test AUC: " in text and "not measured yet" not in text
-    assert "Pending steps" not in text
+    assert "Pending steps" not in text and "Not measured yet" not in text and "Not run yet" not in text
 
 
 def test_only_runs_the_selected_steps_and_waits_for_what_they_need(study, tmp_path: Path) -> None:  # noqa: ANN001
@@ -141,3 +141,23 @@ def test_only_runs_the_selected_steps_and_waits_for_what_they_need(study, tmp_pa
     assert {s for name, s in status.items() if name != "rella-k3"} == {"not selected"}
     assert list(status) == plan(cfg)
     assert not list((tmp_path / "results").glob("rella*.json"))
+
+
+def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> None:  # noqa: ANN001
+    """Only the baselines finished: the report shows them, says which targets and comparisons are
+    not measured yet, and lists every pending step, instead of failing or inventing numbers."""
+    import shutil
+
+    from training.report import render
+
+    results = tmp_path / "results"
+    results.mkdir()
+    shutil.copy(study.results / "baselines.json", results)
+    status = json.loads((study.results / "experiment.json").read_text())
+    status["status"] = {name: ("done" if name == "baselines" else "paused") for name in status["status"]}
+    (results / "experiment.json").write_text(json.dumps(status))
+    text = render(results, tmp_path / "results.md")
+    assert "| DIN |" in text and "| LR on prompt features |" in text
+    assert "| DIN - LR on prompt features |" in text  # the one comparison that exists already
+    assert "Not run yet." in text and "ReLLaX >= DIN on test AUC: not measured yet." in text
+    assert "Pending steps" in text and "rellax-merged" in text.split("Pending steps")[1]

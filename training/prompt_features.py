@@ -8,6 +8,7 @@ the LLM cannot beat three numbers it could read off its own input, it is not usi
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import numpy as np
@@ -60,6 +61,11 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
     samples, rows = ctx.samples, ctx.rows
     din = load_din(ctx.cfg.din_dir)
     models: dict[str, dict[str, Any]] = {"DIN": {"p": din_predictions(din, ctx.catalogue, samples, rows)}}
+    crm = ctx.cfg.din_dir / "metrics.json"
+    if crm.exists():  # what `rellax train crm` selected the DIN on, and what it cost
+        trained = json.loads(crm.read_text())
+        din_valid = trained["din"]["valid"]["auc"]
+        models["DIN"] |= {"valid_auc": din_valid, "train_seconds": trained["train_seconds"]}
 
     fields = {split: fields_for(ctx.data, samples, split) for split in ("train", "valid", "test")}
     at = {int(r): n for n, r in enumerate(fields["test"].index)}
@@ -67,6 +73,8 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
     for name, result in run_baselines(fields["train"], fields["valid"], fields["test"]).items():
         models[{"lr": "LR one-hot", "prior": "user+item mean prior"}[name]] = {
             "p": result["test_probs"][pick],
+            "valid_auc": result["valid"]["auc"],
+            "train_seconds": result["fit_seconds"],
             "params": result["params"],
         }
 

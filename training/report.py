@@ -20,6 +20,7 @@ __all__ = ["load_results", "render"]
 
 # (label, a, b): the comparisons the conclusions rest on, AUC(a) - AUC(b) on the same rows.
 COMPARISONS = (
+    ("DIN - LR on prompt features", "DIN", "LR on prompt features"),
     ("ReLLaX - DIN", "rellax", "DIN"),
     ("zero-shot SUBR - zero-shot recency", "zero-shot-subr", "zero-shot-recency"),
     ("+SPA - ReLLa", "spa", "rella"),
@@ -181,12 +182,13 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         "rellax",
     ]
     lines += [_row(n, records[n]) for n in order if n in records]
-    lines += ["", "## Ablation (stage 2 over the selected ReLLa run)", "", _HEAD]
-    lines += [
+    ablation = [
         _row(n, records[n])
         for n in ("rella", "spa", "cflora", "rellax", "rellax-random-init", "rellax-merged")
         if n in records
     ]
+    lines += ["", "## Ablation (stage 2 over the selected ReLLa run)", ""]
+    lines += [_HEAD, *ablation] if ablation else ["Not run yet."]
     if "rella" in records:
         lines += ["", f"`rella` is `{records['rella']['step']}` (best validation AUC of the N sweep)."]
     sweep = {r["k"]: r for n, r in records.items() if n.startswith("rella-k")}
@@ -199,6 +201,9 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
     lines += ["| comparison | AUC diff | 95% interval |", "|---|---|---|"]
     lines += [f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |" for k, v in diffs.items()]
+    missing = [label for label, a, b in COMPARISONS if label not in diffs]
+    if missing:
+        lines += ["", f"Not measured yet: {'; '.join(missing)}."]
     if _curves(records, out.parent / "learning_curves.png"):
         lines += [
             "",
