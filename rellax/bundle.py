@@ -322,8 +322,13 @@ class Bundle:
         spa = self.scorer.model.spa
         if spa is None:
             raise BundleError("this bundle has no SPA projector")
+        if not embeddings:
+            return []
         dtype = next(spa.parameters()).dtype
-        return [spa(e.to(dtype)).float().numpy() for e in embeddings]
+        # One projection for every prompt of the request, as training does (ScoringModel.embed):
+        # eight small per-prompt calls cost ~3 ms of op overhead on a 2-core CPU, one costs ~0.4.
+        flat = spa(torch.cat(list(embeddings)).to(dtype)).float().numpy()
+        return np.split(flat, np.cumsum([len(e) for e in embeddings])[:-1])
 
     def score_inputs(self, inputs: Sequence[ModelInput]) -> np.ndarray:
         """P(yes) for model inputs (exact CFLoRA with each input's own gate), in input order."""
