@@ -119,7 +119,9 @@ class _Context:
     def save(self, name: str, payload: dict[str, Any]) -> dict[str, Any]:
         payload = {"step": name, "rows_hash": self.rows_hash, "test_rows": len(self.rows), **payload}
         (self.cfg.results / f"{name}.json").write_text(json.dumps(payload, indent=1))
-        log.info("experiment step done", step=name, auc=round(payload.get("test", {}).get("auc", 0), 4))
+        models = payload.get("models", {name: payload})  # the baselines step holds several models
+        aucs = {m: round(r["test"]["auc"], 4) for m, r in models.items() if "test" in r}
+        log.info("experiment step done", step=name, test_auc=aucs)
         return payload
 
     def base(self) -> tuple[Any, Any, Any]:
