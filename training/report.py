@@ -213,9 +213,8 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         ]
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs)
-    pending = [
-        name for name, state in status.get("status", {}).items() if state != "done" and name not in records
-    ]
+    # A step is finished when its JSON is here, whatever the last invocation said about it.
+    pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     if pending:
         why = "not run yet, or paused mid-way; `rellax experiment ml100k` resumes them"
         lines += ["", f"Pending steps ({why}): {', '.join(pending)}."]
