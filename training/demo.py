@@ -14,9 +14,9 @@ __all__ = ["DEMO_EVAL_ROWS", "DEMO_ROWS", "DEMO_VALID_ROWS", "build", "demo_path
 
 log = get_logger(__name__)
 
-# Sized so the whole demo fits ~20-25 minutes on a 2-core CPU without native bf16 (fp32: stage 1
-# trains ~0.58 samples/s, scoring ~1.2 candidates/s at K=15). Too few rows for a meaningful AUC
-# (see docs/results.md for the real runs); the demo proves the pipeline, end to end.
+# Sized so the whole demo fits ~20 minutes on a 2-core CPU without native bf16 (measured 17 min from
+# an empty cache, fp32: stage 1 ~0.6-0.8 samples/s, scoring ~1.85 candidates/s at K=15). Too few
+# rows for a meaningful AUC (see docs/results.md for the real runs): the demo proves the pipeline.
 DEMO_ROWS = 64
 DEMO_VALID_ROWS = 64
 DEMO_EVAL_ROWS = 128

@@ -60,7 +60,7 @@ class Stage1Recipe:
         from peft import LoraConfig, get_peft_model
 
         self.cfg = cfg
-        torch.manual_seed(cfg.loop.seed)  # adapter / gate / projector init and dropout: reproducible
+        torch.manual_seed(cfg.loop.seed)  # LoRA init and dropout: a run is reproducible from its config
         data, self.samples, self.data_manifest = load_dataset()
         self.catalogue = Catalogue.from_tables(data)
         model_dir = prepare_model(cfg.model_dir)
