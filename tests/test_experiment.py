@@ -69,15 +69,15 @@ def test_every_step_runs_once_then_is_reused(study, ran) -> None:  # noqa: ANN00
     assert steps == [
         "baselines",
         "zero-shot-recency",
-        "zero-shot-subr",
         "rella-n8",
+        "zero-shot-subr",
         "rella-n16",
-        "rella-k3",
+        "rellax",
         "spa",
         "cflora",
-        "rellax",
         "rellax-random-init",
         "rellax-merged",
+        "rella-k3",
     ]
     assert status == dict.fromkeys(steps, "ran")
     before = {name: (study.results / f"{name}.json").read_text() for name in steps}

@@ -88,6 +88,41 @@ def test_stage1_resumes_from_its_checkpoint(runs: dict[str, Path], tiny_model_di
     assert [p["step"] for p in result.curve] == [0, 2]
 
 
+def test_stage1_paused_at_a_deadline_resumes_to_the_same_run(
+    runs: dict[str, Path], tiny_model_dir: Path
+) -> None:
+    """A time-boxed session stops after a checkpointed step; the next call ends where an unbroken
+    run ends (same curve, same adapter), so a study can span sessions without changing its result."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from training.stage1 import Stage1Config
+    from training.stage1 import main as stage1
+
+    cfg = Stage1Config(
+        out=runs["root"] / "paused",
+        model_dir=tiny_model_dir,
+        index_dir=runs["root"] / "index",
+        n_rows=8,
+        valid_rows=32,
+        k=5,
+        loop=LoopConfig(lr=1e-2, **LOOP),
+    )
+    with pytest.raises(TimeoutError, match="step 1/2"):
+        stage1(cfg, deadline=time.monotonic())
+    assert torch.load(cfg.out / "checkpoint.pt", weights_only=False)["step"] == 1
+    assert not (cfg.out / "metrics.json").exists()
+    resumed = stage1(cfg)["result"]
+    unbroken = _metrics(runs["s1"])["result"]
+    assert [p["step"] for p in resumed["curve"]] == [0, 2]
+    for a, b in zip(resumed["curve"], unbroken["curve"], strict=True):
+        assert a["valid_auc"] == pytest.approx(b["valid_auc"], abs=1e-9)
+    got = load_file(cfg.out / "adapter" / "adapter_model.safetensors")
+    want = load_file(runs["s1"] / "adapter" / "adapter_model.safetensors")
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_stage2_starts_exactly_at_stage1(runs: dict[str, Path]) -> None:
     """Identity-initialised gates: the step-0 model of stage 2 is the selected stage-1 model."""
     s1 = _metrics(runs["s1"])["result"]

@@ -7,15 +7,17 @@ file exists with the same inputs. LLM scoring is checkpointed every `chunk` rows
 through the stage loops' own checkpoints, so a killed run (or a session ending) loses minutes, not
 hours: run the same command again. `training.report` renders docs/results.md from the JSON files.
 
-Steps, in order (a step needing an unfinished one waits for a later invocation):
+Steps, in order (a step needing an unfinished one waits for a later invocation). The order puts
+the answers the conclusions rest on first: a CPU runs this over many sessions, and the K sweep
+matters least.
   baselines            DIN, LR on one-hot fields, user/item mean prior, LR on prompt features
   zero-shot-recency    the base LLM, recency K prompts
-  zero-shot-subr       the base LLM, SUBR K prompts
   rella-n{N}           stage 1 on N few-shot rows (x2 prompts), for each N
-  rella-k{K}           stage 1 at the best N (by valid AUC) with another K
-  spa / cflora / rellax         stage 2 over the best stage-1 run
+  zero-shot-subr       the base LLM, SUBR K prompts (after the first N: a trained model says more)
+  rellax / spa / cflora          stage 2 over the best stage-1 run (by valid AUC)
   rellax-random-init   stage 2 with the authors' random gate init
   rellax-merged        the rellax run with CFLoRA folded in at the mean gate (what vLLM serves)
+  rella-k{K}           stage 1 at the best N with another K
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ __all__ = ["ExperimentConfig", "plan", "run"]
 
 log = get_logger(__name__)
 
-STAGE2_STEPS = ("spa", "cflora", "rellax", "rellax-random-init")
+STAGE2_STEPS = ("rellax", "spa", "cflora", "rellax-random-init")
 
 
 @dataclass
@@ -69,6 +71,7 @@ class ExperimentConfig:
     stage2_lr: float = 3e-4
     batch_size: int = 64
     micro_batch: int = 8
+    evals_per_epoch: int = 4  # validation points per run: the learning curves' resolution
     chunk: int = 128  # LLM test rows scored between checkpoints
     only: tuple[str, ...] = ()  # run just these steps (names as in `plan`); the rest stay pending
     model_dir: Path | None = None
@@ -82,10 +85,10 @@ class ExperimentConfig:
 
 def plan(cfg: ExperimentConfig) -> list[str]:
     """Step names in run order."""
-    steps = ["baselines", "zero-shot-recency", "zero-shot-subr"]
-    steps += [f"rella-n{n}" for n in cfg.n_values]
-    steps += [f"rella-k{k}" for k in cfg.k_sweep if k != cfg.k]
-    return [*steps, *STAGE2_STEPS, "rellax-merged"]
+    first, *more = [f"rella-n{n}" for n in cfg.n_values]
+    steps = ["baselines", "zero-shot-recency", first, "zero-shot-subr", *more]
+    steps += [*STAGE2_STEPS, "rellax-merged"]
+    return steps + [f"rella-k{k}" for k in cfg.k_sweep if k != cfg.k]
 
 
 class _Context:
@@ -105,9 +108,14 @@ class _Context:
         self.started = time.monotonic()
         cfg.results.mkdir(parents=True, exist_ok=True)
 
-    def out_of_time(self) -> bool:
+    @property
+    def deadline(self) -> float | None:
+        """`time.monotonic()` past which training and scoring pause (resumably)."""
         limit = self.cfg.max_seconds
-        return limit is not None and time.monotonic() - self.started > limit
+        return None if limit is None else self.started + limit
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() > self.deadline
 
     def result(self, name: str) -> dict[str, Any] | None:
         path = self.cfg.results / f"{name}.json"
@@ -135,7 +143,10 @@ class _Context:
         )
 
     def loop(self, lr: float) -> LoopConfig:
-        return LoopConfig(lr=lr, batch_size=self.cfg.batch_size, micro_batch=self.cfg.micro_batch)
+        cfg = self.cfg
+        return LoopConfig(
+            lr=lr, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, evals_per_epoch=cfg.evals_per_epoch
+        )
 
     def examples(
         self, tok, index, din, k: int, mode: Mode, spa: bool, with_din: bool, desc: str
@@ -188,7 +199,7 @@ def _stage1(ctx: _Context, name: str, n: int, k: int) -> dict[str, Any]:
         valid_rows=cfg.valid_rows,
         loop=ctx.loop(cfg.stage1_lr),
     )
-    trained = train(s1cfg)
+    trained = train(s1cfg, deadline=ctx.deadline)
     lm, tok, index = ctx.base()
     model = stage1_model(lm, tok, s1cfg.out)
     examples = ctx.examples(tok, index, None, k, "subr", False, False, f"{name} prompts")
@@ -238,7 +249,7 @@ def _stage2(ctx: _Context, name: str, best: dict[str, Any]) -> dict[str, Any]:
         valid_rows=cfg.valid_rows,
         loop=ctx.loop(cfg.stage2_lr),
     )
-    trained = train(s2cfg)
+    trained = train(s2cfg, deadline=ctx.deadline)
     model, tok, index, din = _load_stage2(ctx, s2cfg.out, build_stage2_model, load_stage2_weights)
     examples = ctx.examples(
         tok, index, din, best["k"], "subr", model.spa is not None, True, f"{name} prompts"

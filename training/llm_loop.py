@@ -91,11 +91,14 @@ def train_loop(
     evaluate: Callable[[], float],
     checkpoint: Path,
     pad_id: int,
+    deadline: float | None = None,
 ) -> TrainResult:
     """Train `params` (all others must be frozen) on `examples`; keep the best on `evaluate()`.
 
     `checkpoint` (a file) is written after every optimizer step and read back on start, so a killed run
-    resumes where it stopped. On return the model holds the best parameters seen.
+    resumes where it stopped. On return the model holds the best parameters seen. Past `deadline`
+    (a `time.monotonic()` value) it stops after the next checkpoint and raises TimeoutError: a
+    time-boxed session pauses a long run cleanly instead of being killed mid-step.
     """
     micro_per_step = max(1, cfg.batch_size // cfg.micro_batch)
     lengths = [len(e) for e in examples]
@@ -166,6 +169,9 @@ def train_loop(
         result.train_seconds = seconds_before + (time.perf_counter() - started)
         # Every step, not only after evaluations: on a CPU a step takes minutes, a save milliseconds.
         _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
+        if deadline is not None and step < total_steps and time.monotonic() > deadline:
+            bar.close()
+            raise TimeoutError(f"paused after step {step}/{total_steps}; run again to resume")
     bar.close()
     model.eval()
     for k, v in best_state.items():

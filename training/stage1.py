@@ -90,7 +90,7 @@ class Stage1Recipe:
             self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=False
         )
 
-    def train(self) -> TrainResult:
+    def train(self, deadline: float | None = None) -> TrainResult:
         params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         return train_loop(
             self.model,
@@ -100,6 +100,7 @@ class Stage1Recipe:
             self.evaluate,
             self.cfg.out / "checkpoint.pt",
             pad_id=int(self.tokenizer.pad_token_id or 0),
+            deadline=deadline,
         )
 
     def save(self, result: TrainResult) -> dict[str, Any]:
@@ -119,8 +120,9 @@ class Stage1Recipe:
         return metrics
 
 
-def main(cfg: Stage1Config, force: bool = False) -> dict[str, Any]:
-    """Train (or reuse a finished run in `cfg.out`) and return its metrics."""
+def main(cfg: Stage1Config, force: bool = False, deadline: float | None = None) -> dict[str, Any]:
+    """Train (or reuse a finished run in `cfg.out`) and return its metrics; past `deadline`
+    (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it."""
     key = {k: v for k, v in cfg.to_json().items() if k != "out"}  # where it lives is not what it is
     if not force and (done := finished_run(cfg.out, key, ["adapter"])) is not None:
         log.info("stage 1 already trained", out=str(cfg.out))
@@ -128,5 +130,5 @@ def main(cfg: Stage1Config, force: bool = False) -> dict[str, Any]:
     start_run(cfg.out, key, stale=["adapter"], fresh=force)
     recipe = Stage1Recipe()
     recipe.setup(cfg)
-    result = recipe.train()
+    result = recipe.train(deadline)
     return recipe.save(result)

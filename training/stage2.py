@@ -155,7 +155,7 @@ class Stage2Recipe:
         set_trainable(self.model, names)
         self.params = names
 
-    def train(self) -> TrainResult:
+    def train(self, deadline: float | None = None) -> TrainResult:
         return train_loop(
             self.model,
             self.params,
@@ -164,6 +164,7 @@ class Stage2Recipe:
             self.evaluate,
             self.cfg.out / "checkpoint.pt",
             pad_id=int(self.tokenizer.pad_token_id or 0),
+            deadline=deadline,
         )
 
     @torch.no_grad()
@@ -207,8 +208,9 @@ def load_stage2_weights(model: ScoringModel, folder: Path) -> None:
             params[k].copy_(v)
 
 
-def main(cfg: Stage2Config, force: bool = False) -> dict[str, Any]:
-    """Train (or reuse a finished run in `cfg.out`) and return its metrics."""
+def main(cfg: Stage2Config, force: bool = False, deadline: float | None = None) -> dict[str, Any]:
+    """Train (or reuse a finished run in `cfg.out`) and return its metrics; past `deadline`
+    (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it."""
     outputs = ["stage2.safetensors"]
     # A retrained stage 1 (new run id) makes a stage-2 run over it stale, whatever its own config.
     stage1_run = json.loads((cfg.stage1 / "metrics.json").read_text()).get("run_id")
@@ -220,5 +222,5 @@ def main(cfg: Stage2Config, force: bool = False) -> dict[str, Any]:
     start_run(cfg.out, key, stale=[*outputs, "gbar.safetensors"], fresh=force)
     recipe = Stage2Recipe()
     recipe.setup(cfg)
-    result = recipe.train()
+    result = recipe.train(deadline)
     return recipe.save(result)
