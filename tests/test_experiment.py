@@ -101,6 +101,10 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
     base = _record(study, "baselines")["models"]
     assert set(base) == {"DIN", "LR one-hot", "user+item mean prior", "LR on prompt features"}
     assert base["LR on prompt features"]["test"]["auc"] > 0.55  # the prompt's own stars carry signal
+    assert base["LR on prompt features"]["trainable_params"] == 4  # three features and a bias
+    assert base["DIN"]["trainable_params"] > base["LR one-hot"]["trainable_params"] > 0
+    n_train = len(ml100k_samples.indices("train"))  # the fixture's DIN is untrained: no record of it
+    assert all(m["train_examples"] == n_train for name, m in base.items() if name != "DIN")
     for name in ("rella-n8", "spa", "cflora", "rellax", "rellax-merged"):
         r = _record(study, name)
         assert r["test"] == pytest.approx(ctr_metrics(labels, np.asarray(r["predictions"])), abs=1e-5)
@@ -128,6 +132,26 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
     assert "| ReLLaX - DIN |" in text and "| +SPA - ReLLa |" in text
     assert "ReLLaX >= DIN on test AUC: " in text and "not measured yet" not in text
     assert "Pending steps" not in text and "Not measured yet" not in text and "Not run yet" not in text
+    assert "Against DIN, the paper (ML-1M, 13B LLM): zero-shot -0.0969" in text
+    assert "- Curve, rella-n8: valid AUC" in text and "- Curve, rellax: valid AUC" in text
+    assert "N=16,384 (x2 prompts) was not run" in text
+
+
+def test_the_curve_reading_says_where_validation_peaked() -> None:
+    from training.report import _curve_reading
+
+    def run(aucs: list[float], n_rows: int = 1024) -> dict:
+        curve = [{"step": i, "examples": 64 * i, "valid_auc": a} for i, a in enumerate(aucs)]
+        return {"curve": curve, "n_rows": n_rows, "samples_per_s": 0.5}
+
+    lines = _curve_reading(
+        {"rella-n1024": run([0.5, 0.6, 0.7]), "spa": run([0.7, 0.75, 0.72]), "cflora": run([0.7, 0.69, 0.65])}
+    )
+    assert "rella-n1024: valid AUC 0.5000 at the start, 0.7000 after 128 examples" in lines[0]
+    assert "best at the last point" in lines[0]
+    assert "peaked at 64 examples (0.7500), then fell" in lines[1]
+    assert "never above its starting point" in lines[2]
+    assert lines[3].endswith("0.50 training samples/s it would take about 18 h of training on this machine.")
 
 
 def test_only_runs_the_selected_steps_and_waits_for_what_they_need(study, tmp_path: Path) -> None:  # noqa: ANN001

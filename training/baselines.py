@@ -80,6 +80,7 @@ class LogisticBaseline:
     encoder: OneHotEncoder | None = None
     model: LogisticRegression | None = None
     params: dict = field(default_factory=dict)
+    n_params: int = 0  # fitted weights, for the study's cost columns
 
     def fit(self, train: Fields, valid: Fields) -> LogisticBaseline:
         self.encoder = OneHotEncoder(handle_unknown="ignore", dtype=np.float64)
@@ -93,6 +94,7 @@ class LogisticBaseline:
                 best = (auc, c, model)
         self.model = best[2]
         self.params = {"C": best[1], "features": int(x_train.shape[1])}
+        self.n_params = int(self.model.coef_.size + self.model.intercept_.size)
         return self
 
     def predict_proba(self, f: Fields) -> np.ndarray:
@@ -108,6 +110,7 @@ class RatingPrior:
     k_grid: tuple[float, ...] = (1.0, 3.0, 10.0, 30.0)
     k: float = 10.0
     global_mean: float = 0.0
+    n_params: int = 0
     user_stats: dict[int, tuple[float, int]] = field(default_factory=dict)
     item_stats: dict[int, tuple[float, int]] = field(default_factory=dict)
     calibration: LogisticRegression | None = None
@@ -146,6 +149,8 @@ class RatingPrior:
         loo = self.score(train, leave_one_out=True).reshape(-1, 1)
         self.calibration = LogisticRegression().fit(loo, train.label)
         self.params = {"k": self.k, "global_mean": round(self.global_mean, 4)}
+        # Fitted numbers: one mean per user and per item, the global mean, k, and Platt's two.
+        self.n_params = len(self.user_stats) + len(self.item_stats) + 4
         return self
 
     def predict_proba(self, f: Fields) -> np.ndarray:
@@ -170,6 +175,7 @@ def run_baselines(train: Fields, valid: Fields, test: Fields) -> dict:
             "valid": ctr_metrics(valid.label, model.predict_proba(valid)),
             "test": ctr_metrics(test.label, p_test := model.predict_proba(test)),
             "params": model.params,
+            "n_params": model.n_params,
             "test_probs": p_test,
         }
     return out

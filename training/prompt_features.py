@@ -9,6 +9,7 @@ the LLM cannot beat three numbers it could read off its own input, it is not usi
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import numpy as np
@@ -60,12 +61,19 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
 
     samples, rows = ctx.samples, ctx.rows
     din = load_din(ctx.cfg.din_dir)
-    models: dict[str, dict[str, Any]] = {"DIN": {"p": din_predictions(din, ctx.catalogue, samples, rows)}}
+    n_train = len(samples.indices("train"))
+    models: dict[str, dict[str, Any]] = {
+        "DIN": {
+            "p": din_predictions(din, ctx.catalogue, samples, rows),
+            "trainable_params": sum(p.numel() for p in din.parameters()),
+        }
+    }
     crm = ctx.cfg.din_dir / "metrics.json"
     if crm.exists():  # what `rellax train crm` selected the DIN on, and what it cost
         trained = json.loads(crm.read_text())
         din_valid = trained["din"]["valid"]["auc"]
         models["DIN"] |= {"valid_auc": din_valid, "train_seconds": trained["train_seconds"]}
+        models["DIN"]["train_examples"] = n_train * int(trained["epochs"])  # epochs run
 
     fields = {split: fields_for(ctx.data, samples, split) for split in ("train", "valid", "test")}
     at = {int(r): n for n, r in enumerate(fields["test"].index)}
@@ -76,19 +84,26 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
             "valid_auc": result["valid"]["auc"],
             "train_seconds": result["fit_seconds"],
             "params": result["params"],
+            "trainable_params": result["n_params"],
+            "train_examples": n_train,
         }
 
     index = ctx.item_index()
     train, valid = samples.indices("train"), samples.indices("valid")
+    started = time.perf_counter()
     scaler = StandardScaler()
     x_train = scaler.fit_transform(prompt_features(samples, index, train, k))
     x_valid = scaler.transform(prompt_features(samples, index, valid, k))
     lr = LogisticRegression(max_iter=1000).fit(x_train, samples.label[train])
+    seconds = time.perf_counter() - started  # features included: they are the model's input
     x_test = scaler.transform(prompt_features(samples, index, rows, k))
     models["LR on prompt features"] = {
         "p": lr.predict_proba(x_test)[:, 1],
         "valid_auc": ctr_metrics(samples.label[valid], lr.predict_proba(x_valid)[:, 1])["auc"],
         "params": {"features": ["mean shown stars", "last shown stars", "item train like-rate"], "k": k},
+        "trainable_params": int(lr.coef_.size + lr.intercept_.size),
+        "train_examples": n_train,
+        "train_seconds": round(seconds, 2),
     }
     return {
         "models": {

@@ -41,6 +41,9 @@ PAPER = (
     "ReLLa paper, ML-1M test AUC (DESIGN §12): DIN 0.7962, SIM 0.7992, Vicuna-13B zero-shot 0.6993, "
     "ReLLa with <1% of the data 0.7927, with <10% 0.8033."
 )
+# The paper's pattern as differences from its DIN, to set beside ours: (what, AUC - DIN AUC).
+PAPER_VS_DIN = (("zero-shot", 0.6993 - 0.7962), ("ReLLa, <1% of the data", 0.7927 - 0.7962))
+LARGER_N = 16_384  # the issue's "larger N if training throughput allows"
 
 
 def load_results(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
@@ -238,6 +241,8 @@ def _reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, floa
         verdict = "met" if d >= 0 else "missed"
         out.append(f"- {text}: {verdict}, {a} {records[a]['test']['auc']:.4f} vs {b} "
                    f"{records[b]['test']['auc']:.4f}, difference {d:+.4f}{span}.")  # fmt: skip
+    out += _paper_pattern(records)
+    out += _curve_reading(records)
     bar = records.get("LR on prompt features")
     llms = {n: r for n, r in records.items() if n.startswith(("rella", "spa", "cflora", "zero-shot"))}
     if bar and llms:
@@ -245,4 +250,49 @@ def _reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, floa
         verdict = "clears" if best["test"]["auc"] > bar["test"]["auc"] else "does not clear"
         out.append(f"- The best LLM so far ({best_name}, {best['test']['auc']:.4f}) {verdict} the LR on "
                    f"the prompt's own features ({bar['test']['auc']:.4f}).")  # fmt: skip
+    return out
+
+
+def _paper_pattern(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Our differences from DIN beside the paper's (ML-1M, Vicuna-13B): the shape to compare."""
+    din = records.get("DIN")
+    if din is None:
+        return []
+    ours = []
+    for name in ("zero-shot-recency", "zero-shot-subr", "rella", "rellax"):
+        if name in records:
+            r = records[name]
+            what = f"{name} ({r['step']}, N={r['n_rows']:,})" if name == "rella" else name
+            ours.append(f"{what} {r['test']['auc'] - din['test']['auc']:+.4f}")
+    if not ours:
+        return []
+    paper = ", ".join(f"{what} {d:+.4f}" for what, d in PAPER_VS_DIN)
+    return [f"- Against DIN, the paper (ML-1M, 13B LLM): {paper}. Here (ML-100K, "
+            f"a 135M LLM): {', '.join(ours)}."]  # fmt: skip
+
+
+def _curve_reading(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Per trained run: where validation AUC went and where it peaked, i.e. whether more data or
+    steps look likely to help; and what a larger N would cost at the measured training speed."""
+    out = []
+    for name, r in records.items():
+        curve = r.get("curve") or []
+        if name == "rella" or name == "rellax-merged" or len(curve) < 2:
+            continue
+        first, last = curve[0], curve[-1]
+        best = max(curve, key=lambda p: p["valid_auc"])
+        if best is last:
+            shape = "best at the last point: still rising, more data or epochs may help"
+        elif best is first:
+            shape = "never above its starting point: training did not help on validation"
+        else:
+            shape = f"peaked at {best['examples']:,} examples ({best['valid_auc']:.4f}), then fell"
+        out.append(f"- Curve, {name}: valid AUC {first['valid_auc']:.4f} at the start, "
+                   f"{last['valid_auc']:.4f} after {last['examples']:,} examples; {shape}.")  # fmt: skip
+    sweep = [r for n, r in records.items() if n.startswith("rella-n") and r.get("samples_per_s")]
+    if sweep and all(r["n_rows"] < LARGER_N for r in sweep):
+        rate = max(sweep, key=lambda r: r["n_rows"])["samples_per_s"]  # the largest run
+        hours = 2 * LARGER_N / rate / 3600
+        out.append(f"- N={LARGER_N:,} (x2 prompts) was not run: at the measured {rate:.2f} training "
+                   f"samples/s it would take about {hours:.0f} h of training on this machine.")  # fmt: skip
     return out
