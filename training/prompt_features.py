@@ -61,7 +61,8 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
 
     samples, rows = ctx.samples, ctx.rows
     din = load_din(ctx.cfg.din_dir)
-    n_train = len(samples.indices("train"))
+    train, valid = samples.indices("train"), samples.indices("valid")
+    n_train = len(train)
     models: dict[str, dict[str, Any]] = {
         "DIN": {
             "p": din_predictions(din, ctx.catalogue, samples, rows),
@@ -90,7 +91,6 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
         }
 
     index = ctx.item_index()
-    train, valid = samples.indices("train"), samples.indices("valid")
     started = time.perf_counter()
     scaler = StandardScaler()
     x_train = scaler.fit_transform(prompt_features(samples, index, train, k))

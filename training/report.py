@@ -123,13 +123,19 @@ def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, 
     return out
 
 
+def _trained(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The runs that trained, each once: 'rella' repeats a rella-n run, and the merged run reuses
+    rellax's curve."""
+    return {n: r for n, r in records.items() if n not in ("rella", "rellax-merged")}
+
+
 def _curves(records: dict[str, dict[str, Any]], path: Path) -> bool:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    staged = [(n, r) for n, r in records.items() if r.get("curve") and n != "rella" and n != "rellax-merged"]
+    staged = [(n, r) for n, r in _trained(records).items() if r.get("curve")]
     if not staged:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
@@ -275,9 +281,9 @@ def _curve_reading(records: dict[str, dict[str, Any]]) -> list[str]:
     """Per trained run: where validation AUC went and where it peaked, i.e. whether more data or
     steps look likely to help; and what a larger N would cost at the measured training speed."""
     out = []
-    for name, r in records.items():
+    for name, r in _trained(records).items():
         curve = r.get("curve") or []
-        if name == "rella" or name == "rellax-merged" or len(curve) < 2:
+        if len(curve) < 2:
             continue
         first, last = curve[0], curve[-1]
         best = max(curve, key=lambda p: p["valid_auc"])
