@@ -130,6 +130,8 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
         assert heading in text
     assert (study.results.parent / "learning_curves.png").stat().st_size > 1000
     assert "| ReLLaX - DIN |" in text and "| +SPA - ReLLa |" in text
+    chance = text.split("| zero-shot SUBR - chance | ")[1].split(" |")[0]  # its AUC - 0.5, exactly
+    assert float(chance) == pytest.approx(_record(study, "zero-shot-subr")["test"]["auc"] - 0.5, abs=1e-4)
     assert "ReLLaX >= DIN on test AUC: " in text and "not measured yet" not in text
     assert "Pending steps" not in text and "Not measured yet" not in text and "Not run yet" not in text
     assert "Against DIN, the paper (ML-1M, 13B LLM): zero-shot -0.0969" in text

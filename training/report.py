@@ -18,11 +18,14 @@ from training.metrics import paired_bootstrap_auc_diff
 
 __all__ = ["load_results", "render"]
 
+CHANCE = "chance"  # a constant score: AUC 0.5 on every resample, so "x - chance" is x's AUC - 0.5
 # (label, a, b): the comparisons the conclusions rest on, AUC(a) - AUC(b) on the same rows.
 COMPARISONS = (
     ("DIN - LR on prompt features", "DIN", "LR on prompt features"),
     ("ReLLaX - DIN", "rellax", "DIN"),
     ("zero-shot SUBR - zero-shot recency", "zero-shot-subr", "zero-shot-recency"),
+    ("zero-shot recency - chance", "zero-shot-recency", CHANCE),
+    ("zero-shot SUBR - chance", "zero-shot-subr", CHANCE),
     ("+SPA - ReLLa", "spa", "rella"),
     ("+CFLoRA - ReLLa", "cflora", "rella"),
     ("ReLLaX - ReLLa", "rellax", "rella"),
@@ -117,8 +120,9 @@ _HEAD = (
 def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, float]]:
     out = {}
     for label, a, b in COMPARISONS:
-        if a in records and b in records:
-            pa, pb = np.asarray(records[a]["predictions"]), np.asarray(records[b]["predictions"])
+        if a in records and (b in records or b == CHANCE):
+            pa = np.asarray(records[a]["predictions"])
+            pb = np.zeros_like(pa) if b == CHANCE else np.asarray(records[b]["predictions"])
             out[label] = paired_bootstrap_auc_diff(labels, pa, pb, n_boot=1000, seed=0)
     return out
 
