@@ -68,21 +68,11 @@ def test_stage1_trains_lora_and_records_the_curve(runs: dict[str, Path]) -> None
 
 
 def test_stage1_resumes_from_its_checkpoint(runs: dict[str, Path], tiny_model_dir: Path) -> None:
-    from training.stage1 import Stage1Config, Stage1Recipe
+    from training.stage1 import Stage1Recipe
 
     before = _metrics(runs["s1"])["result"]
     recipe = Stage1Recipe()
-    recipe.setup(
-        Stage1Config(
-            out=runs["s1"],
-            model_dir=tiny_model_dir,
-            index_dir=runs["root"] / "index",
-            n_rows=8,
-            valid_rows=32,
-            k=5,
-            loop=LoopConfig(lr=1e-2, **LOOP),
-        )
-    )
+    recipe.setup(_stage1_config(runs["s1"], tiny_model_dir, runs["root"] / "index"))
     result = recipe.train()  # the checkpoint says every step is done: nothing reruns
     assert result.best_valid_auc == pytest.approx(before["best_valid_auc"], abs=1e-12)
     assert [p["step"] for p in result.curve] == [0, 2]
@@ -97,18 +87,9 @@ def test_stage1_paused_at_a_deadline_resumes_to_the_same_run(
 
     from safetensors.torch import load_file
 
-    from training.stage1 import Stage1Config
     from training.stage1 import main as stage1
 
-    cfg = Stage1Config(
-        out=runs["root"] / "paused",
-        model_dir=tiny_model_dir,
-        index_dir=runs["root"] / "index",
-        n_rows=8,
-        valid_rows=32,
-        k=5,
-        loop=LoopConfig(lr=1e-2, **LOOP),
-    )
+    cfg = _stage1_config(runs["root"] / "paused", tiny_model_dir, runs["root"] / "index")
     with pytest.raises(TimeoutError, match="step 1/2"):
         stage1(cfg, deadline=time.monotonic())
     assert torch.load(cfg.out / "checkpoint.pt", weights_only=False)["step"] == 1
@@ -278,6 +259,7 @@ def test_fp32_projector_and_gates_over_a_bf16_base(tiny_llama, soft_tokenizer) -
 
 
 def _stage1_config(out: Path, tiny_model_dir: Path, index_dir: Path, lr: float = 1e-2):  # noqa: ANN202
+    """The `runs` fixture's stage-1 config (at lr 1e-2), writing to `out`."""
     from training.stage1 import Stage1Config
 
     return Stage1Config(
