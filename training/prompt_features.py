@@ -72,10 +72,13 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
     crm = ctx.cfg.din_dir / "metrics.json"
     if crm.exists():  # what `rellax train crm` selected the DIN on, and what it cost
         trained = json.loads(crm.read_text())
-        din_valid = trained["din"]["valid"]["auc"]
-        models["DIN"] |= {"valid_auc": din_valid, "train_seconds": trained["train_seconds"]}
-        models["DIN"]["train_examples"] = seen = n_train * int(trained["epochs"])  # epochs run
-        models["DIN"]["samples_per_s"] = round(seen / trained["train_seconds"], 1)  # validation included
+        seen = n_train * int(trained["epochs"])  # epochs run
+        models["DIN"] |= {
+            "valid_auc": trained["din"]["valid"]["auc"],
+            "train_seconds": trained["train_seconds"],
+            "train_examples": seen,
+            "samples_per_s": round(seen / trained["train_seconds"], 1),  # validation included
+        }
 
     fields = {split: fields_for(ctx.data, samples, split) for split in ("train", "valid", "test")}
     at = {int(r): n for n, r in enumerate(fields["test"].index)}
