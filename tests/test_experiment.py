@@ -146,14 +146,28 @@ def test_the_curve_reading_says_where_validation_peaked() -> None:
         curve = [{"step": i, "examples": 64 * i, "valid_auc": a} for i, a in enumerate(aucs)]
         return {"curve": curve, "n_rows": n_rows, "samples_per_s": 0.5}
 
+    noisy = run([0.5147, 0.4803, 0.5153])  # rella-n1024's real shape: +0.0006 on 512 rows
+    noisy["curve"][-1]["decision_loss"] = 0.7
     lines = _curve_reading(
-        {"rella-n1024": run([0.5, 0.6, 0.7]), "spa": run([0.7, 0.75, 0.72]), "cflora": run([0.7, 0.69, 0.65])}
+        {
+            "rella-n1024": run([0.5, 0.6, 0.7]),
+            "spa": run([0.7, 0.8, 0.72]),
+            "cflora": run([0.7, 0.69, 0.65]),
+            "rellax": noisy,
+        },
+        valid_rows=512,
+        label_rate=0.5,
     )
     assert "rella-n1024: valid AUC 0.5000 at the start, 0.7000 after 128 examples" in lines[0]
     assert "best at the last point" in lines[0]
-    assert "peaked at 64 examples (0.7500), then fell" in lines[1]
+    assert "peaked at 64 examples (0.8000), then fell" in lines[1]
     assert "never above its starting point" in lines[2]
-    assert lines[3].endswith("0.50 training samples/s it would take about 18 h of training on this machine.")
+    noise = "its best (0.5153) is within noise of its start (2 standard errors of a 512-row AUC: 0.051)"
+    assert noise in lines[3]
+    assert "still rising" not in lines[3]
+    assert lines[3].endswith("Yes/No token 0.700 at the end, against 0.693 for a constant prediction.")
+    assert "Yes/No" not in lines[0]  # no decision loss recorded: nothing said
+    assert lines[4].endswith("0.50 training samples/s it would take about 18 h of training on this machine.")
 
 
 def test_only_runs_the_selected_steps_and_waits_for_what_they_need(study, tmp_path: Path) -> None:  # noqa: ANN001

@@ -56,7 +56,7 @@ def test_stage1_trains_lora_and_records_the_curve(runs: dict[str, Path]) -> None
     m = _metrics(runs["s1"])
     assert m["result"]["steps"] == 2 and m["result"]["examples"] == 16  # 8 rows x (recency, SUBR)
     assert [p["step"] for p in m["result"]["curve"]] == [0, 2]  # one evaluation per epoch, plus step 0
-    assert all(np.isfinite(p["loss"]) for p in m["result"]["curve"][1:])
+    assert all(np.isfinite(p["loss"]) and np.isfinite(p["decision_loss"]) for p in m["result"]["curve"][1:])
     assert 0.0 <= m["result"]["best_valid_auc"] <= 1.0
     from safetensors.torch import load_file
 

@@ -104,6 +104,7 @@ class Batch:
     targets: torch.Tensor  # (N_answer_tokens,)
     target_rows: torch.Tensor  # (N,) batch row of each answer token
     target_cols: torch.Tensor  # (N,) position whose hidden state predicts it
+    target_first: torch.Tensor  # (N,) bool: the answer's first token, the Yes/No decision
     soft_positions: list[list[int]]
     soft_vectors: list[torch.Tensor] | None
     h: torch.Tensor | None
@@ -113,7 +114,7 @@ def collate(examples: Sequence[LLMExample], pad_id: int) -> Batch:
     """Pad on the right (the scorer's convention: causal attention never sees the pads)."""
     width = max(len(e) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
-    rows, cols, targets = [], [], []
+    rows, cols, targets, first = [], [], [], []
     for b, e in enumerate(examples):
         seq = [*e.prompt.input_ids, *e.answer]
         ids[b, : len(seq)] = torch.tensor(seq)
@@ -122,12 +123,14 @@ def collate(examples: Sequence[LLMExample], pad_id: int) -> Batch:
             rows.append(b)
             cols.append(n - 1 + j)  # the state at position t predicts token t + 1
             targets.append(tok)
+            first.append(j == 0)
     with_soft = any(e.prompt.soft_positions for e in examples)
     return Batch(
         input_ids=ids,
         targets=torch.tensor(targets),
         target_rows=torch.tensor(rows),
         target_cols=torch.tensor(cols),
+        target_first=torch.tensor(first, dtype=torch.bool),
         soft_positions=[list(e.prompt.soft_positions) for e in examples],
         soft_vectors=[e.soft for e in examples] if with_soft else None,  # type: ignore[misc]
         h=torch.stack([e.h for e in examples]) if examples[0].h is not None else None,  # type: ignore[misc]

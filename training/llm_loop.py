@@ -66,12 +66,19 @@ class TrainResult:
         return asdict(self)
 
 
-def answer_loss(model: ScoringModel, batch: Batch) -> torch.Tensor:
-    """Mean cross-entropy over the answer tokens only; full-vocab logits at those positions only."""
+def answer_loss(model: ScoringModel, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(training loss, decision loss): mean cross-entropy over all answer tokens, and over the
+    first ("Yes"/"No") alone, detached.
+
+    Full-vocab logits at the answer positions only. The "." after Yes/No is learnt at once, so the
+    training loss sits near half the decision's: only the decision loss compares with LogLoss and
+    the label entropy, and tells "not fitting the train rows" from "not generalising".
+    """
     hidden = model.hidden_states(batch.input_ids, batch.soft_positions, batch.soft_vectors, batch.h)
     picked = hidden[batch.target_rows, batch.target_cols]  # (N, H)
     logits = model.lm.get_output_embeddings()(picked).float()
-    return F.cross_entropy(logits, batch.targets)
+    per_token = F.cross_entropy(logits, batch.targets, reduction="none")
+    return per_token.mean(), per_token.detach()[batch.target_first].mean()
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -132,7 +139,7 @@ def train_loop(
     model.train()
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
-    started, seen, loss_ema = time.perf_counter(), 0, None
+    started, seen, loss_ema, decision_ema = time.perf_counter(), 0, None, None
     validating = 0.0  # seconds spent in evaluate(): samples/s counts training only
     seconds_before = result.train_seconds  # a resumed run adds to the time its checkpoint recorded
     while step < total_steps:
@@ -141,17 +148,18 @@ def train_loop(
         optimizer.zero_grad(set_to_none=True)
         for chunk in chunk_ids:
             batch = collate([examples[i] for i in chunk], pad_id)
-            loss = answer_loss(model, batch) * (len(chunk) / n_step)
-            loss.backward()
-            value = loss.detach().item() * n_step / len(chunk)  # this chunk's mean loss
+            loss, decision = answer_loss(model, batch)
+            (loss * (len(chunk) / n_step)).backward()
+            value, dvalue = loss.detach().item(), decision.item()  # this chunk's means
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
+            decision_ema = dvalue if decision_ema is None else 0.9 * decision_ema + 0.1 * dvalue
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         scheduler.step()
         step += 1
         seen += n_step
         rate = seen / (time.perf_counter() - started - validating)
-        bar.set_postfix(loss=f"{loss_ema:.4f}", samples_s=f"{rate:.2f}")
+        bar.set_postfix(loss=f"{loss_ema:.4f}", decision=f"{decision_ema:.4f}", samples_s=f"{rate:.2f}")
         bar.update(1)
         if step % eval_every == 0 or step == total_steps:
             model.eval()
@@ -160,8 +168,22 @@ def train_loop(
             validating += time.perf_counter() - t_eval
             model.train()
             examples_done = step * cfg.batch_size
-            result.curve.append({"step": step, "examples": examples_done, "valid_auc": auc, "loss": loss_ema})
-            log.info("validation", step=step, valid_auc=round(auc, 4), loss=round(loss_ema or 0.0, 4))
+            result.curve.append(
+                {
+                    "step": step,
+                    "examples": examples_done,
+                    "valid_auc": auc,
+                    "loss": loss_ema,
+                    "decision_loss": decision_ema,
+                }
+            )
+            log.info(
+                "validation",
+                step=step,
+                valid_auc=round(auc, 4),
+                loss=round(loss_ema or 0.0, 4),
+                decision_loss=round(decision_ema or 0.0, 4),
+            )
             if auc > result.best_valid_auc:
                 result.best_valid_auc, result.best_step = auc, step
                 best_state = {k: v.detach().clone() for k, v in params.items()}

@@ -9,6 +9,7 @@ listed as pending, so a partial study still renders honestly.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -238,7 +239,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
             "![validation AUC against training examples](learning_curves.png)",
         ]
     lines += ["", "## Reading", ""]
-    lines += _reading(records, diffs)
+    lines += _reading(records, diffs, int(cfg.get("valid_rows", 512)), float(labels.mean()))
     # A step is finished when its JSON is here, whatever the last invocation said about it.
     pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     if pending:
@@ -250,7 +251,12 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     return text
 
 
-def _reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, float]]) -> list[str]:
+def _reading(
+    records: dict[str, dict[str, Any]],
+    diffs: dict[str, dict[str, float]],
+    valid_rows: int = 512,
+    label_rate: float | None = None,
+) -> list[str]:
     """One line per target of issue 6: met, missed by how much, or not measured yet."""
     out = []
     for text, a, b in TARGETS:
@@ -265,7 +271,7 @@ def _reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, floa
         out.append(f"- {text}: {verdict}, {a} {records[a]['test']['auc']:.4f} vs {b} "
                    f"{records[b]['test']['auc']:.4f}, difference {d:+.4f}{span}.")  # fmt: skip
     out += _paper_pattern(records)
-    out += _curve_reading(records)
+    out += _curve_reading(records, valid_rows, label_rate)
     bar = records.get("LR on prompt features")
     llms = {n: r for n, r in records.items() if n.startswith(("rella", "spa", "cflora", "zero-shot"))}
     if bar and llms:
@@ -294,9 +300,27 @@ def _paper_pattern(records: dict[str, dict[str, Any]]) -> list[str]:
             f"a 135M LLM): {', '.join(ours)}."]  # fmt: skip
 
 
-def _curve_reading(records: dict[str, dict[str, Any]]) -> list[str]:
+def _null_auc_se(n: int) -> float:
+    """Standard error of an AUC near 0.5 on n rows with balanced labels (Hanley & McNeil):
+    what a validation point moves by from sampling alone."""
+    return math.sqrt((n + 1) / (3 * n * n))
+
+
+def _binary_entropy(p: float) -> float:
+    return -(p * math.log(p) + (1 - p) * math.log(1 - p))
+
+
+def _curve_reading(
+    records: dict[str, dict[str, Any]], valid_rows: int = 512, label_rate: float | None = None
+) -> list[str]:
     """Per trained run: where validation AUC went and where it peaked, i.e. whether more data or
-    steps look likely to help; and what a larger N would cost at the measured training speed."""
+    steps look likely to help; and what a larger N would cost at the measured training speed.
+
+    A gain smaller than two standard errors of a `valid_rows`-row AUC is called noise, not a rise;
+    the train rows' decision-token loss beside the label entropy tells "did not fit" from "did
+    not generalise".
+    """
+    noise = 2 * _null_auc_se(valid_rows)
     out = []
     for name, r in _trained(records).items():
         curve = r.get("curve") or []
@@ -304,14 +328,21 @@ def _curve_reading(records: dict[str, dict[str, Any]]) -> list[str]:
             continue
         first, last = curve[0], curve[-1]
         best = max(curve, key=lambda p: p["valid_auc"])
-        if best is last:
-            shape = "best at the last point: still rising, more data or epochs may help"
-        elif best is first:
+        if best is first:
             shape = "never above its starting point: training did not help on validation"
+        elif best["valid_auc"] - first["valid_auc"] < noise:
+            shape = (f"its best ({best['valid_auc']:.4f}) is within noise of its start (2 standard "
+                     f"errors of a {valid_rows}-row AUC: {noise:.3f})")  # fmt: skip
+        elif best is last:
+            shape = "best at the last point: still rising, more data or epochs may help"
         else:
             shape = f"peaked at {best['examples']:,} examples ({best['valid_auc']:.4f}), then fell"
+        fit = ""
+        if last.get("decision_loss") is not None and label_rate is not None:
+            fit = (f"; train loss on the Yes/No token {last['decision_loss']:.3f} at the end, against "
+                   f"{_binary_entropy(label_rate):.3f} for a constant prediction")  # fmt: skip
         out.append(f"- Curve, {name}: valid AUC {first['valid_auc']:.4f} at the start, "
-                   f"{last['valid_auc']:.4f} after {last['examples']:,} examples; {shape}.")  # fmt: skip
+                   f"{last['valid_auc']:.4f} after {last['examples']:,} examples; {shape}{fit}.")  # fmt: skip
     sweep = [r for n, r in records.items() if n.startswith("rella-n") and r.get("samples_per_s")]
     if sweep and all(r["n_rows"] < LARGER_N for r in sweep):
         rate = max(sweep, key=lambda r: r["n_rows"])["samples_per_s"]  # the largest run
