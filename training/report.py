@@ -34,6 +34,7 @@ COMPARISONS = (
     ("exact CFLoRA - merged (mean gate)", "rellax", "rellax-merged"),
     ("ReLLaX - LR on prompt features", "rellax", "LR on prompt features"),
     ("ReLLa - LR on prompt features", "rella", "LR on prompt features"),
+    ("ReLLa - zero-shot SUBR", "rella", "zero-shot-subr"),  # did stage 1 move its starting point?
 )
 TARGETS = (
     ("ReLLaX >= DIN on test AUC", "rellax", "DIN"),
@@ -147,7 +148,9 @@ def _trained(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {n: r for n, r in records.items() if n not in ("rella", "rellax-merged")}
 
 
-def _curves(records: dict[str, dict[str, Any]], path: Path) -> bool:
+def _curves(records: dict[str, dict[str, Any]], path: Path, valid_rows: int = 512) -> bool:
+    """Valid AUC against examples seen, with the scale to read it by: DIN's valid AUC, and the band
+    a valid AUC of a no-skill model falls in (0.5 +- 2 standard errors)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,12 +164,16 @@ def _curves(records: dict[str, dict[str, Any]], path: Path) -> bool:
         ax = axes[0] if name.startswith("rella-") else axes[1]
         xs = [p["examples"] for p in r["curve"]]
         ax.plot(xs, [p["valid_auc"] for p in r["curve"]], marker="o", label=name)
+    noise = 2 * _null_auc_se(valid_rows)
     for ax, title in zip(axes, ("stage 1 (ReLLa)", "stage 2 (SPA / CFLoRA)"), strict=True):
-        ax.set_title(title)
+        band = f"chance +- 2 SE ({valid_rows} rows)"
+        ax.axhspan(0.5 - noise, 0.5 + noise, color="grey", alpha=0.15, label=band)
+        if "DIN" in records and records["DIN"].get("valid_auc") is not None:
+            ax.axhline(records["DIN"]["valid_auc"], color="black", linestyle="--", linewidth=1, label="DIN")
+        ax.set_title(title if any(line.get_marker() == "o" for line in ax.lines) else f"{title}: not run yet")
         ax.set_xlabel("training examples seen")
         ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=8)
+        ax.legend(fontsize=8)
     axes[0].set_ylabel("validation AUC")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -231,7 +238,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
-    if _curves(records, out.parent / "learning_curves.png"):
+    if _curves(records, out.parent / "learning_curves.png", int(cfg.get("valid_rows", 512))):
         lines += [
             "",
             "## Learning curves",
