@@ -160,8 +160,10 @@ def _curves(records: dict[str, dict[str, Any]], path: Path, valid_rows: int = 51
     if not staged:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    plotted = set()  # the panels with a run on them
     for name, r in staged:
         ax = axes[0] if name.startswith("rella-") else axes[1]
+        plotted.add(ax)
         xs = [p["examples"] for p in r["curve"]]
         ax.plot(xs, [p["valid_auc"] for p in r["curve"]], marker="o", label=name)
     noise = 2 * _null_auc_se(valid_rows)
@@ -170,7 +172,7 @@ def _curves(records: dict[str, dict[str, Any]], path: Path, valid_rows: int = 51
         ax.axhspan(0.5 - noise, 0.5 + noise, color="grey", alpha=0.15, label=band)
         if "DIN" in records and records["DIN"].get("valid_auc") is not None:
             ax.axhline(records["DIN"]["valid_auc"], color="black", linestyle="--", linewidth=1, label="DIN")
-        ax.set_title(title if any(line.get_marker() == "o" for line in ax.lines) else f"{title}: not run yet")
+        ax.set_title(title if ax in plotted else f"{title}: not run yet")
         ax.set_xlabel("training examples seen")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -186,6 +188,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     records, status = load_results(folder)
     labels = _labels(folder)
     cfg = status.get("config", {})
+    valid_rows = int(cfg.get("valid_rows", 512))
     lines = [
         "# Model quality on MovieLens-100K",
         "",
@@ -238,7 +241,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
-    if _curves(records, out.parent / "learning_curves.png", int(cfg.get("valid_rows", 512))):
+    if _curves(records, out.parent / "learning_curves.png", valid_rows):
         lines += [
             "",
             "## Learning curves",
@@ -246,7 +249,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
             "![validation AUC against training examples](learning_curves.png)",
         ]
     lines += ["", "## Reading", ""]
-    lines += _reading(records, diffs, int(cfg.get("valid_rows", 512)), float(labels.mean()))
+    lines += _reading(records, diffs, valid_rows, float(labels.mean()))
     # A step is finished when its JSON is here, whatever the last invocation said about it.
     pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     if pending:
