@@ -202,3 +202,15 @@ def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> 
     assert "Not run yet." in text and "ReLLaX >= DIN on test AUC: not measured yet." in text
     pending = text.split("Pending steps")[1].split("\n")[0]
     assert "rellax-merged" in pending and "baselines" not in pending  # finished, though not "done" here
+
+
+def test_a_target_whose_interval_includes_zero_is_not_called_met() -> None:
+    """SUBR's +0.0053 over recency with interval [-0.0109, +0.0224] is no measured gain: the
+    verdict says so, while a gain whose whole interval is above 0 (or a loss below it) stays plain."""
+    from training.report import _verdict
+
+    assert _verdict(0.0053, {"lo": -0.0109, "hi": 0.0224}).startswith("met on the point estimate only")
+    assert "not significant" in _verdict(-0.01, {"lo": -0.03, "hi": 0.002})
+    assert _verdict(0.03, {"lo": 0.01, "hi": 0.05}) == "met"
+    assert _verdict(-0.27, {"lo": -0.29, "hi": -0.25}) == "missed"
+    assert _verdict(0.01, None) == "met"  # no bootstrap for this pair: the point estimate is all we have

@@ -277,7 +277,7 @@ def _reading(
         label = next((k for k, x, y in COMPARISONS if (x, y) == (a, b)), None)
         ci = diffs.get(label) if label else None
         span = f" (95% interval [{ci['lo']:+.4f}, {ci['hi']:+.4f}])" if ci else ""
-        verdict = "met" if d >= 0 else "missed"
+        verdict = _verdict(d, ci)
         out.append(f"- {text}: {verdict}, {a} {records[a]['test']['auc']:.4f} vs {b} "
                    f"{records[b]['test']['auc']:.4f}, difference {d:+.4f}{span}.")  # fmt: skip
     out += _paper_pattern(records)
@@ -290,6 +290,15 @@ def _reading(
         out.append(f"- The best LLM so far ({best_name}, {best['test']['auc']:.4f}) {verdict} the LR on "
                    f"the prompt's own features ({bar['test']['auc']:.4f}).")  # fmt: skip
     return out
+
+
+def _verdict(d: float, ci: dict[str, float] | None) -> str:
+    """Met or missed, and whether the bootstrap interval lets us say so: a point estimate whose
+    interval straddles 0 is not a measured gain or loss, and the reading must not claim one."""
+    word = "met" if d >= 0 else "missed"
+    if ci is None or ci["lo"] > 0 or ci["hi"] < 0:
+        return word
+    return f"{word} on the point estimate only, not significant (the interval includes 0)"
 
 
 def _paper_pattern(records: dict[str, dict[str, Any]]) -> list[str]:
