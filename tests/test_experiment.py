@@ -165,7 +165,7 @@ def test_the_curve_reading_says_where_validation_peaked() -> None:
     noise = "its best (0.5153) is within noise of its start (2 standard errors of a 512-row AUC: 0.051)"
     assert noise in lines[3]
     assert "still rising" not in lines[3]
-    assert lines[3].endswith("Yes/No token 0.700 at the end, against 0.693 for a constant prediction.")
+    assert lines[3].endswith("Yes/No token 0.700 at the last point, against 0.693 for a constant prediction.")
     assert "Yes/No" not in lines[0]  # no decision loss recorded: nothing said
     assert lines[4].endswith("0.50 training samples/s it would take about 18 h of training on this machine.")
 
@@ -195,8 +195,19 @@ def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> 
     shutil.copy(study.results / "baselines.json", results)
     status = json.loads((study.results / "experiment.json").read_text())
     status["status"] = {name: ("ran" if name == "baselines" else "paused") for name in status["status"]}
+    n8, n16 = _record(study, "rella-n8")["curve"], _record(study, "rella-n16")["curve"]
+    status["progress"] = {  # one run paused mid-training, one trained and part-scored
+        "rella-n8": {"curve": n8[:2], "trained": False},
+        "rella-n16": {"curve": n16, "trained": True, "scored": 16},
+    }
     (results / "experiment.json").write_text(json.dumps(status))
     text = render(results, tmp_path / "results.md")
+    assert "## Learning curves" in text and (tmp_path / "learning_curves.png").stat().st_size > 1000
+    start = f"valid AUC {n8[0]['valid_auc']:.4f} at the start"
+    assert f"- Curve so far, rella-n8 (training, paused): {start}" in text
+    assert f"{n8[1]['valid_auc']:.4f} after {n8[1]['examples']:,} examples" in text
+    assert "- Curve so far, rella-n16 (trained, 16 of 40 test rows scored): valid AUC" in text
+    assert "| rella-n8 |" not in text  # a curve so far is no result: no table row, no test AUC
     assert "| DIN |" in text and "| LR on prompt features |" in text
     assert "| DIN - LR on prompt features |" in text  # the one comparison that exists already
     assert "Not run yet." in text and "ReLLaX >= DIN on test AUC: not measured yet." in text
@@ -214,3 +225,29 @@ def test_a_target_whose_interval_includes_zero_is_not_called_met() -> None:
     assert _verdict(0.03, {"lo": 0.01, "hi": 0.05}) == "met"
     assert _verdict(-0.27, {"lo": -0.29, "hi": -0.25}) == "missed"
     assert _verdict(0.01, None) == "met"  # no bootstrap for this pair: the point estimate is all we have
+
+
+def test_progress_reads_unfinished_runs_from_their_checkpoints(study, ran, tmp_path: Path) -> None:  # noqa: ANN001
+    """What a session leaves behind: a trained run's final curve and its scored-row count, a run
+    paused mid-training's curve so far (curve.json beside the checkpoint); nothing for a run with
+    no curve. A finished study records no progress at all."""
+    import hashlib
+    import shutil
+    from dataclasses import replace
+
+    from training.experiment import progress
+
+    status = json.loads((study.results / "experiment.json").read_text())
+    assert status["progress"] == {}  # every step has its JSON
+    rows_hash = status["rows_hash"]
+    trained = progress(study, rows_hash, ["rella-n8", "zero-shot-subr"])
+    assert set(trained) == {"rella-n8"}  # zero-shot scoring has no curve
+    assert trained["rella-n8"]["trained"] and trained["rella-n8"]["scored"] == 40
+    assert trained["rella-n8"]["curve"] == _record(study, "rella-n8")["curve"]
+    runs = tmp_path / "runs"
+    (runs / "rella-n8").mkdir(parents=True)
+    shutil.copy(study.runs / "rella-n8" / "curve.json", runs / "rella-n8")  # paused before metrics.json
+    paused = progress(replace(study, runs=runs), rows_hash, ["rella-n8", "rella-n16"])
+    assert paused == {"rella-n8": {"curve": trained["rella-n8"]["curve"], "trained": False}}
+    other = hashlib.sha256(b"other rows").hexdigest()[:16]  # scored on other rows: none of it counts
+    assert progress(study, other, ["rella-n8"])["rella-n8"]["scored"] == 0

@@ -48,7 +48,7 @@ from training.llm_loop import LoopConfig
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
 from training.metrics import ctr_metrics
 
-__all__ = ["ExperimentConfig", "plan", "run"]
+__all__ = ["ExperimentConfig", "plan", "progress", "run"]
 
 log = get_logger(__name__)
 
@@ -340,7 +340,26 @@ def run(cfg: ExperimentConfig) -> dict[str, str]:
         except TimeoutError as stop:
             log.info("paused", step=name, why=str(stop))
             status[name] = "paused"
-    (cfg.results / "experiment.json").write_text(
-        json.dumps({"config": cfg.to_json(), "rows_hash": ctx.rows_hash, "status": status}, indent=1)
-    )
+    payload = {"config": cfg.to_json(), "rows_hash": ctx.rows_hash, "status": status}
+    payload["progress"] = progress(cfg, ctx.rows_hash, [n for n in status if ctx.result(n) is None])
+    (cfg.results / "experiment.json").write_text(json.dumps(payload, indent=1))
     return status
+
+
+def progress(cfg: ExperimentConfig, rows_hash: str, unfinished: Sequence[str]) -> dict[str, Any]:
+    """Where each unfinished training run stands: its validation curve so far (from the checkpoint's
+    curve.json), whether training is over, and how many test rows are scored. Saved with the status
+    so the committed report shows a run spanning sessions before it finishes; never a result."""
+    out: dict[str, Any] = {}
+    for name in unfinished:
+        folder = cfg.runs / name
+        if not (folder / "curve.json").exists():
+            continue
+        entry: dict[str, Any] = {"curve": json.loads((folder / "curve.json").read_text()), "trained": False}
+        if (folder / "metrics.json").exists():  # trained: its final curve, and the scoring so far
+            metrics = json.loads((folder / "metrics.json").read_text())
+            partial = folder / f"partial-{metrics.get('run_id')}-{rows_hash}.npy"
+            entry.update(curve=metrics["result"]["curve"], trained=True)
+            entry["scored"] = len(np.load(partial)) if partial.exists() else 0
+        out[name] = entry
+    return out

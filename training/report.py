@@ -148,24 +148,33 @@ def _trained(records: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return {n: r for n, r in records.items() if n not in ("rella", "rellax-merged")}
 
 
-def _curves(records: dict[str, dict[str, Any]], path: Path, valid_rows: int = 512) -> bool:
+def _curves(
+    records: dict[str, dict[str, Any]],
+    path: Path,
+    valid_rows: int = 512,
+    progress: dict[str, dict[str, Any]] | None = None,
+) -> bool:
     """Valid AUC against examples seen, with the scale to read it by: DIN's valid AUC, and the band
-    a valid AUC of a no-skill model falls in (0.5 +- 2 standard errors)."""
+    a valid AUC of a no-skill model falls in (0.5 +- 2 standard errors). Unfinished runs
+    (`progress`) are drawn dashed, so a curve is visible in the sessions it spans."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    staged = [(n, r) for n, r in _trained(records).items() if r.get("curve")]
+    staged = [(n, r["curve"], False) for n, r in _trained(records).items() if r.get("curve")]
+    staged += [(n, p["curve"], True) for n, p in (progress or {}).items() if p.get("curve")]
     if not staged:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     plotted = set()  # the panels with a run on them
-    for name, r in staged:
+    for name, curve, unfinished in staged:
         ax = axes[0] if name.startswith("rella-") else axes[1]
         plotted.add(ax)
-        xs = [p["examples"] for p in r["curve"]]
-        ax.plot(xs, [p["valid_auc"] for p in r["curve"]], marker="o", label=name)
+        xs = [p["examples"] for p in curve]
+        style = {"linestyle": "--", "marker": "s"} if unfinished else {"marker": "o"}
+        label = f"{name} (in progress)" if unfinished else name
+        ax.plot(xs, [p["valid_auc"] for p in curve], label=label, **style)
     noise = 2 * _null_auc_se(valid_rows)
     for ax, title in zip(axes, ("stage 1 (ReLLa)", "stage 2 (SPA / CFLoRA)"), strict=True):
         band = f"chance +- 2 SE ({valid_rows} rows)"
@@ -241,7 +250,9 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
-    if _curves(records, out.parent / "learning_curves.png", valid_rows):
+    # Unfinished runs' curves so far, as the last `rellax experiment ml100k` saved them.
+    progress = {n: p for n, p in status.get("progress", {}).items() if not (folder / f"{n}.json").exists()}
+    if _curves(records, out.parent / "learning_curves.png", valid_rows, progress):
         lines += [
             "",
             "## Learning curves",
@@ -250,6 +261,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         ]
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs, valid_rows, float(labels.mean()))
+    lines += _progress_reading(progress, valid_rows, float(labels.mean()), len(labels))
     # A step is finished when its JSON is here, whatever the last invocation said about it.
     pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     if pending:
@@ -339,33 +351,53 @@ def _curve_reading(
     the train rows' decision-token loss beside the label entropy tells "did not fit" from "did
     not generalise".
     """
-    noise = 2 * _null_auc_se(valid_rows)
     out = []
     for name, r in _trained(records).items():
         curve = r.get("curve") or []
-        if len(curve) < 2:
-            continue
-        first, last = curve[0], curve[-1]
-        best = max(curve, key=lambda p: p["valid_auc"])
-        if best is first:
-            shape = "never above its starting point: training did not help on validation"
-        elif best["valid_auc"] - first["valid_auc"] < noise:
-            shape = (f"its best ({best['valid_auc']:.4f}) is within noise of its start (2 standard "
-                     f"errors of a {valid_rows}-row AUC: {noise:.3f})")  # fmt: skip
-        elif best is last:
-            shape = "best at the last point: still rising, more data or epochs may help"
-        else:
-            shape = f"peaked at {best['examples']:,} examples ({best['valid_auc']:.4f}), then fell"
-        fit = ""
-        if last.get("decision_loss") is not None and label_rate is not None:
-            fit = (f"; train loss on the Yes/No token {last['decision_loss']:.3f} at the end, against "
-                   f"{_binary_entropy(label_rate):.3f} for a constant prediction")  # fmt: skip
-        out.append(f"- Curve, {name}: valid AUC {first['valid_auc']:.4f} at the start, "
-                   f"{last['valid_auc']:.4f} after {last['examples']:,} examples; {shape}{fit}.")  # fmt: skip
+        if len(curve) >= 2:
+            out.append(f"- Curve, {name}: {_curve_sentence(curve, valid_rows, label_rate)}.")
     sweep = [r for n, r in records.items() if n.startswith("rella-n") and r.get("samples_per_s")]
     if sweep and all(r["n_rows"] < LARGER_N for r in sweep):
         rate = max(sweep, key=lambda r: r["n_rows"])["samples_per_s"]  # the largest run
         hours = 2 * LARGER_N / rate / 3600
         out.append(f"- N={LARGER_N:,} (x2 prompts) was not run: at the measured {rate:.2f} training "
                    f"samples/s it would take about {hours:.0f} h of training on this machine.")  # fmt: skip
+    return out
+
+
+def _curve_sentence(curve: list[dict[str, Any]], valid_rows: int, label_rate: float | None) -> str:
+    """Start, end and shape of one validation curve, judged against the noise of its AUC."""
+    noise = 2 * _null_auc_se(valid_rows)
+    first, last = curve[0], curve[-1]
+    best = max(curve, key=lambda p: p["valid_auc"])
+    if best is first:
+        shape = "never above its starting point: training did not help on validation"
+    elif best["valid_auc"] - first["valid_auc"] < noise:
+        shape = (f"its best ({best['valid_auc']:.4f}) is within noise of its start (2 standard "
+                 f"errors of a {valid_rows}-row AUC: {noise:.3f})")  # fmt: skip
+    elif best is last:
+        shape = "best at the last point: still rising, more data or epochs may help"
+    else:
+        shape = f"peaked at {best['examples']:,} examples ({best['valid_auc']:.4f}), then fell"
+    fit = ""
+    if last.get("decision_loss") is not None and label_rate is not None:
+        fit = (f"; train loss on the Yes/No token {last['decision_loss']:.3f} at the last point, against "
+               f"{_binary_entropy(label_rate):.3f} for a constant prediction")  # fmt: skip
+    return (f"valid AUC {first['valid_auc']:.4f} at the start, {last['valid_auc']:.4f} after "
+            f"{last['examples']:,} examples; {shape}{fit}")  # fmt: skip
+
+
+def _progress_reading(
+    progress: dict[str, dict[str, Any]], valid_rows: int, label_rate: float | None, test_rows: int
+) -> list[str]:
+    """The unfinished runs, so far: no test figures (a run is scored only once trained)."""
+    out = []
+    for name, p in progress.items():
+        where = (f"trained, {p.get('scored', 0):,} of {test_rows:,} test rows scored" if p.get("trained")
+                 else "training, paused")  # fmt: skip
+        if len(p.get("curve") or []) >= 2:
+            sentence = _curve_sentence(p["curve"], valid_rows, label_rate)
+            out.append(f"- Curve so far, {name} ({where}): {sentence}.")
+        else:
+            out.append(f"- {name} ({where}): no validation point past the start yet.")
     return out
