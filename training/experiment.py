@@ -341,25 +341,24 @@ def run(cfg: ExperimentConfig) -> dict[str, str]:
             log.info("paused", step=name, why=str(stop))
             status[name] = "paused"
     payload = {"config": cfg.to_json(), "rows_hash": ctx.rows_hash, "status": status}
-    payload["progress"] = progress(cfg, ctx.rows_hash, [n for n in status if ctx.result(n) is None])
+    unfinished = [n for n, state in status.items() if state not in ("done", "ran")]
+    payload["progress"] = progress(cfg, ctx.rows_hash, unfinished)
     (cfg.results / "experiment.json").write_text(json.dumps(payload, indent=1))
     return status
 
 
 def progress(cfg: ExperimentConfig, rows_hash: str, unfinished: Sequence[str]) -> dict[str, Any]:
     """Where each unfinished training run stands: its validation curve so far (from the checkpoint's
-    curve.json), whether training is over, and how many test rows are scored. Saved with the status
+    curve.json), or once trained its final curve and how many test rows are scored. Saved with the status
     so the committed report shows a run spanning sessions before it finishes; never a result."""
     out: dict[str, Any] = {}
     for name in unfinished:
         folder = cfg.runs / name
-        if not (folder / "curve.json").exists():
-            continue
-        entry: dict[str, Any] = {"curve": json.loads((folder / "curve.json").read_text()), "trained": False}
         if (folder / "metrics.json").exists():  # trained: its final curve, and the scoring so far
             metrics = json.loads((folder / "metrics.json").read_text())
             partial = folder / f"partial-{metrics.get('run_id')}-{rows_hash}.npy"
-            entry.update(curve=metrics["result"]["curve"], trained=True)
-            entry["scored"] = len(np.load(partial)) if partial.exists() else 0
-        out[name] = entry
+            scored = len(np.load(partial)) if partial.exists() else 0
+            out[name] = {"curve": metrics["result"]["curve"], "trained": True, "scored": scored}
+        elif (folder / "curve.json").exists():
+            out[name] = {"curve": json.loads((folder / "curve.json").read_text()), "trained": False}
     return out

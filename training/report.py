@@ -250,8 +250,10 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
+    # A step is finished when its JSON is here, whatever the last invocation said about it.
+    pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     # Unfinished runs' curves so far, as the last `rellax experiment ml100k` saved them.
-    progress = {n: p for n, p in status.get("progress", {}).items() if not (folder / f"{n}.json").exists()}
+    progress = {n: p for n, p in status.get("progress", {}).items() if n in pending}
     if _curves(records, out.parent / "learning_curves.png", valid_rows, progress):
         lines += [
             "",
@@ -262,8 +264,6 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs, valid_rows, float(labels.mean()))
     lines += _progress_reading(progress, valid_rows, float(labels.mean()), len(labels))
-    # A step is finished when its JSON is here, whatever the last invocation said about it.
-    pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     if pending:
         why = "not run yet, or paused mid-way; `rellax experiment ml100k` resumes them"
         lines += ["", f"Pending steps ({why}): {', '.join(pending)}."]
