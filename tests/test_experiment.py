@@ -43,17 +43,17 @@ def ran(study):  # noqa: ANN001, ANN201
     import hashlib
 
     from training.datasets import load_dataset
-    from training.experiment import plan, run
+    from training.experiment import partial_scores_path, plan, run
     from training.fewshot import eval_rows
 
     rows = eval_rows(load_dataset()[1], "test", study.test_rows, seed=study.test_seed)
     rows_hash = hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:16]
-    partial = study.runs / "zero-shot-subr" / f"partial-base-k{study.k}-{rows_hash}.npy"
+    partial = partial_scores_path(study.runs / "zero-shot-subr", f"base-k{study.k}", rows_hash)
     partial.parent.mkdir(parents=True)
-    np.save(partial, np.full(study.chunk, 0.123))
-    stale = study.runs / "zero-shot-recency" / "partial-another-model.npy"  # never picked up
+    np.savez(partial, p=np.full(study.chunk, 0.123), seconds=1000.0)  # an earlier session's chunk
+    stale = partial_scores_path(study.runs / "zero-shot-recency", "another-model", rows_hash)
     stale.parent.mkdir(parents=True)
-    np.save(stale, np.full(study.chunk, 0.321))
+    np.savez(stale, p=np.full(study.chunk, 0.321), seconds=1000.0)  # never picked up
     status = run(study)
     return status, plan(study)
 
@@ -90,6 +90,8 @@ def test_scoring_resumed_from_the_partial_file(study, ran) -> None:  # noqa: ANN
     assert p.shape == (40,)
     np.testing.assert_allclose(p[: study.chunk], 0.123)  # kept, not recomputed
     assert not np.allclose(p[study.chunk :], 0.123)
+    assert _record(study, "zero-shot-subr")["score_seconds"] > 1000  # the earlier session's time counts
+    assert _record(study, "zero-shot-recency")["score_seconds"] < 1000
     other = np.asarray(_record(study, "zero-shot-recency")["predictions"])
     assert not np.isclose(other, 0.321).any()  # another model's partial file is not this one's
 

@@ -91,6 +91,20 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     return steps + [f"rella-k{k}" for k in cfg.k_sweep if k != cfg.k]
 
 
+def partial_scores_path(folder: Path, model_id: str, rows_hash: str) -> Path:
+    """Where a model's finished scoring chunks live: named by model and rows, so a retrained model (a
+    new run id) or another row set never inherits them."""
+    return folder / f"partial-{model_id}-{rows_hash}.npz"
+
+
+def load_partial_scores(path: Path) -> tuple[np.ndarray, float]:
+    """(scores so far, seconds spent on them); empty and 0 s when nothing is scored yet."""
+    if not path.exists():
+        return np.zeros(0, dtype=np.float64), 0.0
+    with np.load(path) as found:
+        return found["p"], float(found["seconds"])
+
+
 class _Context:
     """What every step shares: data, fixed rows, the base model factory, and the results folder."""
 
@@ -158,12 +172,11 @@ class _Context:
     def score(
         self, name: str, model: ScoringModel, examples: Sequence[LLMExample], model_id: str
     ) -> tuple[np.ndarray, float]:
-        """P(yes) for every test example, resumable: finished chunks live in
-        runs/<name>/partial-<model_id>-<rows hash>.npy, so a retrained model never inherits them."""
-        partial = self.cfg.runs / name / f"partial-{model_id}-{self.rows_hash}.npy"
+        """P(yes) for every test example and the scoring seconds, resumable chunk by chunk: the seconds
+        count every session's chunks, not only the last session's (they are saved with the scores)."""
+        partial = partial_scores_path(self.cfg.runs / name, model_id, self.rows_hash)
         partial.parent.mkdir(parents=True, exist_ok=True)
-        done = np.load(partial) if partial.exists() else np.zeros(0, dtype=np.float64)
-        seconds = 0.0
+        done, seconds = load_partial_scores(partial)
         while len(done) < len(examples):
             if self.out_of_time():
                 raise TimeoutError(f"{name}: {len(done)}/{len(examples)} rows scored; run again to resume")
@@ -171,7 +184,7 @@ class _Context:
             chunk = examples[len(done) : len(done) + self.cfg.chunk]
             done = np.concatenate([done, score_examples(model, chunk)])
             seconds += time.perf_counter() - t
-            np.save(partial, done)
+            np.savez(partial, p=done, seconds=seconds)
             log.info("scored", step=name, rows=len(done), of=len(examples))
         return done, seconds
 
@@ -356,8 +369,8 @@ def progress(cfg: ExperimentConfig, rows_hash: str, unfinished: Sequence[str]) -
         folder = cfg.runs / name
         if (folder / "metrics.json").exists():  # trained: its final curve, and the scoring so far
             metrics = json.loads((folder / "metrics.json").read_text())
-            partial = folder / f"partial-{metrics.get('run_id')}-{rows_hash}.npy"
-            scored = len(np.load(partial)) if partial.exists() else 0
+            scores, _ = load_partial_scores(partial_scores_path(folder, metrics.get("run_id"), rows_hash))
+            scored = len(scores)
             out[name] = {"curve": metrics["result"]["curve"], "trained": True, "scored": scored}
         elif (folder / "curve.json").exists():
             out[name] = {"curve": json.loads((folder / "curve.json").read_text()), "trained": False}
