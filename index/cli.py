@@ -33,6 +33,7 @@ def build(
     from index.embed import resolve_dtype
     from index.item_index import build_item_index
     from rellax.assets import prepare_model
+    from rellax.device import resolve_device
     from rellax.paths import cache_dir
     from training.datasets import load_dataset
 
@@ -40,11 +41,12 @@ def build(
     out = out or cache_dir("index") / ("ml1m" if ml1m else "ml100k")
     data, _, _ = load_dataset(ml1m)
     items = data.item_records()
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    device = resolve_device()
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    dtype = resolve_dtype(torch.device("cpu"), None)
-    typer.echo(f"embedding {len(items)} items with {model_dir.name} ({str(dtype).removeprefix('torch.')}, "
-               f"{torch.get_num_threads()} threads)")  # fmt: skip
+    dtype = resolve_dtype(device, None)
+    typer.echo(f"embedding {len(items)} items with {model_dir.name} on {device} "
+               f"({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads)")  # fmt: skip
     started = time.perf_counter()
     index = build_item_index(model, tokenizer, items, dim=dim, batch_size=batch_size, seed=seed)
     seconds = time.perf_counter() - started

@@ -90,7 +90,7 @@ def test_scoring_resumed_from_the_partial_file(study, ran) -> None:  # noqa: ANN
     assert p.shape == (40,)
     np.testing.assert_allclose(p[: study.chunk], 0.123)  # kept, not recomputed
     assert not np.allclose(p[study.chunk :], 0.123)
-    assert _record(study, "zero-shot-subr")["score_seconds"] > 1000  # the earlier session's time counts
+    assert _record(study, "zero-shot-subr")["score_seconds"] >= 1000  # the earlier session's time counts
     assert _record(study, "zero-shot-recency")["score_seconds"] < 1000
     other = np.asarray(_record(study, "zero-shot-recency")["predictions"])
     assert not np.isclose(other, 0.321).any()  # another model's partial file is not this one's
@@ -111,6 +111,7 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
         r = _record(study, name)
         assert r["test"] == pytest.approx(ctr_metrics(labels, np.asarray(r["predictions"])), abs=1e-5)
         assert r["trainable_params"] > 0 and r["samples_per_s"] > 0 and 0 <= r["valid_auc"] <= 1
+        assert r["device"] in ("cpu/float32", "cpu/bfloat16")  # where it trained, recorded with it
     best = max(("rella-n8", "rella-n16"), key=lambda n: _record(study, n)["valid_auc"])
     for name in ("spa", "cflora", "rellax", "rellax-random-init"):
         assert _record(study, name)["stage1_step"] == best  # chosen on validation, never test

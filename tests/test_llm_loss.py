@@ -39,3 +39,23 @@ def test_answer_loss_is_the_answer_tokens_cross_entropy(tokenizer, tiny_llama) -
     assert len(examples[0].answer) == 2  # "Yes." / "No.": the decision token, then "."
     assert abs(decision.item() - sum(first) / len(first)) < 1e-4
     assert abs(loss.item() - (sum(first) + sum(rest)) / (len(first) + len(rest))) < 1e-4
+
+
+def test_a_batch_moves_every_tensor_to_the_models_device(soft_tokenizer) -> None:  # noqa: ANN001
+    """The loop moves each CPU-built batch to the model's device: a field left behind would meet GPU
+    weights in the forward. "meta" stands in for a second device on a CPU-only machine."""
+    history = [(Item(i, f"Movie {i}", "Drama"), 4.0) for i in range(1, 8)]
+    prompt = build_prompt(
+        soft_tokenizer, Profile("male", "18-24", "writer"), history, Item(100, "Target", "Drama"),
+        k=3, mode="recency", spa=True,
+    )  # fmt: skip
+    soft = torch.randn(len(prompt.soft_positions), 4)
+    example = LLMExample(
+        0, "recency", prompt, tuple(answer_ids(soft_tokenizer, 1)), 1, soft=soft, h=torch.randn(6)
+    )
+    batch = collate([example, example], 0)
+    moved = batch.to(torch.device("meta"))
+    tensors = [moved.input_ids, moved.targets, moved.target_rows, moved.target_cols, moved.target_first]
+    assert all(t.device.type == "meta" for t in [*tensors, *moved.soft_vectors, moved.h])
+    assert moved.soft_positions == batch.soft_positions and moved.input_ids.shape == batch.input_ids.shape
+    assert batch.input_ids.device.type == "cpu"  # a copy: the CPU batch is left as it was

@@ -37,6 +37,7 @@ from safetensors.torch import load_file
 from index.item_index import ItemIndex
 from rellax.assets import prepare_model
 from rellax.cflora import cflora_modules
+from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
@@ -57,7 +58,8 @@ STAGE2_STEPS = ("rellax", "spa", "cflora", "rellax-random-init")
 
 @dataclass
 class ExperimentConfig:
-    """What the study runs. Defaults are the issue's plan; a GPU or a patient CPU runs them all."""
+    """What the study runs. Defaults are the issue's plan; a GPU (`RELLAX_DEVICE`, auto = cuda when torch
+    sees one) or a patient CPU runs them all."""
 
     results: Path = Path("docs/results")
     runs: Path = field(default_factory=lambda: cache_dir("runs") / "ml100k")
@@ -231,6 +233,7 @@ def _training_facts(metrics: dict[str, Any]) -> dict[str, Any]:
         "train_examples": r["examples"],
         "trainable_params": metrics["trainable_params"],
         "run_id": metrics.get("run_id"),
+        "device": r.get("device", ""),
     }
 
 
@@ -293,7 +296,7 @@ def _merged(ctx: _Context, exact: dict[str, Any]) -> dict[str, Any]:
         module.merge(g_bars[name] if module.gate is not None else None)
     examples = ctx.examples(tok, index, din, exact["k"], "subr", True, True, "rellax-merged prompts")
     p, seconds = ctx.score("rellax-merged", model, examples, model_id=f"merged-{exact['run_id']}")
-    keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run")
+    keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run", "device")
     return ctx.llm_payload(p, seconds, **{k: exact[k] for k in keep}, merged_from="rellax")
 
 
@@ -353,7 +356,12 @@ def run(cfg: ExperimentConfig) -> dict[str, str]:
         except TimeoutError as stop:
             log.info("paused", step=name, why=str(stop))
             status[name] = "paused"
-    payload = {"config": cfg.to_json(), "rows_hash": ctx.rows_hash, "status": status}
+    payload = {
+        "config": cfg.to_json(),
+        "device": str(resolve_device()),
+        "rows_hash": ctx.rows_hash,
+        "status": status,
+    }
     unfinished = [n for n, state in status.items() if state not in ("done", "ran")]
     payload["progress"] = progress(cfg, ctx.rows_hash, unfinished)
     (cfg.results / "experiment.json").write_text(json.dumps(payload, indent=1))

@@ -51,7 +51,7 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
     data, samples, manifest = load_dataset()
     catalogue = Catalogue.from_tables(data)
     model_dir = prepare_model(cfg.model_dir)
-    lm, tokenizer = load_base_lm(model_dir, bf16=False)
+    lm, tokenizer = load_base_lm(model_dir, bf16=False, device="cpu")  # a bundle is written from the CPU
     index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tokenizer, catalogue)
     din = load_din(cfg.din_dir)
     lora = load_file(Path(s2cfg["stage1"]) / "adapter" / "adapter_model.safetensors")

@@ -109,6 +109,19 @@ class Batch:
     soft_vectors: list[torch.Tensor] | None
     h: torch.Tensor | None
 
+    def to(self, device: torch.device) -> Batch:
+        """The batch on the model's device (examples are built and kept on the CPU)."""
+        return Batch(
+            input_ids=self.input_ids.to(device),
+            targets=self.targets.to(device),
+            target_rows=self.target_rows.to(device),
+            target_cols=self.target_cols.to(device),
+            target_first=self.target_first.to(device),
+            soft_positions=self.soft_positions,
+            soft_vectors=None if self.soft_vectors is None else [v.to(device) for v in self.soft_vectors],
+            h=None if self.h is None else self.h.to(device),
+        )
+
 
 def collate(examples: Sequence[LLMExample], pad_id: int) -> Batch:
     """Pad on the right (the scorer's convention: causal attention never sees the pads)."""

@@ -61,6 +61,7 @@ class TrainResult:
     train_seconds: float = 0.0  # wall time of the loop, validation included
     steps: int = 0
     examples: int = 0
+    device: str = ""  # where it trained, and the frozen base's dtype: "cpu/float32", "cuda:0/bfloat16"
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,20 +120,25 @@ def train_loop(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, _schedule(total_steps, int(cfg.warmup_ratio * total_steps))
     )
+    device = next(iter(params.values())).device
+    base_dtype = next(model.lm.parameters()).dtype
     result = TrainResult(best_valid_auc=-1.0, best_step=0)
     best_state = {k: v.detach().clone() for k, v in params.items()}
     step = 0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False)
+        state = torch.load(checkpoint, weights_only=False, map_location=device)
         for k, v in state["params"].items():
             params[k].data.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         best_state, step = state["best_state"], state["step"]
         if "rng" in state:  # dropout masks continue where the killed run left off
-            torch.set_rng_state(state["rng"])
+            torch.set_rng_state(state["rng"].cpu())
+        if state.get("cuda_rng") is not None and device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         result = TrainResult(**state["result"])
         log.info("resumed", checkpoint=str(checkpoint), step=step)
+    result.device = f"{device}/{str(base_dtype).removeprefix('torch.')}"
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
         result.best_valid_auc = evaluate()
         result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc})
@@ -147,7 +153,7 @@ def train_loop(
         n_step = sum(len(c) for c in chunk_ids)
         optimizer.zero_grad(set_to_none=True)
         for chunk in chunk_ids:
-            batch = collate([examples[i] for i in chunk], pad_id)
+            batch = collate([examples[i] for i in chunk], pad_id).to(device)
             loss, decision = answer_loss(model, batch)
             (loss * (len(chunk) / n_step)).backward()
             value, dvalue = loss.detach().item(), decision.item()  # this chunk's means
@@ -217,6 +223,7 @@ def _save_checkpoint(path: Path, params, optimizer, scheduler, best_state, step:
             "step": step,
             "result": result.to_json(),
             "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
         },
         tmp,
     )

@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.embed import cpu_supports_bf16
+from index.embed import resolve_dtype
 from index.item_index import ItemIndex, build_item_index
+from rellax.device import resolve_device
 from rellax.din import DIN
 from rellax.features import Featurizer, Mode
 from rellax.logs import get_logger
@@ -37,17 +38,18 @@ def default_index_dir() -> Path:
     return cache_dir("index") / "ml100k"
 
 
-def load_base_lm(model_dir: Path, bf16: bool | None = None):  # noqa: ANN201 - (model, tokenizer)
-    """The frozen base LLM (bf16 weights on CPUs with native bf16) and its tokenizer, soft tokens added."""
+def load_base_lm(model_dir: Path, bf16: bool | None = None, device: str | None = None):  # noqa: ANN201 - (model, tokenizer)
+    """The frozen base LLM and its tokenizer, soft tokens added, on `device` (`rellax.device`: auto =
+    cuda when torch sees a GPU), in bf16 weights where that device has native bf16 (`bf16=None`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    bf16 = cpu_supports_bf16() if bf16 is None else bf16
+    target = resolve_device(device)
+    bf16 = resolve_dtype(target, None) == torch.bfloat16 if bf16 is None else bf16
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     add_soft_tokens(tokenizer, lm)
     lm.requires_grad_(False)
-    if bf16:
-        lm.to(torch.bfloat16)
+    lm.to(target, dtype=torch.bfloat16 if bf16 else torch.float32)
     return lm.eval(), tokenizer
 
 

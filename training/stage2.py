@@ -96,7 +96,8 @@ def build_stage2_model(
         if module.gate is not None:
             module.gate.float()
     load_lora_weights(lm, lora_state)
-    spa = SPAProjector(embed_dim, lm.config.hidden_size) if mode in ("spa", "rellax") else None
+    device = next(lm.parameters()).device
+    spa = SPAProjector(embed_dim, lm.config.hidden_size).to(device) if mode in ("spa", "rellax") else None
     yes, no = answer_token_ids(tokenizer)
     return ScoringModel(lm, yes, no, spa=spa)
 
@@ -109,8 +110,9 @@ def _randomise_gates(model: ScoringModel, seed: int) -> None:
             if module.gate is not None:
                 last = module.gate[-1]
                 bound = 1.0 / last.in_features**0.5
-                last.weight.copy_(torch.empty_like(last.weight).uniform_(-bound, bound, generator=g))
-                last.bias.copy_(torch.empty_like(last.bias).uniform_(-bound, bound, generator=g))
+                # Drawn on the CPU whatever the device: the same seed gives the same gates everywhere.
+                last.weight.copy_(torch.empty(last.weight.shape).uniform_(-bound, bound, generator=g))
+                last.bias.copy_(torch.empty(last.bias.shape).uniform_(-bound, bound, generator=g))
 
 
 class Stage2Recipe:
@@ -170,17 +172,17 @@ class Stage2Recipe:
     @torch.no_grad()
     def mean_gates(self) -> dict[str, torch.Tensor]:
         """Ḡ per gated layer: the mean of G(h) over the training instances (DESIGN §8)."""
-        h = torch.stack([e.h for e in self.examples])
+        h = torch.stack([e.h for e in self.examples]).to(next(self.model.lm.parameters()).device)
         return {name: G.float().mean(dim=0) for name, G in gate_matrices(self.model.lm, h).items()}
 
     def save(self, result: TrainResult) -> dict[str, Any]:
         out = self.cfg.out
         out.mkdir(parents=True, exist_ok=True)
-        trained = {k: v.detach().float().contiguous() for k, v in self.params.items()}
+        trained = {k: v.detach().float().cpu().contiguous() for k, v in self.params.items()}
         save_file(trained, out / "stage2.safetensors")
         g_bars = self.mean_gates()
         if g_bars:
-            save_file({k: v.contiguous() for k, v in g_bars.items()}, out / "gbar.safetensors")
+            save_file({k: v.cpu().contiguous() for k, v in g_bars.items()}, out / "gbar.safetensors")
         metrics = {
             "stage": self.cfg.mode,
             "result": result.to_json(),
