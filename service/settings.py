@@ -36,7 +36,7 @@ class Settings(BaseSettings):
         "auto", description="Model weights dtype: auto = bf16 where the CPU/GPU supports it, else fp32."
     )
     backend: Literal["torch", "vllm"] = Field(
-        "torch", description="Model backend: torch (exact CFLoRA, CPU/GPU) or vllm (merged export, GPU)."
+        "torch", description="Model backend: torch (exact CFLoRA, on the CPU) or vllm (merged export, GPU)."
     )
     redis_url: str | None = Field(
         None,
