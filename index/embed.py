@@ -12,50 +12,23 @@ on the batch it lands in (tests pin this), and sorting keeps the padding — was
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator, Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from rellax.entities import Item
+from rellax.precision import compute_dtype, cpu_supports_bf16, resolve_dtype
 
 __all__ = ["ITEM_TEXT_TEMPLATE", "cpu_supports_bf16", "embed_texts", "item_text", "resolve_dtype"]
 
 ITEM_TEXT_TEMPLATE = "Here is a movie. Its title is {title}. The movie's genre is {genre}."
-_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
 
 def item_text(item: Item) -> str:
     """The text an item is embedded from (DESIGN §4), exactly as the papers write it."""
     return ITEM_TEXT_TEMPLATE.format(title=item.title, genre=item.genre)
-
-
-@functools.cache
-def cpu_supports_bf16() -> bool:
-    """True when the CPU has native bf16 matmul (AMX or AVX-512-BF16), where bf16 is several times
-    faster than fp32; elsewhere bf16 is emulated and slower, so fp32 is the better default."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume no native bf16
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool(_BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
-    return False
-
-
-def resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:
-    """The compute dtype `None` stands for on `device`: bf16 where the hardware has it, else fp32."""
-    if dtype is not None:
-        return dtype
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
-    if device.type == "cpu":
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return torch.float32
 
 
 def _decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -92,9 +65,8 @@ def embed_texts(
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    param = next(model.parameters())
-    device = param.device
-    compute = resolve_dtype(device, dtype)
+    device = next(model.parameters()).device
+    compute, weights = resolve_dtype(device, dtype), compute_dtype(model)
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
@@ -104,7 +76,7 @@ def embed_texts(
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     autocast = (
         torch.autocast(device.type, dtype=compute)
-        if compute != torch.float32 and compute != param.dtype
+        if compute != torch.float32 and compute != weights
         else contextlib.nullcontext()
     )
     n_batches = -(-len(texts) // batch_size)

@@ -34,6 +34,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from index.item_index import ItemIndex
+from rellax import precision
 from rellax.cflora import inject_cflora, merge_cflora_state_dict
 from rellax.din import DIN
 from rellax.entities import HistoryEvent, Item, Profile
@@ -234,6 +235,11 @@ class Bundle:
         return str(self.manifest["model_version"])
 
     @property
+    def dtype(self) -> str:
+        """The dtype the model computes in ("float32" / "bfloat16"): `dtype="auto"` resolved."""
+        return precision.name(self.scorer.dtype)
+
+    @property
     def k(self) -> int:
         return self.config.k
 
@@ -245,7 +251,8 @@ class Bundle:
     def load(cls, path: Path | str, dtype: str = "auto") -> Bundle:
         """Verify checksums, then load every part.
 
-        dtype: "auto" (bf16 where the CPU has native bf16, else fp32), "float32" or "bfloat16".
+        dtype: "auto" (= float32, `rellax.precision.resolve`), "float32" or "bfloat16";
+            bf16 is `rellax.precision`'s recipe (the SPA projector and CFLoRA gates stay fp32).
         """
         path = Path(path)
         manifest = verify(path)
@@ -268,8 +275,7 @@ class Bundle:
         index = ItemIndex.load(path / "index")
         yes, no = answer_token_ids(tokenizer)
         model = ScoringModel(lm, yes, no, spa=spa).eval()
-        torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-        scorer = Scorer(model, dtype=torch_dtype, pad_id=int(tokenizer.pad_token_id or 0))
+        scorer = Scorer(model, dtype=precision.resolve(dtype), pad_id=int(tokenizer.pad_token_id or 0))
         featurizer = Featurizer(tokenizer, items, index, din, k=config.k, spa=config.spa)
         return cls(path, manifest, featurizer, scorer)
 

@@ -30,7 +30,7 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
         logger_factory=structlog.stdlib.LoggerFactory(),
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler()
+    handler = _StderrHandler()
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=shared,
@@ -43,6 +43,24 @@ def configure_logging(level: str | None = None, json: bool | None = None) -> Non
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """A stream handler bound to whatever `sys.stderr` is when a record is written, not when the
+    handler was made: pytest (and any caller that swaps stderr) closes the stream it replaced, and a
+    handler holding that stream then fails with "I/O operation on closed file" (as logging's own
+    last-resort handler does)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self)
+
+    @property
+    def stream(self):  # noqa: ANN201 - a text stream
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # noqa: ANN001 - StreamHandler.setStream assigns it; ignored
+        pass
 
 
 def get_logger(name: str) -> structlog.stdlib.BoundLogger:

@@ -2,7 +2,8 @@
 
 `ScoringModel` is the differentiable core shared by training and serving: the causal LM (CFLoRA
 layers optional), the SPA projector (optional) and a two-row head. `Scorer` is the inference loop
-around it: length-bucketed batches, `torch.inference_mode`, bf16 where the CPU has native bf16.
+around it: length-bucketed batches, `torch.inference_mode`, bf16 where the CPU has native bf16 (in
+`rellax.precision`'s recipe: bf16 linear weights, fp32 residual stream, norms and small modules).
 
 Why only two head rows: P(yes) = softmax(logit_Yes, logit_No)[Yes] = sigmoid(logit_Yes - logit_No),
 and logit_Yes - logit_No = h_last · (w_Yes - w_No) (+ the bias difference, if the head has one).
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from index.embed import resolve_dtype
+from rellax import precision
 from rellax.cflora import gate_context
 from rellax.spa import SPAProjector, inject_soft_tokens
 
@@ -123,7 +124,7 @@ class ScoringModel(nn.Module):
         """
         embeds = self.embed(input_ids, soft_positions, soft_vectors, projected)
         gates = gate_context(self.lm, h) if h is not None else contextlib.nullcontext()
-        with gates:
+        with gates, precision.compute(self.lm):  # gates computed above, in their own dtype
             out = self.lm.model(inputs_embeds=embeds, use_cache=False)
         return out.last_hidden_state
 
@@ -176,10 +177,11 @@ class Scorer:
     Args:
         model: the scoring model; put in eval mode here.
         dtype: compute dtype; None picks bf16 where the device has native bf16 and fp32 elsewhere
-            (`index.embed.resolve_dtype`). fp32 is the numerically checked reference.
-        cast: with a dtype other than the model's, cast the model's weights in place (fastest: no
-            per-call weight casts; what a server wants); False runs under autocast instead and leaves
-            the weights alone (what a trainer evaluating its fp32 model mid-run wants).
+            (`rellax.precision.resolve_dtype`). fp32 is the numerically checked reference.
+        cast: with a dtype other than the model's, put the LM in `rellax.precision`'s recipe for it
+            in place (fastest: no per-call weight casts; what a server wants; the SPA projector and
+            CFLoRA's modules keep their dtype); False runs everything under autocast instead and
+            leaves the weights alone.
         pad_id: the id used for right padding; never attended to, so any valid id works.
     """
 
@@ -188,12 +190,12 @@ class Scorer:
     ) -> None:
         self.model = model.eval()
         self.device = next(model.parameters()).device
-        self.dtype = resolve_dtype(self.device, dtype)
+        self.dtype = precision.resolve_dtype(self.device, dtype)
         self.pad_id = pad_id
         self.autocast = False
-        if self.dtype != next(model.parameters()).dtype:
+        if self.dtype != precision.compute_dtype(model.lm):
             if cast:
-                model.to(self.dtype)
+                precision.cast_for_compute(model.lm, self.dtype)
             else:
                 self.autocast = True
 

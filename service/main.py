@@ -56,7 +56,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)
         stack.push_async_callback(client.aclose)
         store = app.state.store = HistoryStore(client, cap=s.history_cap)
-        backend = app.state.backend or build_backend(s, bundle)
+        backend = app.state.backend = app.state.backend or build_backend(s, bundle)
         await backend.start()
         stack.push_async_callback(backend.close)
         batcher = app.state.batcher = MicroBatcher(
@@ -71,7 +71,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         )  # fmt: skip
         app.state.canary_ok = await app.state.pipeline.canary()
         log.info(
-            "service ready", model_version=bundle.model_version, backend=s.backend, canary=app.state.canary_ok
+            "service ready",
+            model_version=bundle.model_version,
+            backend=s.backend,
+            dtype=getattr(backend, "compute_dtype", None),
+            canary=app.state.canary_ok,
         )
         yield
 

@@ -209,6 +209,9 @@ class ReadyResponse(_Model):
     ready: bool = Field(description="True when every check passes.")
     checks: dict[str, bool] = Field(description="bundle, redis, canary, batcher.")
     model_version: str | None = Field(description="Loaded bundle version.")
+    dtype: str | None = Field(
+        None, description="Dtype the model computes in (RELLAX_DTYPE resolved): float32 or bfloat16."
+    )
 
 
 class ErrorDetail(_Model):

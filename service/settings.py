@@ -33,7 +33,12 @@ class Settings(BaseSettings):
         description="Bundle directory to serve (default: the demo bundle in the cache).",
     )
     dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="Model weights dtype: auto = bf16 where the CPU/GPU supports it, else fp32."
+        "auto",
+        description=(
+            "Dtype the torch backend scores in: auto = float32, the reference; bfloat16 (bf16 linear "
+            "weights, fp32 residual stream) is faster on CPUs with AMX/AVX-512-BF16 but moves P(yes) "
+            "by up to ~0.01 (benchmarks/results/precision.md). vLLM: its own choice (see its backend)."
+        ),
     )
     backend: Literal["torch", "vllm"] = Field(
         "torch", description="Model backend: torch (exact CFLoRA, on the CPU) or vllm (merged export, GPU)."

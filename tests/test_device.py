@@ -43,5 +43,8 @@ def test_the_base_lm_loads_on_the_resolved_device(tiny_model_dir, monkeypatch: p
     monkeypatch.setenv("RELLAX_DEVICE", "cpu")
     lm, _ = load_base_lm(tiny_model_dir, bf16=True)
     assert {p.device.type for p in lm.parameters()} == {"cpu"}
-    assert {p.dtype for p in lm.parameters()} == {torch.bfloat16}
+    from rellax import precision
+
+    assert precision.compute_dtype(lm) == torch.bfloat16  # the recipe: bf16 decoder linears
+    assert lm.model.embed_tokens.weight.dtype == lm.model.norm.weight.dtype == torch.float32
     assert not any(p.requires_grad for p in lm.parameters())  # the base stays frozen

@@ -15,12 +15,19 @@ import torch
 from rellax.bundle import Bundle, verify
 from rellax.entities import HistoryEvent
 from rellax.errors import BundleError
+from rellax.precision import cpu_supports_bf16
 from training.fewshot import eval_rows
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig
 from training.llm_setup import score_examples
 
 LOOP = dict(batch_size=8, micro_batch=4, bf16=False, evals_per_epoch=1)
+# Train/serve parity runs in each dtype this CPU can serve in, the same dtype on both sides. Bounds:
+# fp32 1e-5 (the same ops, batched differently: GEMM blocking moves the 7th digit); bf16 2e-3 (the
+# same recipe, rellax.precision, on both sides; what differs is the batch shape, which decides some
+# bf16 roundings: the bound of tests/test_batch_invariance.py).
+PARITY = {"float32": 1e-5, "bfloat16": 2e-3}
+PARITY_DTYPES = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +151,9 @@ def bundle_dir(runs: dict[str, Path], tiny_model_dir: Path, din_dir: Path) -> Pa
     return out
 
 
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
 def test_bundle_scores_like_the_trained_model(
+    dtype: str,
     bundle_dir: Path,
     runs: dict[str, Path],
     ml100k,
@@ -160,7 +169,7 @@ def test_bundle_scores_like_the_trained_model(
     from training.stage2 import build_stage2_model, load_stage2_weights
 
     samples, catalogue = ml100k_samples, Catalogue.from_tables(ml100k)
-    lm, tok = load_base_lm(tiny_model_dir, bf16=False)
+    lm, tok = load_base_lm(tiny_model_dir, bf16=dtype == "bfloat16")  # the trainers' base, in `dtype`
     din = load_din(din_dir)
     meta = _metrics(runs["rellax"])
     model = build_stage2_model(
@@ -178,7 +187,8 @@ def test_bundle_scores_like_the_trained_model(
     examples = build_examples(featurizer, catalogue, samples, [(int(r), "subr") for r in rows], with_din=True)
     trained = score_examples(model, examples)
 
-    bundle = Bundle.load(bundle_dir, dtype="float32")
+    bundle = Bundle.load(bundle_dir, dtype=dtype)
+    assert bundle.dtype == dtype
     served = []
     for r, example in zip(rows, examples, strict=True):
         items, ratings, stamps = samples.history(int(r))
@@ -192,7 +202,7 @@ def test_bundle_scores_like_the_trained_model(
         assert list(prepared.model_input.input_ids) == example.prompt.input_ids
         assert list(prepared.model_input.soft_positions) == example.prompt.soft_positions
         served.append(bundle.score_prepared([prepared])[0])
-    np.testing.assert_allclose(served, trained, atol=1e-5)
+    np.testing.assert_allclose(served, trained, atol=PARITY[dtype], rtol=0)
 
 
 def test_bundle_manifest_and_merged_export(bundle_dir: Path) -> None:
@@ -312,7 +322,9 @@ def test_runs_are_reused_only_under_the_same_config(
     assert again["run_id"] != s2_first and again["stage1_run_id"] == other["run_id"]
 
 
+@pytest.mark.parametrize("dtype", PARITY_DTYPES)
 def test_eval_scores_every_mode_on_the_same_rows(
+    dtype: str,
     runs: dict[str, Path],
     bundle_dir: Path,
     tiny_model_dir: Path,
@@ -326,7 +338,7 @@ def test_eval_scores_every_mode_on_the_same_rows(
 
     from training.evaluate import EvalConfig, main
 
-    out = runs["root"] / "eval"
+    out = runs["root"] / f"eval-{dtype}"
     report = main(
         EvalConfig(
             n=24,
@@ -337,8 +349,10 @@ def test_eval_scores_every_mode_on_the_same_rows(
             model_dir=tiny_model_dir,
             index_dir=runs["root"] / "index",
             out=out,
+            dtype=dtype,
         )
     )
+    assert report["dtype"] == dtype and f", {dtype}," in (out / "eval.md").read_text()
     modes = ["zero-shot recency", "zero-shot SUBR", "rella", "spa", "cflora", "rellax", "DIN"]
     assert list(report["results"]) == modes and report["rows"] == 24
     saved = np.load(out / "predictions.npz")
@@ -352,7 +366,7 @@ def test_eval_scores_every_mode_on_the_same_rows(
     assert "| rellax |" in (out / "eval.md").read_text()
 
     profiles = Catalogue.from_tables(ml100k).profiles
-    bundle = Bundle.load(bundle_dir, dtype="float32")
+    bundle = Bundle.load(bundle_dir, dtype=dtype)  # served in the dtype it was evaluated in
     served = []
     for r in rows[:4]:
         items, ratings, stamps = ml100k_samples.history(int(r))
@@ -364,7 +378,7 @@ def test_eval_scores_every_mode_on_the_same_rows(
             profiles[uid], history, [int(ml100k_samples.item_id[r])], user_id=str(uid)
         )
         served.append(bundle.score_prepared([prepared])[0])
-    np.testing.assert_allclose(served, saved["rellax"][:4], atol=1e-5)
+    np.testing.assert_allclose(served, saved["rellax"][:4], atol=PARITY[dtype], rtol=0)
 
 
 def test_a_stage_run_is_reproducible(runs: dict[str, Path], tiny_model_dir: Path, tmp_path: Path) -> None:

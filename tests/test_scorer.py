@@ -142,7 +142,15 @@ def test_bf16_tracks_the_fp32_reference(scoring, soft_tokenizer, cast: bool) -> 
     reference = Scorer(copy.deepcopy(scoring), dtype=torch.float32).score(prompts, vectors, h)
     model = copy.deepcopy(scoring)
     got = Scorer(model, dtype=torch.bfloat16, cast=cast).score(prompts, vectors, h)
-    assert next(model.parameters()).dtype == (torch.bfloat16 if cast else torch.float32)
+    in_bf16 = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
+    # cast: rellax.precision's recipe, the decoder's own linear weights only (q/k/v/o, gate/up/down;
+    # CFLoRA's base_layer); embeddings, norms, CFLoRA A/B/gates and the SPA projector stay fp32.
+    decoder_linears = {
+        n for n, m in model.lm.model.layers.named_modules() if isinstance(m, torch.nn.Linear)
+        and not {"lora_A", "lora_B", "gate"} & set(n.split("."))
+    }  # fmt: skip
+    assert len(decoder_linears) == 2 * 7
+    assert in_bf16 == ({f"lm.model.layers.{n}.weight" for n in decoder_linears} if cast else set())
     # bf16 keeps 8 mantissa bits: ~0.4% per rounding, compounded over 2 layers of a random model
     np.testing.assert_allclose(got, reference, atol=2e-2, rtol=0)
 

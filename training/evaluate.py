@@ -16,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from safetensors.torch import load_file
 
+from rellax import precision
 from rellax.assets import prepare_model
 from rellax.cflora import inject_cflora, load_lora_weights
 from rellax.features import Featurizer, Mode
@@ -56,7 +58,9 @@ class EvalConfig:
     zero_shot: bool = True
     model_dir: Path | None = None
     index_dir: Path | None = None
-    bf16: bool | None = None  # None = where the CPU has native bf16
+    # The dtype every LLM mode is scored in: "auto" resolves as the service's RELLAX_DTYPE=auto does
+    # (`rellax.precision.resolve`), so the table describes the bundle as served; recorded in eval.json.
+    dtype: str = "auto"
 
 
 def stage1_model(lm, tokenizer, stage1: Path) -> ScoringModel:  # noqa: ANN001
@@ -75,11 +79,12 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     labels = samples.label[rows].astype(np.int64)
     model_dir = prepare_model(cfg.model_dir)
     din = load_din(cfg.din_dir)
+    dtype = precision.resolve(cfg.dtype)
     results: dict[str, dict[str, Any]] = {}
     preds: dict[str, np.ndarray] = {}
 
     def fresh():  # noqa: ANN202 - (lm, tokenizer, featurizer factory)
-        lm, tok = load_base_lm(model_dir, bf16=cfg.bf16)
+        lm, tok = load_base_lm(model_dir, bf16=dtype == torch.bfloat16)
         index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tok, catalogue)
         return lm, tok, index
 
@@ -131,6 +136,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         "rows": int(len(rows)),
         "seed": cfg.seed,
         "k": cfg.k,
+        "dtype": precision.name(dtype),
         "label_rate": float(labels.mean()),
         "data_hash": manifest["source_hash"],
         "results": results,
@@ -168,7 +174,7 @@ def markdown_table(report: Mapping[str, Any]) -> str:
     """The eval table: one row per mode."""
     lines = [
         f"Evaluation on {report['rows']} {report['split']} rows (seed {report['seed']}, K={report['k']}, "
-        f"label rate {report['label_rate']:.3f})",
+        f"{report.get('dtype', 'float32')}, label rate {report['label_rate']:.3f})",
         "",
         "| mode | AUC | LogLoss | accuracy |",
         "|---|---|---|---|",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+from rellax import precision
 from rellax.assets import DEFAULT_MODEL_NAME, file_sha256, prepare_model
 from rellax.bundle import BundleConfig, write_bundle, write_merged
 from rellax.cflora import cflora_modules
@@ -66,7 +67,10 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
         alpha=float(s1cfg["alpha"]),
         dropout=float(s1cfg["dropout"]),
     )
-    metrics: dict[str, Any] = {"valid_auc_exact": meta["result"]["best_valid_auc"]}
+    metrics: dict[str, Any] = {
+        "valid_auc_exact": meta["result"]["best_valid_auc"],
+        "valid_auc_exact_device": meta["result"].get("device"),  # "cpu/bfloat16": where and in what dtype
+    }
     if cfg.eval_json and cfg.eval_json.exists():
         metrics["eval"] = json.loads(cfg.eval_json.read_text())
     base_sha = (
@@ -157,5 +161,6 @@ def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config
             "valid_auc_exact_subset": exact,
             "valid_auc_merged_subset": merged,
             "merged_valid_rows": int(len(rows)),
+            "merged_vs_exact_dtype": precision.name(precision.compute_dtype(model.lm)),
         },
     }

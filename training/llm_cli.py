@@ -93,11 +93,14 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Where eval.json / eval.md go.")] = None,
     zero_shot: bool = True,
     k: int = 15,
+    dtype: Annotated[
+        str, typer.Option(help="auto (as RELLAX_DTYPE=auto serves: float32), float32 or bfloat16.")
+    ] = "auto",
 ) -> None:
     """AUC / LogLoss / accuracy of every mode and the DIN on the same seeded rows."""
     from training.evaluate import EvalConfig, main, markdown_table
 
-    cfg = EvalConfig(split=split, n=None if n == "all" else int(n), zero_shot=zero_shot, k=k)
+    cfg = EvalConfig(split=split, n=None if n == "all" else int(n), zero_shot=zero_shot, k=k, dtype=dtype)
     if stage1:
         cfg.stage1 = stage1
     for spec in stage2 or []:

@@ -2,9 +2,11 @@
 length-bucketed micro-batches, a linear schedule, validation-AUC model selection, resumable
 checkpoints. Stage recipes decide *what* trains; this decides nothing about the model.
 
-Speed: the frozen base runs in bf16 weights on CPUs with native bf16 while adapters, gates and the
-projector stay fp32 (each layer computes in its own dtype, as peft's LoRA does); no autocast, which
-measured 1.45x slower here (8.5 s vs 12.4 s per 8 x 330-token micro-batch) for its per-op casts.
+Speed: on CPUs with native bf16 the frozen base runs in `rellax.precision`'s bf16 recipe (bf16
+decoder linear weights, cast once; embeddings, norms, residual stream, adapters, gates and the
+projector in fp32, under autocast) — the recipe the bundle is served in, so what validation selects
+is what is served. Autocast over fp32 weights measured 1.45x slower (8.5 s vs 12.4 s per 8 x
+330-token micro-batch) for its per-op weight casts; with the weights cast once it casts activations only.
 Right padding with no attention mask (SDPA's mask-free causal kernel), and the full-vocabulary
 head applied only at the answer positions (2 per prompt instead of ~350).
 """
@@ -23,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from rellax import precision
 from rellax.logs import get_logger
 from rellax.scorer import ScoringModel
 from training.llm_data import Batch, LLMExample, collate, length_sorted_chunks
@@ -121,7 +124,7 @@ def train_loop(
         optimizer, _schedule(total_steps, int(cfg.warmup_ratio * total_steps))
     )
     device = next(iter(params.values())).device
-    base_dtype = next(model.lm.parameters()).dtype
+    base_dtype = precision.compute_dtype(model.lm)
     result = TrainResult(best_valid_auc=-1.0, best_step=0)
     best_state = {k: v.detach().clone() for k, v in params.items()}
     step = 0
@@ -138,7 +141,7 @@ def train_loop(
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         result = TrainResult(**state["result"])
         log.info("resumed", checkpoint=str(checkpoint), step=step)
-    result.device = f"{device}/{str(base_dtype).removeprefix('torch.')}"
+    result.device = f"{device}/{precision.name(base_dtype)}"
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
         result.best_valid_auc = evaluate()
         result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc})

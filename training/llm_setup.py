@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from index.embed import resolve_dtype
 from index.item_index import ItemIndex, build_item_index
+from rellax import precision
 from rellax.device import resolve_device
 from rellax.din import DIN
 from rellax.features import Featurizer, Mode
@@ -40,16 +40,18 @@ def default_index_dir() -> Path:
 
 def load_base_lm(model_dir: Path, bf16: bool | None = None, device: str | None = None):  # noqa: ANN201 - (model, tokenizer)
     """The frozen base LLM and its tokenizer, soft tokens added, on `device` (`rellax.device`: auto =
-    cuda when torch sees a GPU), in bf16 weights where that device has native bf16 (`bf16=None`)."""
+    cuda when torch sees a GPU), in `rellax.precision`'s bf16 recipe where that device has native
+    bf16 (`bf16=None`), else fp32: the same recipe the bundle is served in."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     target = resolve_device(device)
-    bf16 = resolve_dtype(target, None) == torch.bfloat16 if bf16 is None else bf16
+    bf16 = precision.resolve_dtype(target, None) == torch.bfloat16 if bf16 is None else bf16
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     add_soft_tokens(tokenizer, lm)
     lm.requires_grad_(False)
-    lm.to(target, dtype=torch.bfloat16 if bf16 else torch.float32)
+    lm.to(target)
+    precision.cast_for_compute(lm, torch.bfloat16 if bf16 else torch.float32)
     return lm.eval(), tokenizer
 
 
@@ -73,8 +75,8 @@ def load_din(folder: Path) -> DIN:
 
 
 def score_examples(model: ScoringModel, examples: Sequence[LLMExample], max_batch: int = 32) -> np.ndarray:
-    """P(yes) for examples' prompts with the live model (no weight casts: trainers keep fp32 adapters)."""
-    scorer = Scorer(model, dtype=next(model.parameters()).dtype, cast=False)
+    """P(yes) for examples' prompts with the live model, in the dtype it computes in (no casts)."""
+    scorer = Scorer(model, dtype=precision.compute_dtype(model.lm), cast=False)
     soft = [e.soft for e in examples] if examples and examples[0].soft is not None else None
     h = torch.stack([e.h for e in examples]) if examples and examples[0].h is not None else None
     return scorer.score([e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=max_batch)

@@ -39,7 +39,10 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
     }
     ready = all(checks.values())
     body = ReadyResponse(
-        ready=ready, checks=checks, model_version=getattr(state.bundle, "model_version", None)
+        ready=ready,
+        checks=checks,
+        model_version=getattr(state.bundle, "model_version", None),
+        dtype=getattr(getattr(state, "backend", None), "compute_dtype", None),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 

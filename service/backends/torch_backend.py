@@ -39,6 +39,11 @@ class TorchBackend:
         return cls(bundle)
 
     @property
+    def compute_dtype(self) -> str:
+        """The dtype the bundle's model computes in ("float32" / "bfloat16"), for /readyz and logs."""
+        return str(self.bundle.dtype)
+
+    @property
     def prepare_executor(self) -> ThreadPoolExecutor | None:
         """The model thread, offered for the request path's CPU work (see ScoringPipeline._off_loop)."""
         return self._pool

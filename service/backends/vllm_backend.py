@@ -159,6 +159,7 @@ class VllmBackend:
         self.model_dir = Path(model_dir)
         self.yes_id, self.no_id = int(yes_id), int(no_id)
         self.dtype = dtype
+        self.compute_dtype: str | None = None  # what vLLM resolved `dtype` to, once started
         self.kv_cache_memory_bytes = int(kv_cache_memory_bytes)
         self.max_model_len = int(max_model_len)
         self.max_num_seqs = max_num_seqs
@@ -208,6 +209,7 @@ class VllmBackend:
             )
             table = await asyncio.to_thread(load_input_embeddings, self.model_dir)
             self._table = table.to(engine.engine.model_config.dtype)
+            self.compute_dtype = str(self._table.dtype).removeprefix("torch.")
             log.info("vllm engine ready", model_dir=str(self.model_dir), dtype=str(self._table.dtype))
             if self.warmup:
                 await self.score([ModelInput(input_ids=[self.yes_id, self.no_id])])

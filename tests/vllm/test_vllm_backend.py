@@ -127,15 +127,35 @@ async def test_is_a_scoring_backend_and_errors_are_backend_errors(vllm_backend, 
     np.testing.assert_allclose(await vllm_backend.score([good]), before, atol=1e-6, rtol=0)
 
 
-async def test_a_cancelled_call_leaves_the_engine_serving(vllm_backend, tokenizer_soft) -> None:  # noqa: ANN001
+@pytest.mark.parametrize("when", ["before the engine", "in the engine"])
+async def test_a_cancelled_call_leaves_the_engine_serving(
+    vllm_backend, tokenizer_soft, monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:  # noqa: ANN001
+    """Cancelled before its requests reach the engine, or right after they were submitted: the call
+    raises CancelledError either way and the engine keeps serving. The cancel is placed by events,
+    never by a sleep, so how fast the engine is cannot decide the outcome."""
     good = ModelInput(input_ids=encode(tokenizer_soft, PROMPTS[2]))
     before = await vllm_backend.score([good])
     long = ModelInput(input_ids=encode(tokenizer_soft, " ".join(PROMPTS * 3)))
+    engine, submitted = vllm_backend._engine, []
+    real_submit = engine.submit
+
+    def submit(*args):  # noqa: ANN002, ANN202 - the real submit, then (once all are in) the cancel
+        future = real_submit(*args)
+        submitted.append(future)
+        if when == "in the engine" and len(submitted) == 32:
+            task.cancel()  # lands at the call's next await: the gather over the engine's futures
+        return future
+
+    monkeypatch.setattr(engine, "submit", submit)
     task = asyncio.ensure_future(vllm_backend.score([long] * 32))
-    await asyncio.sleep(0.05)  # let the call reach the engine (not asserted: either way must be safe)
-    task.cancel()
+    if when == "before the engine":
+        await asyncio.sleep(0)  # the call has started (building prompt embeddings off the loop)
+        task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+    assert len(submitted) == (32 if when == "in the engine" else 0)
+    monkeypatch.undo()
     np.testing.assert_allclose(await vllm_backend.score([good, good]), [before[0]] * 2, atol=1e-6, rtol=0)
 
 
