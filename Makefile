@@ -67,6 +67,7 @@ lint: setup
 bench: setup
 	$(PY) benchmarks/subr.py
 	$(PY) benchmarks/scoring.py
+	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/service.py
 
 clean:

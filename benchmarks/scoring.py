@@ -14,14 +14,22 @@ like for like:
 (b) careful: transformers with weights in the fast dtype (bf16 where the CPU has native bf16, else
     fp32), all candidates in one left-padded batch with an
     attention mask and matching position ids, `logits_to_keep=1`;
-(c) rellax: `Scorer` (the same dtype, right padding, length buckets, two-row head) over a model with
-    CFLoRA on every q_proj/v_proj (r=8, random B and gates, a random h per candidate) and a random
-    SPA projector fed random 64-d "DIN" vectors.
+(c) rellax: `Scorer` (the same dtype, in `rellax.precision`'s recipe: bf16 decoder linears, fp32
+    residual stream; right padding, length buckets, two-row head) over a model with CFLoRA on every
+    q_proj/v_proj (r=8, random B and gates, a random h per candidate) and a random SPA projector fed
+    random 64-d "DIN" vectors;
+(d) where (b)/(c) run in bf16: the same rellax runtime in fp32, which is what RELLAX_DTYPE=auto serves.
 
-Also measured in the same run: the matmul peak in that dtype (square 2048^3 matmuls, best of 10) and the
-model FLOPs per candidate = 2 x (decoder linear weights) x tokens + causal attention
-2 x layers x hidden x tokens^2; embedding lookups and the head are not counted (the naive variant
-also computes the full-vocabulary head at every position, which is wasted work, not useful FLOPs).
+Precision per K, where the fast dtype is bf16: max and mean |P(yes)| of the base model (no random
+adapters, which amplify any rounding) through `Scorer` in the bf16 recipe against fp32, on all
+candidates; and, from benchmarks/results/precision.json when it has that K, the trained demo
+bundle's AUC in bf16 - fp32 on 2,000 labelled test rows (`benchmarks/precision.py`).
+
+Also measured in the same run: the matmul peak of each dtype used (square 2048^3 matmuls, best of
+10; each row's "% of peak" is against its own dtype's peak) and the model FLOPs per candidate =
+2 x (decoder linear weights) x tokens + causal attention 2 x layers x hidden x tokens^2; embedding
+lookups and the head are not counted (the naive variant also computes the full-vocabulary head at
+every position, which is wasted work, not useful FLOPs).
 Writes benchmarks/results/scoring.json and scoring.md. The machine is shared: the load average
 before and after is recorded, and figures taken under load are depressed.
 """
@@ -44,18 +52,27 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from index.embed import resolve_dtype  # noqa: E402
+from rellax.model_input import ModelInput  # noqa: E402
 from rellax.prompt import Prompt, build_prompt  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
 
 # (b) and (c) run in the dtype the service would pick here: bf16 only where the CPU has native bf16
 # (on a CPU without it, emulated bf16 matmul measured 400x slower than fp32 and would say nothing).
 FAST = resolve_dtype(torch.device("cpu"), None)
-FAST_NAME = str(FAST).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+def _short(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+
+
+FAST_NAME = _short(FAST)
 VARIANTS = {
     "a": "(a) naive fp32, one at a time, full vocab",
     "b": f"(b) transformers {FAST_NAME}, batched, logits_to_keep=1",
     "c": f"(c) rellax runtime {FAST_NAME}, CFLoRA + SPA",
+    **({"d": "(d) rellax runtime fp32, CFLoRA + SPA"} if torch.float32 != FAST else {}),
 }
+VARIANT_DTYPE = {"a": torch.float32, "b": FAST, "c": FAST, "d": torch.float32}
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = FAST) -> float:
@@ -121,8 +138,8 @@ def careful(model, prompts: list[Prompt], yes: int, no: int, pad: int) -> np.nda
     return torch.softmax(logits[:, -1, [yes, no]].float(), dim=1)[:, 0].numpy()
 
 
-def build_runtime(base, tokenizer, gate_dim: int = 256, embed_dim: int = 64):  # noqa: ANN001, ANN201
-    """The rellax runtime with CFLoRA and SPA on, random adapters (G != I, B != 0)."""
+def build_runtime(base, tokenizer, gate_dim: int = 256, embed_dim: int = 64, dtype=FAST):  # noqa: ANN001, ANN201
+    """The rellax runtime with CFLoRA and SPA on, random adapters (G != I, B != 0), in `dtype`."""
     from rellax.cflora import cflora_modules, inject_cflora
     from rellax.scorer import Scorer, ScoringModel
     from rellax.spa import SPAProjector
@@ -135,7 +152,21 @@ def build_runtime(base, tokenizer, gate_dim: int = 256, embed_dim: int = 64):  #
             m.lora_B.weight.normal_(0, 0.01, generator=g)
             m.gate[-1].weight.normal_(0, 0.05, generator=g)
     model = ScoringModel(lm, *answer_token_ids(tokenizer), spa=SPAProjector(embed_dim, lm.config.hidden_size))
-    return Scorer(model, dtype=FAST, pad_id=tokenizer.pad_token_id or 0)
+    return Scorer(model, dtype=dtype, pad_id=tokenizer.pad_token_id or 0)
+
+
+def base_precision(base, tokenizer, prompts: list[Prompt]) -> dict[str, float]:  # noqa: ANN001
+    """max / mean |P(yes) bf16 recipe - fp32| of the base model (no adapters) through `Scorer`."""
+    from rellax.scorer import Scorer, ScoringModel
+
+    yes, no = answer_token_ids(tokenizer)
+    text = [ModelInput(p.input_ids) for p in prompts]  # the same ids, placeholders left as plain tokens
+    p = {
+        dtype: Scorer(ScoringModel(copy.deepcopy(base), yes, no), dtype=dtype).score(text)
+        for dtype in (torch.float32, torch.bfloat16)
+    }
+    gap = np.abs(p[torch.bfloat16] - p[torch.float32])
+    return {"max": round(float(gap.max()), 4), "mean": round(float(gap.mean()), 4)}
 
 
 def model_flops(model, tokens: np.ndarray) -> np.ndarray:  # noqa: ANN001
@@ -167,9 +198,11 @@ def main() -> None:
     fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     add_soft_tokens(tokenizer, fp32)  # the placeholder ids exist (zero rows) for every variant
     fast = copy.deepcopy(fp32).to(FAST)
-    runtime = build_runtime(fp32, tokenizer)
+    runtimes = {"c": build_runtime(fp32, tokenizer)}
+    if "d" in VARIANTS:
+        runtimes["d"] = build_runtime(fp32, tokenizer, dtype=torch.float32)
     rng = np.random.default_rng(1)
-    peak = matmul_peak()
+    peaks = {dtype: matmul_peak(dtype=dtype) for dtype in set(VARIANT_DTYPE[v] for v in VARIANTS)}
 
     rows, checks = [], {}
     for k in args.ks:
@@ -184,7 +217,7 @@ def main() -> None:
                 return naive(fp32, ps[:n], yes, no)
             if kind == "b":
                 return careful(fast, ps[:n], yes, no, tokenizer.pad_token_id)
-            return runtime.score(ps[:n], vectors[:n], h[:n])
+            return runtimes[kind].score(ps[:n], vectors[:n], h[:n])
 
         results = {}
         for kind, name in VARIANTS.items():
@@ -194,10 +227,12 @@ def main() -> None:
             results[kind] = run(kind, n)
             rate = n / (time.perf_counter() - start)
             achieved = float(flops[:n].mean()) * rate / 1e9
+            peak = peaks[VARIANT_DTYPE[kind]]
             rows.append(
                 {
                     "K": k,
                     "variant": name,
+                    "dtype": _short(VARIANT_DTYPE[kind]),
                     "candidates": n,
                     "candidates_per_s": round(rate, 3),
                     "mean_tokens": round(float(tokens[:n].mean()), 1),
@@ -209,6 +244,8 @@ def main() -> None:
             print(rows[-1], flush=True)
         gap = np.abs(results["a"] - results["b"][: args.naive]).max()
         checks[f"K={k}"] = {"max_abs_p_yes_a_vs_b": round(float(gap), 4)}
+        if torch.float32 != FAST:
+            checks[f"K={k}"]["base_bf16_recipe_vs_fp32"] = base_precision(fp32, tokenizer, ps)
     by = {(r["K"], r["variant"][1]): r["candidates_per_s"] for r in rows}
     ratios = {
         f"K={k}": {
@@ -222,7 +259,7 @@ def main() -> None:
     result = {
         "workload": info,
         "dtype": FAST_NAME,
-        "peak_gflop_s": round(peak, 1),
+        "peak_gflop_s": {_short(dtype): round(value, 1) for dtype, value in peaks.items()},
         "rows": rows,
         "ratios": ratios,
         "checks": checks,
@@ -243,15 +280,18 @@ def main() -> None:
 
 def render(result: dict) -> str:
     dtype = result.get("dtype", "bf16")  # results saved before the dtype was recorded ran bf16
-    peak = result.get("peak_gflop_s", result.get("peak_bf16_gflop_s"))
+    peaks = result.get("peak_gflop_s", result.get("peak_bf16_gflop_s"))
+    if not isinstance(peaks, dict):  # saved before each dtype had its own peak
+        peaks = {dtype: peaks}
     lines = [
         f"# Scoring benchmark (SmolLM2-135M, {result['cpus']} CPUs, {result['torch_threads']} threads, "
         f"load avg {result['load_avg_before'][0]} -> {result['load_avg_after'][0]})",
         "",
         f"One ML-100K user ({result['workload']['history_len']} history items), "
         f"{result['workload']['candidates']} candidates, recency prompts with SPA placeholders "
-        "(the same ids for all variants). "
-        f"{dtype} matmul peak (2048^3): {peak} GFLOP/s.",
+        "(the same ids for all variants). Matmul peak (2048^3): "
+        + ", ".join(f"{name} {value} GFLOP/s" for name, value in peaks.items())
+        + "; each row's % of peak is against its own dtype's peak.",
         "",
         "| K | variant | candidates | tokens | GFLOP/cand | cand/s | GFLOP/s | % of peak |",
         "|---:|---|---:|---:|---:|---:|---:|---:|",
@@ -270,11 +310,44 @@ def render(result: dict) -> str:
         "(a)'s full-vocabulary head is not counted. Figures are depressed when the load average "
         "exceeds the CPU count (other jobs share the cores); the peak is measured in the same run, "
         "so it is depressed too, but over a much shorter window than the model runs.",
-        f"Max |P(yes) (a) fp32 - (b) {dtype}| on the naive candidates: {gaps}. "
+        f"Max |P(yes) (a) fp32 - (b) {dtype}| (whole-model cast) on the naive candidates: {gaps}. "
         f"Wall time {result['wall_s']} s.",
         "",
     ]
+    lines += _precision_lines(result)
     return "\n".join(lines)
+
+
+def _precision_lines(result: dict) -> list[str]:
+    """Per K: the bf16 recipe against fp32 (base model, these candidates; the trained demo bundle's
+    AUC on labelled rows from precision.json when it has that K). Targets 0.005 / 0.001."""
+    base = {
+        k[2:]: v["base_bf16_recipe_vs_fp32"]
+        for k, v in result["checks"].items()
+        if "base_bf16_recipe_vs_fp32" in v
+    }
+    if not base:
+        return []
+    saved = ROOT / "benchmarks" / "results" / "precision.json"
+    trained = {str(r["K"]): r for r in json.loads(saved.read_text())["results"]} if saved.exists() else {}
+    lines = [
+        "Precision of the bf16 recipe (`rellax.precision`) against fp32, per K (targets: max |dP| <= 0.005,"
+        " |dAUC| <= 0.001; RELLAX_DTYPE=auto serves fp32):",
+        "",
+        "| K | base model, these candidates: max / mean abs dP | trained demo bundle, test rows: max abs dP,"
+        " dAUC [95% CI] |",
+        "|---:|---|---|",
+    ]
+    for k, gap in base.items():
+        cell = "not measured (benchmarks/precision.py --ks K)"
+        if k in trained:
+            t, d = trained[k], trained[k]["auc_bf16_minus_fp32"]
+            cell = (
+                f"{t['abs_p_diff']['max']:.4f}, {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] "
+                f"on {t['rows']} rows"
+            )
+        lines.append(f"| {k} | {gap['max']} / {gap['mean']} | {cell} |")
+    return [*lines, ""]
 
 
 if __name__ == "__main__":

@@ -1,0 +1,169 @@
+"""Precision benchmark (issue 15): one bundle served in fp32 and in bf16 on the same test rows.
+
+    .venv/bin/python benchmarks/precision.py [--bundle DIR] [--rows 2000] [--ks 15]
+
+For each K: the same seeded ML-100K test rows (`training.fewshot.eval_rows`, seed 1234, the rows
+`rellax eval` scores) go through the serving path (`Bundle.prepare`: SUBR, prompt, DIN h, SPA) once,
+and the prepared inputs are scored by the bundle loaded with dtype="float32" and with "bfloat16"
+(`rellax.precision`'s recipe). Reported: AUC and LogLoss of each, the paired bootstrap 95% interval
+of AUC(bf16) - AUC(fp32), LogLoss(bf16) - LogLoss(fp32), max / p99 / mean |P(yes) bf16 - fp32| and
+candidates/s of each. Targets: |dP| <= 0.005 and |dAUC| <= 0.001.
+
+Resumable: scores are saved every `--chunk` rows under the cache (`precision-bench/`), so a killed
+run picks up where it stopped. Writes benchmarks/results/precision.json and precision.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from rellax.bundle import Bundle  # noqa: E402
+from rellax.entities import HistoryEvent  # noqa: E402
+from rellax.paths import cache_dir  # noqa: E402
+from rellax.precision import cpu_supports_bf16  # noqa: E402
+from training.datasets import load_dataset  # noqa: E402
+from training.fewshot import eval_rows  # noqa: E402
+from training.llm_data import Catalogue  # noqa: E402
+from training.metrics import ctr_metrics, paired_bootstrap_auc_diff  # noqa: E402
+
+DTYPES = ("float32", "bfloat16")
+TARGET_P, TARGET_AUC = 0.005, 0.001
+
+
+def prepare_rows(bundle: Bundle, rows: np.ndarray, k: int) -> list:
+    """Model inputs of each (user, candidate) row through the serving path."""
+    data, samples, _ = load_dataset()
+    profiles = Catalogue.from_tables(data).profiles
+    out = []
+    for r in rows:
+        items, ratings, stamps = samples.history(int(r))
+        history = [
+            HistoryEvent(int(i), float(x), int(t)) for i, x, t in zip(items, ratings, stamps, strict=True)
+        ]
+        uid = samples.user_id(int(r))
+        (prepared,) = bundle.prepare(profiles[uid], history, [int(samples.item_id[r])], k=k, user_id=str(uid))
+        out.append(prepared.model_input)
+    return out
+
+
+def score_resumable(bundle: Bundle, inputs: list, store: Path, chunk: int) -> tuple[np.ndarray, float]:
+    """P(yes) for every input, `chunk` at a time, saved after each chunk; (scores, seconds)."""
+    done = np.load(store) if store.exists() else {"p": np.zeros(0), "seconds": np.zeros(1)}
+    p, seconds = list(done["p"]), float(done["seconds"][0])
+    while len(p) < len(inputs):
+        batch = inputs[len(p) : len(p) + chunk]
+        started = time.perf_counter()
+        p.extend(bundle.score_inputs(batch).tolist())
+        seconds += time.perf_counter() - started
+        np.savez(store, p=np.array(p), seconds=np.array([seconds]))
+        print(f"  {bundle.dtype}: {len(p)}/{len(inputs)} rows, {len(p) / seconds:.2f} rows/s", flush=True)
+    return np.array(p), seconds
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bundle", type=Path, default=cache_dir("bundles") / "demo")
+    parser.add_argument("--rows", type=int, default=2000)
+    parser.add_argument("--ks", type=int, nargs="+", default=[15])
+    parser.add_argument("--chunk", type=int, default=250)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    if not cpu_supports_bf16():
+        print("this CPU has no native bf16 (AMX / AVX-512-BF16): bf16 would be emulated; nothing to measure")
+        return
+    bundles = {dtype: Bundle.load(args.bundle, dtype=dtype) for dtype in DTYPES}
+    _, samples, _ = load_dataset()
+    rows = eval_rows(samples, "test", args.rows, seed=1234)
+    labels = samples.label[rows].astype(np.int64)
+    work = cache_dir("precision-bench") / bundles["float32"].model_version
+    work.mkdir(parents=True, exist_ok=True)
+    results = []
+    for k in args.ks:
+        inputs = prepare_rows(bundles["float32"], rows, k)
+        scores, seconds = {}, {}
+        for dtype, bundle in bundles.items():
+            scores[dtype], seconds[dtype] = score_resumable(
+                bundle, inputs, work / f"k{k}-{dtype}-{args.rows}.npz", args.chunk
+            )
+        gap = np.abs(scores["bfloat16"] - scores["float32"])
+        metrics = {dtype: ctr_metrics(labels, scores[dtype]) for dtype in DTYPES}
+        auc = paired_bootstrap_auc_diff(labels, scores["bfloat16"], scores["float32"])
+        results.append(
+            {
+                "K": k,
+                "rows": int(len(rows)),
+                "metrics": metrics,
+                "auc_bf16_minus_fp32": auc,
+                "logloss_bf16_minus_fp32": metrics["bfloat16"]["logloss"] - metrics["float32"]["logloss"],
+                "abs_p_diff": {
+                    "max": float(gap.max()),
+                    "p99": float(np.percentile(gap, 99)),
+                    "mean": float(gap.mean()),
+                },
+                "rows_per_s": {dtype: len(rows) / seconds[dtype] for dtype in DTYPES},
+                "meets": {"p_yes": bool(gap.max() <= TARGET_P), "auc": bool(abs(auc["diff"]) <= TARGET_AUC)},
+            }
+        )
+        print(json.dumps(results[-1], indent=2), flush=True)
+    report = {
+        "bundle": str(args.bundle),
+        "model_version": bundles["float32"].model_version,
+        "seed": 1234,
+        "targets": {"max_abs_p_yes": TARGET_P, "abs_auc": TARGET_AUC},
+        "results": results,
+        "cpu": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "precision.json").write_text(json.dumps(report, indent=2))
+    (args.out / "precision.md").write_text(render(report))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    lines = [
+        f"# Precision benchmark: the same bundle in fp32 and bf16 ({report['cpus']} CPUs)",
+        "",
+        f"Bundle {report['model_version']}, the seeded test rows of `rellax eval` (seed {report['seed']}), "
+        "served through `Bundle.prepare` + `score_inputs`; bf16 is `rellax.precision`'s recipe.",
+        "",
+        "| K | rows | AUC fp32 | AUC bf16 | dAUC [95% CI] | LogLoss fp32 | LogLoss bf16 "
+        "| max / p99 / mean abs dP | rows/s fp32 / bf16 |",
+        "|---:|---:|---:|---:|---|---:|---:|---|---|",
+    ]
+    for r in report["results"]:
+        m, d, gap, speed = r["metrics"], r["auc_bf16_minus_fp32"], r["abs_p_diff"], r["rows_per_s"]
+        lines.append(
+            f"| {r['K']} | {r['rows']} | {m['float32']['auc']:.4f} | {m['bfloat16']['auc']:.4f} | "
+            f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {m['float32']['logloss']:.4f} | "
+            f"{m['bfloat16']['logloss']:.4f} | {gap['max']:.4f} / {gap['p99']:.4f} / {gap['mean']:.4f} | "
+            f"{speed['float32']:.2f} / {speed['bfloat16']:.2f} |"
+        )
+    t = report["targets"]
+    lines += [
+        "",
+        f"Targets: max abs dP <= {t['max_abs_p_yes']}, abs dAUC <= {t['abs_auc']}. "
+        + "; ".join(
+            f"K={r['K']}: P(yes) {'met' if r['meets']['p_yes'] else 'missed'}, "
+            f"AUC {'met' if r['meets']['auc'] else 'missed'}"
+            for r in report["results"]
+        )
+        + ". RELLAX_DTYPE=auto serves fp32; bf16 is an opt-in for throughput.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
