@@ -59,14 +59,18 @@ def embed_texts(
 
     `dtype=None` runs matmuls in bf16 autocast where the device has native bf16 (see
     `cpu_supports_bf16`) and in fp32 otherwise; `torch.float32` disables autocast (the numerically
-    checked reference). A model whose weights are already in `dtype` (or, with `None`, in the
-    resolved dtype) runs as it is, without autocast: on AVX-512-BF16 CPUs a bf16 copy of the
-    weights is faster than autocast (benchmarks/subr.py). The pooling is always done in fp32.
+    checked reference). Weights already in bf16 (a bf16 copy, or `rellax.precision`'s recipe, whose
+    embeddings and norms stay fp32) are not cast again by autocast: on AVX-512-BF16 CPUs that is
+    faster than autocast over fp32 weights (benchmarks/subr.py). The pooling is always done in fp32.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    compute, weights = resolve_dtype(device, dtype), compute_dtype(model)
+    compute = resolve_dtype(device, dtype)
+    if compute == torch.float32 and compute_dtype(model) != torch.float32:
+        raise ValueError(
+            "the model's linear weights are not fp32: embed with dtype=None/bfloat16 or load it in fp32"
+        )
     encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
     empty = [i for i, ids in enumerate(encoded) if not ids]
     if empty:
@@ -75,9 +79,7 @@ def embed_texts(
     out = np.empty((len(texts), model.config.hidden_size), dtype=np.float32)
     lengths = np.fromiter((len(ids) for ids in encoded), dtype=np.int64, count=len(encoded))
     autocast = (
-        torch.autocast(device.type, dtype=compute)
-        if compute != torch.float32 and compute != weights
-        else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=compute) if compute != torch.float32 else contextlib.nullcontext()
     )
     n_batches = -(-len(texts) // batch_size)
     with torch.inference_mode(), autocast:

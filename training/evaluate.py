@@ -66,7 +66,11 @@ class EvalConfig:
 def stage1_model(lm, tokenizer, stage1: Path) -> ScoringModel:  # noqa: ANN001
     """The stage-1 model as served: CFLoRA layers without gates carrying the peft A and B."""
     cfg = json.loads((stage1 / "metrics.json").read_text())["config"]
-    inject_cflora(lm, int(cfg["r"]), float(cfg["alpha"]), float(cfg["dropout"]), gate_dim=None)
+    from training.stage1 import lora_targets
+
+    inject_cflora(
+        lm, int(cfg["r"]), float(cfg["alpha"]), float(cfg["dropout"]), lora_targets(cfg), gate_dim=None
+    )
     load_lora_weights(lm, load_file(stage1 / "adapter" / "adapter_model.safetensors"))
     yes, no = answer_token_ids(tokenizer)
     return ScoringModel(lm, yes, no)

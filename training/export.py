@@ -27,6 +27,7 @@ from training.fewshot import eval_rows
 from training.llm_data import Catalogue, build_examples
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
 from training.metrics import ctr_metrics
+from training.stage1 import lora_targets
 from training.stage2 import build_stage2_model, load_stage2_weights
 
 __all__ = ["ExportConfig", "main"]
@@ -66,6 +67,7 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
         r=int(s1cfg["r"]),
         alpha=float(s1cfg["alpha"]),
         dropout=float(s1cfg["dropout"]),
+        target_modules=lora_targets(s1cfg),
     )
     metrics: dict[str, Any] = {
         "valid_auc_exact": meta["result"]["best_valid_auc"],

@@ -175,6 +175,30 @@ def experiment_ml100k(
         experiment_report(results=results, out=results.parent / "results.md")
 
 
+@experiment_app.command("tune")
+def experiment_tune(
+    budget_min: Annotated[float, typer.Option(help="Training minutes per trial (no validation).")] = 15,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these trials (repeatable).")] = None,
+    results: Annotated[Path, typer.Option(help="Where each trial's JSON goes.")] = Path("docs/results/tune"),
+    hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
+    report: Annotated[bool, typer.Option(help="Render docs/results.md at the end.")] = True,
+) -> None:
+    """Short trials of stage 1 / stage 2 recipes under one time budget each (issue 16): valid AUC
+    against examples and training seconds. Resumable: run it again to continue."""
+    from training.tune import TRIALS, TuneConfig, run
+
+    cfg = TuneConfig(results=results, budget_s=budget_min * 60, only=tuple(only or ()))
+    unknown = sorted(set(cfg.only) - {t.name for t in TRIALS})
+    if unknown:
+        raise typer.BadParameter(f"unknown trials {unknown}", param_hint="--only")
+    if hours is not None:
+        cfg.max_seconds = hours * 3600
+    for trial, state in run(cfg).items():
+        typer.echo(f"{trial:22s} {state}")
+    if report:
+        experiment_report(results=results.parent, out=results.parent.parent / "results.md")
+
+
 @experiment_app.command("report")
 def experiment_report(
     results: Annotated[Path, typer.Option(help="The steps' JSON folder.")] = Path("docs/results"),

@@ -62,6 +62,7 @@ class TrainResult:
     curve: list[dict[str, float]] = field(default_factory=list)
     samples_per_s: float = 0.0  # training only: time in validation is not counted
     train_seconds: float = 0.0  # wall time of the loop, validation included
+    fit_seconds: float = 0.0  # the same without validation: what the curve's "seconds" count
     steps: int = 0
     examples: int = 0
     device: str = ""  # where it trained, and the frozen base's dtype: "cpu/float32", "cuda:0/bfloat16"
@@ -103,13 +104,16 @@ def train_loop(
     checkpoint: Path,
     pad_id: int,
     deadline: float | None = None,
+    fit_budget_s: float | None = None,
 ) -> TrainResult:
     """Train `params` (all others must be frozen) on `examples`; keep the best on `evaluate()`.
 
     `checkpoint` (a file) is written after every optimizer step and read back on start, so a killed run
     resumes where it stopped. On return the model holds the best parameters seen. Past `deadline`
     (a `time.monotonic()` value) it stops after the next checkpoint and raises TimeoutError: a
-    time-boxed session pauses a long run cleanly instead of being killed mid-step.
+    time-boxed session pauses a long run cleanly instead of being killed mid-step. With
+    `fit_budget_s`, training *ends* (validated, best state kept, like a finished run) once that many
+    training seconds (validation not counted, every session's) are spent: a tuning trial's budget.
     """
     micro_per_step = max(1, cfg.batch_size // cfg.micro_batch)
     lengths = [len(e) for e in examples]
@@ -151,6 +155,7 @@ def train_loop(
     started, seen, loss_ema, decision_ema = time.perf_counter(), 0, None, None
     validating = 0.0  # seconds spent in evaluate(): samples/s counts training only
     seconds_before = result.train_seconds  # a resumed run adds to the time its checkpoint recorded
+    fit_before = result.fit_seconds
     while step < total_steps:
         chunk_ids = flat[step * micro_per_step : (step + 1) * micro_per_step]
         n_step = sum(len(c) for c in chunk_ids)
@@ -170,7 +175,9 @@ def train_loop(
         rate = seen / (time.perf_counter() - started - validating)
         bar.set_postfix(loss=f"{loss_ema:.4f}", decision=f"{decision_ema:.4f}", samples_s=f"{rate:.2f}")
         bar.update(1)
-        if step % eval_every == 0 or step == total_steps:
+        fit_now = fit_before + (time.perf_counter() - started - validating)
+        spent = fit_budget_s is not None and fit_now >= fit_budget_s and step < total_steps
+        if step % eval_every == 0 or step == total_steps or spent:
             model.eval()
             t_eval = time.perf_counter()
             auc = evaluate()
@@ -184,6 +191,8 @@ def train_loop(
                     "valid_auc": auc,
                     "loss": loss_ema,
                     "decision_loss": decision_ema,
+                    # training seconds so far, every session's, validation excluded: AUC per CPU time
+                    "seconds": round(fit_before + time.perf_counter() - started - validating, 1),
                 }
             )
             log.info(
@@ -198,8 +207,12 @@ def train_loop(
                 best_state = {k: v.detach().clone() for k, v in params.items()}
         result.samples_per_s = rate
         result.train_seconds = seconds_before + (time.perf_counter() - started)
+        result.fit_seconds = fit_before + (time.perf_counter() - started - validating)
         # Every step, not only after evaluations: on a CPU a step takes minutes, a save milliseconds.
         _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
+        if spent:
+            log.info("training budget spent", step=step, of=total_steps, fit_seconds=round(fit_now, 1))
+            break
         if deadline is not None and step < total_steps and time.monotonic() > deadline:
             bar.close()
             raise TimeoutError(f"paused after step {step}/{total_steps}; run again to resume")
@@ -208,7 +221,8 @@ def train_loop(
     for k, v in best_state.items():
         params[k].data.copy_(v)
     result.train_seconds = seconds_before + (time.perf_counter() - started)
-    result.steps, result.examples = total_steps, len(examples) * cfg.epochs
+    result.steps = step  # total_steps, or fewer when the budget ended training
+    result.examples = sum(len(c) for c in flat[: step * micro_per_step])
     if seen:
         result.samples_per_s = seen / (time.perf_counter() - started - validating)
     return result
@@ -232,3 +246,5 @@ def _save_checkpoint(path: Path, params, optimizer, scheduler, best_state, step:
     )
     tmp.replace(path)
     (path.parent / "curve.json").write_text(json.dumps(result.curve, indent=2))
+    # Where a paused run stands (step, seconds, samples/s), readable without unpickling the checkpoint.
+    (path.parent / "progress.json").write_text(json.dumps({**result.to_json(), "steps": step}, indent=2))

@@ -3,12 +3,13 @@ for "is model A really better than model B on the same test samples"."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
 from sklearn.metrics import log_loss, roc_auc_score
 
-__all__ = ["EPS", "ctr_metrics", "paired_bootstrap_auc_diff"]
+__all__ = ["EPS", "ctr_metrics", "null_auc_se", "paired_bootstrap_auc_diff"]
 
 # Probabilities are clipped to [EPS, 1 - EPS] so one confident mistake costs ~16 nats, not infinity.
 EPS = 1e-7
@@ -35,6 +36,12 @@ def ctr_metrics(labels: Sequence[float] | np.ndarray, probs: Sequence[float] | n
         "accuracy": float(np.mean((p >= 0.5) == (y == 1))),
         "n": int(len(y)),
     }
+
+
+def null_auc_se(n: int) -> float:
+    """Standard error of an AUC near 0.5 on n rows with balanced labels (Hanley & McNeil):
+    what a validation point moves by from sampling alone."""
+    return math.sqrt((n + 1) / (3 * n * n))
 
 
 def paired_bootstrap_auc_diff(

@@ -15,7 +15,8 @@ from typing import Any
 
 import numpy as np
 
-from training.metrics import paired_bootstrap_auc_diff
+from training.metrics import null_auc_se, paired_bootstrap_auc_diff
+from training.tune_report import tune_section
 
 __all__ = ["load_results", "render"]
 
@@ -175,7 +176,7 @@ def _curves(
         style = {"linestyle": "--", "marker": "s"} if unfinished else {"marker": "o"}
         label = f"{name} (in progress)" if unfinished else name
         ax.plot(xs, [p["valid_auc"] for p in curve], label=label, **style)
-    noise = 2 * _null_auc_se(valid_rows)
+    noise = 2 * null_auc_se(valid_rows)
     for ax, title in zip(axes, ("stage 1 (ReLLa)", "stage 2 (SPA / CFLoRA)"), strict=True):
         band = f"chance +- 2 SE ({valid_rows} rows)"
         ax.axhspan(0.5 - noise, 0.5 + noise, color="grey", alpha=0.15, label=band)
@@ -261,6 +262,8 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
             "",
             "![validation AUC against training examples](learning_curves.png)",
         ]
+    din_valid = records.get("DIN", {}).get("valid_auc")
+    lines += tune_section(folder / "tune", out.parent, din_valid, valid_rows)
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs, valid_rows, float(labels.mean()))
     lines += _progress_reading(progress, valid_rows, float(labels.mean()), len(labels))
@@ -331,12 +334,6 @@ def _paper_pattern(records: dict[str, dict[str, Any]]) -> list[str]:
             f"a 135M LLM): {', '.join(ours)}."]  # fmt: skip
 
 
-def _null_auc_se(n: int) -> float:
-    """Standard error of an AUC near 0.5 on n rows with balanced labels (Hanley & McNeil):
-    what a validation point moves by from sampling alone."""
-    return math.sqrt((n + 1) / (3 * n * n))
-
-
 def _binary_entropy(p: float) -> float:
     return -(p * math.log(p) + (1 - p) * math.log(1 - p))
 
@@ -367,7 +364,7 @@ def _curve_reading(
 
 def _curve_sentence(curve: list[dict[str, Any]], valid_rows: int, label_rate: float | None) -> str:
     """Start, end and shape of one validation curve, judged against the noise of its AUC."""
-    noise = 2 * _null_auc_se(valid_rows)
+    noise = 2 * null_auc_se(valid_rows)
     first, last = curve[0], curve[-1]
     best = max(curve, key=lambda p: p["valid_auc"])
     if best is first:

@@ -30,7 +30,7 @@ from training.llm_loop import LoopConfig, TrainResult, train_loop
 from training.llm_setup import default_index_dir, load_base_lm, load_or_build_index, make_validator
 from training.runs import finished_run, start_run
 
-__all__ = ["Stage1Config", "main"]
+__all__ = ["Stage1Config", "lora_targets", "main"]
 
 log = get_logger(__name__)
 
@@ -48,11 +48,19 @@ class Stage1Config:
     r: int = 8
     alpha: float = 16.0
     dropout: float = 0.05
+    # The paper's LoRA targets; ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+    # "down_proj") adapts every attention and MLP projection (a tuning trial, issue 16).
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
+
+
+def lora_targets(stage1_config: dict[str, Any]) -> tuple[str, ...]:
+    """The modules a stage-1 run adapted, from its saved config (runs saved before the option: q, v)."""
+    return tuple(stage1_config.get("target_modules", ("q_proj", "v_proj")))
 
 
 class Stage1Recipe:
@@ -71,7 +79,7 @@ class Stage1Recipe:
             r=cfg.r,
             lora_alpha=cfg.alpha,
             lora_dropout=cfg.dropout,
-            target_modules=["q_proj", "v_proj"],
+            target_modules=list(cfg.target_modules),
             bias="none",
         )
         self.peft_model = get_peft_model(lm, lora)  # adapters stay fp32 over a bf16 base
@@ -90,7 +98,7 @@ class Stage1Recipe:
             self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=False
         )
 
-    def train(self, deadline: float | None = None) -> TrainResult:
+    def train(self, deadline: float | None = None, fit_budget_s: float | None = None) -> TrainResult:
         params = {n: p for n, p in self.peft_model.named_parameters() if p.requires_grad}
         return train_loop(
             self.model,
@@ -101,6 +109,7 @@ class Stage1Recipe:
             self.cfg.out / "checkpoint.pt",
             pad_id=int(self.tokenizer.pad_token_id or 0),
             deadline=deadline,
+            fit_budget_s=fit_budget_s,
         )
 
     def save(self, result: TrainResult) -> dict[str, Any]:
@@ -120,15 +129,23 @@ class Stage1Recipe:
         return metrics
 
 
-def main(cfg: Stage1Config, force: bool = False, deadline: float | None = None) -> dict[str, Any]:
+def main(
+    cfg: Stage1Config,
+    force: bool = False,
+    deadline: float | None = None,
+    fit_budget_s: float | None = None,
+) -> dict[str, Any]:
     """Train (or reuse a finished run in `cfg.out`) and return its metrics; past `deadline`
-    (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it."""
+    (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it. With
+    `fit_budget_s` training ends after that many training seconds (`train_loop`), part of the run's key."""
     key = {k: v for k, v in cfg.to_json().items() if k != "out"}  # where it lives is not what it is
+    if fit_budget_s is not None:
+        key["fit_budget_s"] = fit_budget_s
     if not force and (done := finished_run(cfg.out, key, ["adapter"])) is not None:
         log.info("stage 1 already trained", out=str(cfg.out))
         return done
     start_run(cfg.out, key, stale=["adapter"], fresh=force)
     recipe = Stage1Recipe()
     recipe.setup(cfg)
-    result = recipe.train(deadline)
+    result = recipe.train(deadline, fit_budget_s)
     return recipe.save(result)

@@ -42,6 +42,7 @@ from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
 from training.runs import finished_run, start_run
+from training.stage1 import lora_targets
 
 __all__ = ["Stage2Config", "Stage2Mode", "build_stage2_model", "main"]
 
@@ -64,6 +65,12 @@ class Stage2Config:
     n_rows: int = 256
     k: int = 15
     valid_rows: int = 256
+    # Training prompts: "mixed" = each row as recency and SUBR prompt (ReLLa's mix); "subr" = SUBR
+    # only, as the authors' ReLLaX code trains stage 2 (validation, test and serving are SUBR).
+    prompts: Literal["mixed", "subr"] = "mixed"
+    # Train the stage-1 LoRA A, B too (beside gates / projector): over a 0-step stage-1 run (B = 0)
+    # this is the one-stage variant, where DIN's signal reaches the LLM from the first step.
+    train_lora: bool = False
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=3e-4))
 
     def to_json(self) -> dict[str, Any]:
@@ -88,6 +95,7 @@ def build_stage2_model(
         int(stage1_cfg["r"]),
         float(stage1_cfg["alpha"]),
         float(stage1_cfg["dropout"]),
+        lora_targets(stage1_cfg),
         gate_dim=256 if gated else None,
     )
     for module in cflora_modules(lm).values():
@@ -138,13 +146,10 @@ class Stage2Recipe:
             self.tokenizer, self.catalogue.items, index, self.din, k=cfg.k, spa=spa_on
         )
         rows = fewshot_rows(self.samples, cfg.n_rows, seed=cfg.loop.seed)
-        self.examples = build_examples(
-            self.featurizer,
-            self.catalogue,
-            self.samples,
-            interleave_modes(rows, cfg.loop.seed),
-            with_din=True,
-        )
+        pairs = interleave_modes(rows, cfg.loop.seed)
+        if cfg.prompts == "subr":
+            pairs = [(row, mode) for row, mode in pairs if mode == "subr"]
+        self.examples = build_examples(self.featurizer, self.catalogue, self.samples, pairs, with_din=True)
         valid = eval_rows(self.samples, "valid", cfg.valid_rows)
         self.evaluate = make_validator(
             self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=True
@@ -154,10 +159,12 @@ class Stage2Recipe:
             names |= adapter_params(self.model, "gates")
         if cfg.mode in ("spa", "rellax"):
             names |= adapter_params(self.model, "spa")
+        if cfg.train_lora:
+            names |= adapter_params(self.model, "lora")
         set_trainable(self.model, names)
         self.params = names
 
-    def train(self, deadline: float | None = None) -> TrainResult:
+    def train(self, deadline: float | None = None, fit_budget_s: float | None = None) -> TrainResult:
         return train_loop(
             self.model,
             self.params,
@@ -167,6 +174,7 @@ class Stage2Recipe:
             self.cfg.out / "checkpoint.pt",
             pad_id=int(self.tokenizer.pad_token_id or 0),
             deadline=deadline,
+            fit_budget_s=fit_budget_s,
         )
 
     @torch.no_grad()
@@ -210,19 +218,27 @@ def load_stage2_weights(model: ScoringModel, folder: Path) -> None:
             params[k].copy_(v)
 
 
-def main(cfg: Stage2Config, force: bool = False, deadline: float | None = None) -> dict[str, Any]:
+def main(
+    cfg: Stage2Config,
+    force: bool = False,
+    deadline: float | None = None,
+    fit_budget_s: float | None = None,
+) -> dict[str, Any]:
     """Train (or reuse a finished run in `cfg.out`) and return its metrics; past `deadline`
-    (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it."""
+    (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it. With
+    `fit_budget_s` training ends after that many training seconds (`train_loop`), part of the run's key."""
     outputs = ["stage2.safetensors"]
     # A retrained stage 1 (new run id) makes a stage-2 run over it stale, whatever its own config.
     stage1_run = json.loads((cfg.stage1 / "metrics.json").read_text()).get("run_id")
     key = {k: v for k, v in cfg.to_json().items() if k not in ("out", "stage1")}
     key["stage1_run_id"] = stage1_run
+    if fit_budget_s is not None:
+        key["fit_budget_s"] = fit_budget_s
     if not force and (done := finished_run(cfg.out, key, outputs)) is not None:
         log.info("stage 2 already trained", out=str(cfg.out))
         return done
     start_run(cfg.out, key, stale=[*outputs, "gbar.safetensors"], fresh=force)
     recipe = Stage2Recipe()
     recipe.setup(cfg)
-    result = recipe.train(deadline)
+    result = recipe.train(deadline, fit_budget_s)
     return recipe.save(result)

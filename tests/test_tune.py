@@ -1,0 +1,79 @@
+"""`rellax experiment tune` end to end on a tiny random Llama (real ML-100K rows, real trainers): a
+trial ends at its training budget (validated there, its best state kept), a stage-2 trial waits for
+the stage-1 trial it builds on, finished trials are reused, and the report draws them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from training.tune import Trial, TuneConfig, run
+
+TRIALS = (
+    Trial("s1", 1, lr=1e-2, batch_size=4, epochs=2, k=3, n_rows=8),
+    Trial("s2-over-s1", 2, lr=1e-2, batch_size=4, epochs=1, k=3, n_rows=8, over="s1", prompts="subr"),
+    Trial("s2-joint", 2, lr=1e-2, batch_size=4, epochs=1, k=3, n_rows=8, over="s1", train_lora=True),
+)
+
+
+@pytest.fixture(scope="module")
+def tune(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path) -> TuneConfig:
+    root = tmp_path_factory.mktemp("tune")
+    return TuneConfig(
+        results=root / "docs" / "results" / "tune",
+        runs=root / "runs",
+        trials=TRIALS,
+        budget_s=0.0,  # every trial ends after its first optimizer step
+        valid_rows=24,
+        evals=2,
+        micro_batch=4,
+        model_dir=tiny_model_dir,
+        din_dir=din_dir,
+        index_dir=root / "index",
+    )
+
+
+def test_stage2_trials_wait_for_their_stage1_trial(tune: TuneConfig) -> None:
+    from dataclasses import replace
+
+    status = run(replace(tune, only=("s2-over-s1",)))
+    assert status == {"s1": "not selected", "s2-over-s1": "waiting", "s2-joint": "not selected"}
+    assert not (tune.results / "s2-over-s1.json").exists()
+
+
+def test_trials_end_at_their_budget_and_are_reused(tune: TuneConfig) -> None:
+    assert run(tune) == {"s1": "ran", "s2-over-s1": "ran", "s2-joint": "ran"}
+    s1 = json.loads((tune.results / "s1.json").read_text())
+    # 16 prompts / batch 4 x 2 epochs = 8 planned steps; the budget ended training after the first,
+    # with a validation there, so the curve has step 0 and step 1.
+    assert s1["steps"] == 1 and s1["examples"] == 4
+    assert [p["step"] for p in s1["curve"]] == [0, 1]
+    assert s1["curve"][1]["seconds"] > 0 and s1["fit_seconds"] >= s1["curve"][1]["seconds"]
+    assert s1["trial"]["target_modules"] == ["q_proj", "v_proj"] and s1["device"].startswith("cpu/")
+    over = json.loads((tune.results / "s2-over-s1.json").read_text())
+    joint = json.loads((tune.results / "s2-joint.json").read_text())
+    assert over["examples"] == 4 and over["trial"]["prompts"] == "subr"
+    # A, B train too in the joint trial: 2 layers x (q: A 8x64, B 64x8; v: A 8x64, B 32x8, 2 KV heads)
+    assert joint["trainable_params"] - over["trainable_params"] == 2 * ((8 * 64 + 64 * 8) + (8 * 64 + 32 * 8))
+    before = {p.name: p.read_text() for p in tune.results.glob("s*.json")}
+    assert run(tune) == {"s1": "done", "s2-over-s1": "done", "s2-joint": "done"}
+    assert {p.name: p.read_text() for p in tune.results.glob("s*.json")} == before
+
+
+def test_the_report_draws_the_trials(tune: TuneConfig, tmp_path: Path) -> None:
+    from training.tune_report import tune_section
+
+    run(tune)
+    lines = tune_section(tune.results, tmp_path, din_valid_auc=0.75, din_valid_rows=24)
+    text = "\n".join(lines)
+    assert "## Recipe trials" in text and (tmp_path / "tune_trials.png").stat().st_size > 0
+    assert [line.split(" | ")[0] for line in lines if line.startswith("| s")] == [
+        "| s1",
+        "| s2-joint",
+        "| s2-over-s1",
+    ]
+    assert "DIN's validation AUC on the same rows: 0.7500" in text
+    other_rows = "\n".join(tune_section(tune.results, tmp_path, din_valid_auc=0.75, din_valid_rows=512))
+    assert "DIN's validation AUC" not in other_rows  # measured on other rows: not drawn beside them

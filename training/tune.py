@@ -1,0 +1,194 @@
+"""`rellax experiment tune`: short training trials under one fixed time budget each (issue 16 §1).
+
+The study's recipe (1 epoch, batch 64) left stage 1 at chance; a probe showed stage 2 learning DIN's
+signal within 32 small-batch steps. The trials measure what a CPU-hour buys: each trains for at most
+`budget_s` seconds of training (validation not counted; on 2 cores, ~15-20 minutes) and records
+validation AUC on the same fixed rows against examples seen and training seconds. The recipe is
+chosen by valid AUC per CPU-hour, never on test.
+
+Each trial is a stage-1 or stage-2 run of the real trainers in its own folder under `runs`, paused
+cleanly at the budget (the loops checkpoint after every step), and writes one JSON into `results`
+(config, curve, cost, device) when done; a finished trial is skipped, a killed one resumes with what
+is left of its budget. A stage-2 trial trains over the stage-1 trial it names (`over`): it waits
+until that one is done. `training.report` draws the trials' table and plot from those files.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from rellax.device import resolve_device
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from rellax.precision import cpu_supports_bf16
+from training.llm_loop import LoopConfig
+
+__all__ = ["TRIALS", "Trial", "TuneConfig", "run"]
+
+log = get_logger(__name__)
+
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One short run. Stage 1 trains LoRA on text prompts; stage 2 trains SPA + CFLoRA gates (and,
+    with `train_lora`, A and B too) over the stage-1 trial named by `over`."""
+
+    name: str
+    stage: Literal[1, 2]
+    lr: float = 1e-3
+    batch_size: int = 64
+    epochs: int = 1
+    warmup_ratio: float = 0.05
+    k: int = 5
+    n_rows: int = 256
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    over: str | None = None
+    mode: Literal["rellax", "spa", "cflora"] = "rellax"
+    prompts: Literal["mixed", "subr"] = "mixed"
+    train_lora: bool = False
+    note: str = ""
+
+
+# Stage 1 at K=5 on 256 rows (512 prompts an epoch): the paper's recipe, then more optimizer steps
+# per example (small batches), the learning rate, and every projection adapted. Stage 2 over the
+# first: today's default against small batches, SUBR-only prompts, A and B unfrozen, and the
+# one-stage variant (over a 0-step stage 1, so B starts at 0 and everything trains from step 0).
+TRIALS: tuple[Trial, ...] = (
+    Trial("s1-b8-lr1e-3", 1, lr=1e-3, batch_size=8, epochs=4, note="small batches, the probe's recipe"),
+    Trial("s2-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", note="probe's stage 2"),
+    Trial("s2-b8-lr1e-3-subr", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", prompts="subr"),
+    Trial("s2-b64-lr3e-4", 2, lr=3e-4, batch_size=64, epochs=2, over="s1-b8-lr1e-3", note="study's stage 2"),
+    Trial("s1-init", 1, epochs=0, note="0 steps: the LoRA init, for the one-stage trial"),
+    Trial("one-stage-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-init", train_lora=True),
+    Trial("s2-b8-lr1e-3-lora", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", train_lora=True),
+    Trial("s1-paper", 1, lr=1e-3, batch_size=64, epochs=10, note="authors' recipe: 10 epochs, batch 64"),
+    Trial("s1-b16-lr1e-3", 1, lr=1e-3, batch_size=16, epochs=4),
+    Trial("s1-b8-lr3e-4", 1, lr=3e-4, batch_size=8, epochs=4),
+    Trial("s1-b8-lr3e-3", 1, lr=3e-3, batch_size=8, epochs=4),
+    Trial("s1-b8-lr1e-3-all", 1, lr=1e-3, batch_size=8, epochs=4, target_modules=ALL_PROJECTIONS),
+    Trial("s1-b8-lr1e-3-k15", 1, lr=1e-3, batch_size=8, epochs=4, k=15, note="K=15 prompts: ~1.6x tokens"),
+)
+
+
+@dataclass
+class TuneConfig:
+    """Where trials live and what they share."""
+
+    results: Path = Path("docs/results/tune")
+    runs: Path = field(default_factory=lambda: cache_dir("runs") / "tune")
+    trials: tuple[Trial, ...] = TRIALS
+    budget_s: float = 900.0  # training seconds per trial (validation not counted)
+    valid_rows: int = 512
+    evals: int = 6  # validation points per trial (plus step 0), spread over its planned steps
+    micro_batch: int = 8
+    only: tuple[str, ...] = ()
+    max_seconds: float | None = None  # stop starting new trials after this long (a session's end)
+    model_dir: Path | None = None
+    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    index_dir: Path | None = None
+
+
+def _loop(cfg: TuneConfig, trial: Trial) -> LoopConfig:
+    prompts = trial.n_rows * (1 if trial.stage == 2 and trial.prompts == "subr" else 2)
+    steps = max(1, trial.epochs * -(-prompts // trial.batch_size))
+    return LoopConfig(
+        lr=trial.lr,
+        epochs=trial.epochs,
+        batch_size=trial.batch_size,
+        micro_batch=min(cfg.micro_batch, trial.batch_size),
+        warmup_ratio=trial.warmup_ratio,
+        evals_per_epoch=max(1, -(-min(cfg.evals, steps) // max(1, trial.epochs))),
+    )
+
+
+def _stage_config(cfg: TuneConfig, trial: Trial):  # noqa: ANN202 - Stage1Config | Stage2Config
+    from training.stage1 import Stage1Config
+    from training.stage2 import Stage2Config
+
+    common = dict(
+        model_dir=cfg.model_dir,
+        index_dir=cfg.index_dir,
+        n_rows=trial.n_rows,
+        k=trial.k,
+        valid_rows=cfg.valid_rows,
+        loop=_loop(cfg, trial),
+    )
+    if trial.stage == 1:
+        return Stage1Config(out=cfg.runs / trial.name, target_modules=trial.target_modules, **common)
+    return Stage2Config(
+        stage1=cfg.runs / str(trial.over),
+        out=cfg.runs / trial.name,
+        din_dir=cfg.din_dir,
+        mode=trial.mode,
+        prompts=trial.prompts,
+        train_lora=trial.train_lora,
+        **common,
+    )
+
+
+def _record(cfg: TuneConfig, trial: Trial, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The trial's JSON: what it is, its curve, what it cost, where it ran."""
+    result = metrics["result"]
+    curve = result["curve"]
+    best = max(curve, key=lambda p: p["valid_auc"])
+    return {
+        "trial": {**asdict(trial), "target_modules": list(trial.target_modules)},
+        "budget_s": cfg.budget_s,
+        "valid_rows": cfg.valid_rows,
+        "steps": result["steps"],
+        "examples": result["examples"],
+        "curve": curve,
+        "best_valid_auc": best["valid_auc"],
+        "best_examples": best["examples"],
+        "best_seconds": best.get("seconds", 0.0),
+        "start_valid_auc": curve[0]["valid_auc"],
+        "fit_seconds": round(result.get("fit_seconds", 0.0), 1),
+        "train_seconds": round(result["train_seconds"], 1),
+        "samples_per_s": round(result["samples_per_s"], 3),
+        "trainable_params": metrics["trainable_params"],
+        "device": result.get("device", ""),
+        "native_bf16": cpu_supports_bf16(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run(cfg: TuneConfig) -> dict[str, str]:
+    """Run every unfinished trial (of `cfg.only`, if set) in order; {trial: state}, state one of
+    done (found), ran, waiting (its stage-1 trial is not done), paused (session time), not selected."""
+    from training.stage1 import main as stage1
+    from training.stage2 import main as stage2
+
+    cfg.results.mkdir(parents=True, exist_ok=True)
+    deadline = None if cfg.max_seconds is None else time.monotonic() + cfg.max_seconds
+    status: dict[str, str] = {}
+    for trial in cfg.trials:
+        out = cfg.results / f"{trial.name}.json"
+        if out.exists():
+            status[trial.name] = "done"
+        elif cfg.only and trial.name not in cfg.only:
+            status[trial.name] = "not selected"
+        elif trial.stage == 2 and not (cfg.results / f"{trial.over}.json").exists():
+            status[trial.name] = "waiting"
+        elif deadline is not None and time.monotonic() > deadline:
+            status[trial.name] = "paused"
+        else:
+            train = stage1 if trial.stage == 1 else stage2
+            try:  # ends at its epochs or its budget; past the session's deadline it pauses, resumably
+                metrics = train(_stage_config(cfg, trial), deadline=deadline, fit_budget_s=cfg.budget_s)
+            except TimeoutError as paused:
+                log.info("trial paused", trial=trial.name, why=str(paused))
+                status[trial.name] = "paused"
+                continue
+            record = _record(cfg, trial, metrics)
+            out.write_text(json.dumps(record, indent=1))
+            log.info("trial done", trial=trial.name, best_valid_auc=round(record["best_valid_auc"], 4))
+            status[trial.name] = "ran"
+    summary = {"device": str(resolve_device()), "budget_s": cfg.budget_s, "status": status}
+    (cfg.results / "tune.json").write_text(json.dumps(summary, indent=1))
+    return status

@@ -1,0 +1,101 @@
+"""The recipe trials' section of docs/results.md (issue 16 §1): a table and a plot of valid AUC
+against training minutes, from the JSON files `rellax experiment tune` wrote. Never a test figure:
+the recipe is chosen on validation AUC per CPU-hour."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from training.metrics import null_auc_se
+
+__all__ = ["load_trials", "tune_section"]
+
+
+def load_trials(folder: Path) -> dict[str, dict[str, Any]]:
+    """{trial name: record} for every finished trial in `folder` (tune.json, the status, excluded)."""
+    if not folder.is_dir():
+        return {}
+    return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "tune.json"}
+
+
+def _per_hour(record: dict[str, Any]) -> float:
+    """Valid AUC gained over the trial's own start, per training hour, at its best point."""
+    hours = max(record["best_seconds"], 1.0) / 3600
+    return (record["best_valid_auc"] - record["start_valid_auc"]) / hours
+
+
+def _plot(trials: dict[str, dict[str, Any]], path: Path, din_valid_auc: float | None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for name, r in trials.items():
+        curve = r["curve"]
+        ax.plot([p.get("seconds", 0.0) / 60 for p in curve], [p["valid_auc"] for p in curve], marker="o",
+                linestyle="-" if r["trial"]["stage"] == 2 else ":", label=name)  # fmt: skip
+    rows = next(iter(trials.values()))["valid_rows"]
+    noise = 2 * null_auc_se(rows)
+    ax.axhspan(0.5 - noise, 0.5 + noise, color="grey", alpha=0.15, label=f"chance +- 2 SE ({rows} rows)")
+    if din_valid_auc is not None:
+        ax.axhline(din_valid_auc, color="black", linestyle="--", linewidth=1, label="DIN")
+    ax.set_xlabel("training minutes (validation not counted)")
+    ax.set_ylabel("validation AUC")
+    ax.set_title("Recipe trials: stage 1 dotted, stage 2 solid")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def tune_section(
+    folder: Path, out_dir: Path, din_valid_auc: float | None = None, din_valid_rows: int | None = None
+) -> list[str]:
+    """Markdown lines of the trials' section (and tune_trials.png in `out_dir`); [] without trials.
+    DIN's line is drawn only when it was measured on as many validation rows as the trials."""
+    trials = load_trials(folder)
+    if not trials:
+        return []
+    if din_valid_rows != next(iter(trials.values()))["valid_rows"]:
+        din_valid_auc = None
+    _plot(trials, out_dir / "tune_trials.png", din_valid_auc)
+    status = json.loads((folder / "tune.json").read_text()) if (folder / "tune.json").exists() else {}
+    lines = [
+        "",
+        "## Recipe trials (`rellax experiment tune`, validation only)",
+        "",
+        f"Each trial trains for at most {next(iter(trials.values()))['budget_s'] / 60:.0f} training minutes "
+        "(validation not counted) and is validated on the study's fixed validation rows. AUC/h = valid AUC "
+        "gained over the trial's own step 0, per training hour, at its best point.",
+        "",
+        "| trial | stage | over | lr | batch | epochs | K | targets | prompts | A,B train | examples | "
+        "train min | samples/s | valid AUC start -> best | AUC/h | device |",
+        "|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|---:|---|",
+    ]
+    for name, r in trials.items():
+        t = r["trial"]
+        targets = "q,v" if t["target_modules"] == ["q_proj", "v_proj"] else "all"
+        lines.append(
+            f"| {name} | {t['stage']} | {t['over'] or '-'} | {t['lr']:g} | {t['batch_size']} | "
+            f"{t['epochs']} | {t['k']} | {targets} | {t['prompts'] if t['stage'] == 2 else 'mixed'} | "
+            f"{'yes' if t['stage'] == 1 or t['train_lora'] else 'no'} | {r['examples']} | "
+            f"{r['fit_seconds'] / 60:.1f} | {r['samples_per_s']:.2f} | "
+            f"{r['start_valid_auc']:.4f} -> {r['best_valid_auc']:.4f} | {_per_hour(r):+.3f} | {r['device']} |"
+        )
+    lines += ["", "![validation AUC against training minutes](tune_trials.png)"]
+    if din_valid_auc is not None:
+        lines += ["", f"DIN's validation AUC on the same rows: {din_valid_auc:.4f}."]
+    best = max(trials.items(), key=lambda kv: kv[1]["best_valid_auc"])
+    lines += [
+        "",
+        f"Highest valid AUC so far: `{best[0]}` {best[1]['best_valid_auc']:.4f} after "
+        f"{best[1]['best_seconds'] / 60:.1f} training minutes.",
+    ]
+    pending = [n for n, state in status.get("status", {}).items() if n not in trials]
+    if pending:
+        lines += ["", f"Trials not finished yet (`rellax experiment tune` runs them): {', '.join(pending)}."]
+    return lines
