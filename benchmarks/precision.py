@@ -9,6 +9,10 @@ and the prepared inputs are scored by the bundle loaded with dtype="float32" and
 of AUC(bf16) - AUC(fp32), LogLoss(bf16) - LogLoss(fp32), max / p99 / mean |P(yes) bf16 - fp32| and
 candidates/s of each. Targets: |dP| <= 0.005 and |dAUC| <= 0.001.
 
+Batch invariance, per dtype: one user (196, the README's example) with its latest history; a
+candidate it has not rated scored alone, beside one other candidate, and inside a 50-candidate
+request; the largest move of its P(yes) (float noise only: fp32 should stay below 1e-5).
+
 Resumable: scores are saved every `--chunk` rows under the cache (`precision-bench/`), so a killed
 run picks up where it stopped. Writes benchmarks/results/precision.json and precision.md.
 """
@@ -55,6 +59,27 @@ def prepare_rows(bundle: Bundle, rows: np.ndarray, k: int) -> list:
         (prepared,) = bundle.prepare(profiles[uid], history, [int(samples.item_id[r])], k=k, user_id=str(uid))
         out.append(prepared.model_input)
     return out
+
+
+def batch_invariance(bundles: dict[str, Bundle], user: int = 196, crowd: int = 50) -> dict[str, dict]:
+    """Per dtype: P(yes) of one unseen candidate alone, in a pair and in a `crowd`-candidate request."""
+    data, samples, _ = load_dataset()
+    profiles = Catalogue.from_tables(data).profiles
+    row = int(np.flatnonzero(samples.user_ids[samples.user_row] == user)[-1])  # the user's latest sample
+    items, ratings, stamps = samples.history(row)
+    history = [HistoryEvent(int(i), float(x), int(t)) for i, x, t in zip(items, ratings, stamps, strict=True)]
+    seen = {int(i) for i in items}
+    unseen = [i for i in sorted(bundles["float32"].items) if i >= 50 and i not in seen]
+    target, neighbour, others = unseen[0], unseen[1], unseen[2:crowd]
+    requests = {"alone": [target], "pair": [target, neighbour], "crowd": [*others[:24], target, *others[24:]]}
+    out = {}
+    for dtype, bundle in bundles.items():
+        p = {}
+        for name, ids in requests.items():
+            prepared = bundle.prepare(profiles[user], history, ids, user_id=str(user))
+            p[name] = float(bundle.score_prepared(prepared)[ids.index(target)])
+        out[dtype] = {**p, "max_abs_move": max(abs(p[n] - p["alone"]) for n in ("pair", "crowd"))}
+    return {"user": user, "item": target, "crowd": len(requests["crowd"]), "by_dtype": out}
 
 
 def score_resumable(bundle: Bundle, inputs: list, store: Path, chunk: int) -> tuple[np.ndarray, float]:
@@ -116,8 +141,11 @@ def main() -> None:
             }
         )
         print(json.dumps(results[-1], indent=2), flush=True)
+    invariance = batch_invariance(bundles)
+    print(json.dumps(invariance, indent=2), flush=True)
     report = {
         "bundle": str(args.bundle),
+        "batch_invariance": invariance,
         "model_version": bundles["float32"].model_version,
         "seed": 1234,
         "targets": {"max_abs_p_yes": TARGET_P, "abs_auc": TARGET_AUC},
@@ -162,6 +190,20 @@ def render(report: dict) -> str:
         )
         + ". RELLAX_DTYPE=auto serves fp32; bf16 is an opt-in for throughput.",
     ]
+    inv = report.get("batch_invariance")
+    if inv:
+        lines += [
+            "",
+            f"Batch invariance: user {inv['user']}, item {inv['item']} (not rated by the user), scored "
+            f"alone, in a pair and inside a {inv['crowd']}-candidate request:",
+            "",
+            "| dtype | alone | pair | crowd | max abs move |",
+            "|---|---:|---:|---:|---:|",
+            *(
+                f"| {d} | {v['alone']:.6f} | {v['pair']:.6f} | {v['crowd']:.6f} | {v['max_abs_move']:.1e} |"
+                for d, v in inv["by_dtype"].items()
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 

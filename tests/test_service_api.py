@@ -161,6 +161,7 @@ async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
         "ready": True,
         "checks": {"bundle": True, "redis": True, "canary": True, "batcher": True},
         "model_version": tiny_bundle().model_version,
+        "dtype": "float32",  # what the model computes in, as RELLAX_DTYPE resolved
     }
     for stage in ("redis", "queue_wait", "model", "total"):
         assert f'rellax_stage_duration_seconds_count{{stage="{stage}"}}' in metrics

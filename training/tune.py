@@ -85,7 +85,7 @@ class TuneConfig:
     trials: tuple[Trial, ...] = TRIALS
     budget_s: float = 900.0  # training seconds per trial (validation not counted)
     valid_rows: int = 512
-    evals: int = 6  # validation points per trial (plus step 0), spread over its planned steps
+    evals: int = 4  # validation points per trial (plus step 0), spread over its planned steps
     micro_batch: int = 8
     only: tuple[str, ...] = ()
     max_seconds: float | None = None  # stop starting new trials after this long (a session's end)
