@@ -55,17 +55,18 @@ class Trial:
     note: str = ""
 
 
-# Stage 1 at K=5 on 256 rows (512 prompts an epoch): the paper's recipe, then more optimizer steps
-# per example (small batches), the learning rate, and every projection adapted. Stage 2 over the
-# first: today's default against small batches, SUBR-only prompts, A and B unfrozen, and the
-# one-stage variant (over a 0-step stage 1, so B starts at 0 and everything trains from step 0).
+# Stage 1 at K=5 on 256 rows (512 prompts an epoch). First the one-stage variant (over a 0-step
+# stage 1, so B starts at 0 and LoRA, gates and projector all train from step 0): the quickest test
+# of "DIN's signal lifts the LLM". Then stage 1 with more optimizer steps per example (small batches)
+# and stage 2 over it (small batches, SUBR-only prompts, the study's recipe, A and B unfrozen), then
+# the paper's recipe, learning rates, every projection adapted, and K=15.
 TRIALS: tuple[Trial, ...] = (
+    Trial("s1-init", 1, epochs=0, note="0 steps: the LoRA init, for the one-stage trial"),
+    Trial("one-stage-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-init", train_lora=True),
     Trial("s1-b8-lr1e-3", 1, lr=1e-3, batch_size=8, epochs=4, note="small batches, the probe's recipe"),
     Trial("s2-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", note="probe's stage 2"),
     Trial("s2-b8-lr1e-3-subr", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", prompts="subr"),
     Trial("s2-b64-lr3e-4", 2, lr=3e-4, batch_size=64, epochs=2, over="s1-b8-lr1e-3", note="study's stage 2"),
-    Trial("s1-init", 1, epochs=0, note="0 steps: the LoRA init, for the one-stage trial"),
-    Trial("one-stage-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-init", train_lora=True),
     Trial("s2-b8-lr1e-3-lora", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", train_lora=True),
     Trial("s1-paper", 1, lr=1e-3, batch_size=64, epochs=10, note="authors' recipe: 10 epochs, batch 64"),
     Trial("s1-b16-lr1e-3", 1, lr=1e-3, batch_size=16, epochs=4),
