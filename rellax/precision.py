@@ -117,11 +117,10 @@ def compute_dtype(lm: nn.Module) -> torch.dtype:
     return next(lm.parameters()).dtype
 
 
-def compute(lm: nn.Module, dtype: torch.dtype | None = None) -> contextlib.AbstractContextManager:
-    """The context a forward of `lm` runs in: autocast to `dtype` (default: `compute_dtype(lm)`)
-    when that is not fp32, so bf16 linears take fp32 inputs; a no-op for fp32."""
-    dtype = dtype or compute_dtype(lm)
+def compute(lm: nn.Module) -> contextlib.AbstractContextManager:
+    """The context a forward of `lm` runs in: autocast to `compute_dtype(lm)` when that is not fp32,
+    so its bf16 linears take the fp32 residual stream as input; a no-op for fp32."""
+    dtype = compute_dtype(lm)
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    device = next(lm.parameters()).device
-    return torch.autocast(device.type, dtype=dtype)
+    return torch.autocast(next(lm.parameters()).device.type, dtype=dtype)

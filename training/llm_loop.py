@@ -192,7 +192,7 @@ def train_loop(
                     "loss": loss_ema,
                     "decision_loss": decision_ema,
                     # training seconds so far, every session's, validation excluded: AUC per CPU time
-                    "seconds": round(fit_before + time.perf_counter() - started - validating, 1),
+                    "seconds": round(fit_now, 1),
                 }
             )
             log.info(
@@ -246,5 +246,3 @@ def _save_checkpoint(path: Path, params, optimizer, scheduler, best_state, step:
     )
     tmp.replace(path)
     (path.parent / "curve.json").write_text(json.dumps(result.curve, indent=2))
-    # Where a paused run stands (step, seconds, samples/s), readable without unpickling the checkpoint.
-    (path.parent / "progress.json").write_text(json.dumps({**result.to_json(), "steps": step}, indent=2))

@@ -6,10 +6,11 @@ signal within 32 small-batch steps. The trials measure what a CPU-hour buys: eac
 validation AUC on the same fixed rows against examples seen and training seconds. The recipe is
 chosen by valid AUC per CPU-hour, never on test.
 
-Each trial is a stage-1 or stage-2 run of the real trainers in its own folder under `runs`, paused
-cleanly at the budget (the loops checkpoint after every step), and writes one JSON into `results`
-(config, curve, cost, device) when done; a finished trial is skipped, a killed one resumes with what
-is left of its budget. A stage-2 trial trains over the stage-1 trial it names (`over`): it waits
+Each trial is a stage-1 or stage-2 run of the real trainers in its own folder under `runs` that ends
+at its epochs or its budget (`train_loop(fit_budget_s=...)`: validated there, best state kept), and
+writes one JSON into `results` (config, curve, cost, device); a finished trial is skipped, and one
+cut by the session's end (`max_seconds`) resumes from its checkpoint with what is left of its
+budget (the loop counts training seconds across sessions). A stage-2 trial trains over the stage-1 trial it names (`over`): it waits
 until that one is done. `training.report` draws the trials' table and plot from those files.
 """
 
