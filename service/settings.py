@@ -36,8 +36,8 @@ class Settings(BaseSettings):
         "auto",
         description=(
             "Dtype the torch backend scores in: auto = float32, the reference; bfloat16 (bf16 linear "
-            "weights, fp32 residual stream) is faster on CPUs with AMX/AVX-512-BF16 but moves P(yes) "
-            "by up to ~0.01 (benchmarks/results/precision.md). vLLM: its own choice (see its backend)."
+            "weights, fp32 residual stream) is ~2x faster on CPUs with AMX/AVX-512-BF16 but moved P(yes) "
+            "by up to 0.028 (benchmarks/results/precision.md). vLLM: its own choice (see its backend)."
         ),
     )
     backend: Literal["torch", "vllm"] = Field(
