@@ -15,7 +15,7 @@ from typing import Any
 
 from rellax.logs import get_logger
 
-__all__ = ["canonical", "finished_run", "start_run"]
+__all__ = ["canonical", "finished_run", "start_run", "train_or_reuse"]
 
 log = get_logger(__name__)
 
@@ -54,3 +54,26 @@ def start_run(out: Path, config: Mapping[str, Any], stale: Sequence[str], fresh:
             else:
                 target.unlink(missing_ok=True)
     path.write_text(json.dumps(canonical(config), indent=2))
+
+
+def train_or_reuse(
+    recipe: Any,
+    cfg: Any,
+    key: Mapping[str, Any],
+    outputs: Sequence[str],
+    stale: Sequence[str],
+    *,
+    force: bool,
+    deadline: float | None,
+    fit_budget_s: float | None,
+) -> dict[str, Any]:
+    """What every stage's `main` does: return the finished run in `cfg.out` made with `key` (and the
+    training budget, when there is one: a budget-cut run is another run), else record the key, set
+    `recipe` up and train it (resuming its checkpoint) and return what its `save` wrote."""
+    key = dict(key) if fit_budget_s is None else {**key, "fit_budget_s": fit_budget_s}
+    if not force and (done := finished_run(cfg.out, key, outputs)) is not None:
+        log.info("already trained", out=str(cfg.out))
+        return done
+    start_run(cfg.out, key, stale=stale, fresh=force)
+    recipe.setup(cfg)
+    return recipe.save(recipe.train(deadline, fit_budget_s))

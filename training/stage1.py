@@ -19,7 +19,6 @@ import torch
 
 from rellax.assets import prepare_model
 from rellax.features import Featurizer
-from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
@@ -28,11 +27,9 @@ from training.fewshot import eval_rows, fewshot_rows, interleave_modes
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop
 from training.llm_setup import default_index_dir, load_base_lm, load_or_build_index, make_validator
-from training.runs import finished_run, start_run
+from training.runs import train_or_reuse
 
 __all__ = ["Stage1Config", "lora_targets", "main"]
-
-log = get_logger(__name__)
 
 
 @dataclass
@@ -139,13 +136,7 @@ def main(
     (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it. With
     `fit_budget_s` training ends after that many training seconds (`train_loop`), part of the run's key."""
     key = {k: v for k, v in cfg.to_json().items() if k != "out"}  # where it lives is not what it is
-    if fit_budget_s is not None:
-        key["fit_budget_s"] = fit_budget_s
-    if not force and (done := finished_run(cfg.out, key, ["adapter"])) is not None:
-        log.info("stage 1 already trained", out=str(cfg.out))
-        return done
-    start_run(cfg.out, key, stale=["adapter"], fresh=force)
-    recipe = Stage1Recipe()
-    recipe.setup(cfg)
-    result = recipe.train(deadline, fit_budget_s)
-    return recipe.save(result)
+    return train_or_reuse(
+        Stage1Recipe(), cfg, key, ["adapter"], ["adapter"],
+        force=force, deadline=deadline, fit_budget_s=fit_budget_s,
+    )  # fmt: skip

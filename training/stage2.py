@@ -31,7 +31,6 @@ from rellax.cflora import (
     set_trainable,
 )
 from rellax.features import Featurizer
-from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.spa import SPAProjector
@@ -41,12 +40,10 @@ from training.fewshot import eval_rows, fewshot_rows, interleave_modes
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
-from training.runs import finished_run, start_run
+from training.runs import train_or_reuse
 from training.stage1 import lora_targets
 
 __all__ = ["Stage2Config", "Stage2Mode", "build_stage2_model", "main"]
-
-log = get_logger(__name__)
 
 Stage2Mode = Literal["spa", "cflora", "rellax"]
 
@@ -232,13 +229,7 @@ def main(
     stage1_run = json.loads((cfg.stage1 / "metrics.json").read_text()).get("run_id")
     key = {k: v for k, v in cfg.to_json().items() if k not in ("out", "stage1")}
     key["stage1_run_id"] = stage1_run
-    if fit_budget_s is not None:
-        key["fit_budget_s"] = fit_budget_s
-    if not force and (done := finished_run(cfg.out, key, outputs)) is not None:
-        log.info("stage 2 already trained", out=str(cfg.out))
-        return done
-    start_run(cfg.out, key, stale=[*outputs, "gbar.safetensors"], fresh=force)
-    recipe = Stage2Recipe()
-    recipe.setup(cfg)
-    result = recipe.train(deadline, fit_budget_s)
-    return recipe.save(result)
+    return train_or_reuse(
+        Stage2Recipe(), cfg, key, outputs, [*outputs, "gbar.safetensors"],
+        force=force, deadline=deadline, fit_budget_s=fit_budget_s,
+    )  # fmt: skip

@@ -10,8 +10,9 @@ Each trial is a stage-1 or stage-2 run of the real trainers in its own folder un
 at its epochs or its budget (`train_loop(fit_budget_s=...)`: validated there, best state kept), and
 writes one JSON into `results` (config, curve, cost, device); a finished trial is skipped, and one
 cut by the session's end (`max_seconds`) resumes from its checkpoint with what is left of its
-budget (the loop counts training seconds across sessions). A stage-2 trial trains over the stage-1 trial it names (`over`): it waits
-until that one is done. `training.report` draws the trials' table and plot from those files.
+budget (the loop counts training seconds across sessions). A stage-2 trial trains over the stage-1
+trial it names (`over`): it waits until that one is done. `training.report` draws the trials' table
+and plot from those files.
 """
 
 from __future__ import annotations
