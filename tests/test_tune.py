@@ -50,7 +50,8 @@ def test_trials_end_at_their_budget_and_are_reused(tune: TuneConfig) -> None:
     # with a validation there, so the curve has step 0 and step 1.
     assert s1["steps"] == 1 and s1["examples"] == 4
     assert [p["step"] for p in s1["curve"]] == [0, 1]
-    assert s1["curve"][1]["seconds"] > 0 and s1["fit_seconds"] >= s1["curve"][1]["seconds"]
+    # training seconds on the curve (a tiny step can round to 0.0), never more than the run's total
+    assert s1["curve"][0]["seconds"] == 0.0 and 0.0 <= s1["curve"][1]["seconds"] <= s1["fit_seconds"]
     assert s1["trial"]["target_modules"] == ["q_proj", "v_proj"] and s1["device"].startswith("cpu/")
     over = json.loads((tune.results / "s2-over-s1.json").read_text())
     joint = json.loads((tune.results / "s2-joint.json").read_text())

@@ -148,7 +148,7 @@ def train_loop(
     result.device = f"{device}/{precision.name(base_dtype)}"
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
         result.best_valid_auc = evaluate()
-        result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc})
+        result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc, "seconds": 0.0})
     model.train()
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
