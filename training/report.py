@@ -262,8 +262,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
             "",
             "![validation AUC against training examples](learning_curves.png)",
         ]
-    din_valid = records.get("DIN", {}).get("valid_auc")
-    lines += tune_section(folder / "tune", out.parent, din_valid, valid_rows)
+    lines += tune_section(folder / "tune", out.parent)
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs, valid_rows, float(labels.mean()))
     lines += _progress_reading(progress, valid_rows, float(labels.mean()), len(labels))

@@ -161,6 +161,21 @@ def _record(cfg: TuneConfig, trial: Trial, metrics: dict[str, Any]) -> dict[str,
     }
 
 
+def din_valid_auc(cfg: TuneConfig) -> float:
+    """The frozen DIN's AUC on the trials' validation rows: the line stage 2 is to reach."""
+    from training.datasets import load_dataset
+    from training.evaluate import din_predictions
+    from training.fewshot import eval_rows
+    from training.llm_data import Catalogue
+    from training.llm_setup import load_din
+    from training.metrics import ctr_metrics
+
+    data, samples, _ = load_dataset()
+    rows = eval_rows(samples, "valid", cfg.valid_rows)
+    p = din_predictions(load_din(cfg.din_dir), Catalogue.from_tables(data), samples, rows)
+    return ctr_metrics(samples.label[rows], p)["auc"]
+
+
 def run(cfg: TuneConfig) -> dict[str, str]:
     """Run every unfinished trial (of `cfg.only`, if set) in order; {trial: state}, state one of
     done (found), ran, waiting (its stage-1 trial is not done), paused (session time), not selected."""
@@ -192,6 +207,12 @@ def run(cfg: TuneConfig) -> dict[str, str]:
             out.write_text(json.dumps(record, indent=1))
             log.info("trial done", trial=trial.name, best_valid_auc=round(record["best_valid_auc"], 4))
             status[trial.name] = "ran"
-    summary = {"device": str(resolve_device()), "budget_s": cfg.budget_s, "status": status}
+    summary = {
+        "device": str(resolve_device()),
+        "budget_s": cfg.budget_s,
+        "valid_rows": cfg.valid_rows,
+        "din_valid_auc": din_valid_auc(cfg),
+        "status": status,
+    }
     (cfg.results / "tune.json").write_text(json.dumps(summary, indent=1))
     return status

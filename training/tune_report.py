@@ -52,18 +52,16 @@ def _plot(trials: dict[str, dict[str, Any]], path: Path, din_valid_auc: float | 
     plt.close(fig)
 
 
-def tune_section(
-    folder: Path, out_dir: Path, din_valid_auc: float | None = None, din_valid_rows: int | None = None
-) -> list[str]:
+def tune_section(folder: Path, out_dir: Path) -> list[str]:
     """Markdown lines of the trials' section (and tune_trials.png in `out_dir`); [] without trials.
-    DIN's line is drawn only when it was measured on as many validation rows as the trials."""
+    DIN's line is its AUC on the trials' own validation rows (tune.json), never another row set."""
     trials = load_trials(folder)
     if not trials:
         return []
-    if din_valid_rows != next(iter(trials.values()))["valid_rows"]:
-        din_valid_auc = None
-    _plot(trials, out_dir / "tune_trials.png", din_valid_auc)
     status = json.loads((folder / "tune.json").read_text()) if (folder / "tune.json").exists() else {}
+    same_rows = status.get("valid_rows") == next(iter(trials.values()))["valid_rows"]
+    din_valid_auc = status.get("din_valid_auc") if same_rows else None
+    _plot(trials, out_dir / "tune_trials.png", din_valid_auc)
     lines = [
         "",
         "## Recipe trials (`rellax experiment tune`, validation only)",
