@@ -74,12 +74,10 @@ def resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtyp
     return torch.float32
 
 
-def resolve(dtype: str | torch.dtype | None) -> torch.dtype:
+def resolve(dtype: str | None) -> torch.dtype:
     """The dtype scores are served (RELLAX_DTYPE) and evaluated (`rellax eval --dtype`) in:
     "auto"/None = fp32, the reference (bf16 misses the 0.005 P(yes) contract, see above); or a
     name from DTYPES."""
-    if isinstance(dtype, torch.dtype):
-        return dtype
     if dtype in (None, "auto"):
         return torch.float32
     if dtype not in DTYPES:
