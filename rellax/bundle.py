@@ -75,6 +75,20 @@ class BundleConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     gate_dim: int = 256
+    # The data set's rating scale (MovieLens: whole stars 1-5); the service rejects events off it.
+    rating_min: float = 1.0
+    rating_max: float = 5.0
+    rating_step: float = 1.0
+
+    def rating_error(self, rating: float) -> str | None:
+        """Why `rating` is not on this bundle's scale, or None when it is."""
+        steps = (rating - self.rating_min) / self.rating_step
+        if not self.rating_min <= rating <= self.rating_max or abs(steps - round(steps)) > 1e-9:
+            return (
+                f"rating {rating:g} is not on the bundle's scale: {self.rating_min:g} to "
+                f"{self.rating_max:g} in steps of {self.rating_step:g}"
+            )
+        return None
 
     def to_json(self) -> dict[str, Any]:
         return {**self.__dict__, "target_modules": list(self.target_modules)}

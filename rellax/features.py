@@ -5,6 +5,8 @@ A `Featurizer` owns the catalogue, the item index (SUBR), the tokenizer and the 
 builds prompts with `rellax.prompt.build_prompt`, encodes DIN inputs with `rellax.din.encode_batch`,
 and returns the DIN item embeddings behind each soft token. History entries whose item is not in the
 catalogue cannot be written into a prompt and are skipped (the DIN never saw them either).
+A candidate the user has already interacted with is left out of its own history (prompt, SUBR and
+DIN alike): a training target never appears in the history before it, so serving must not show one.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ class History:
 
     def __len__(self) -> int:
         return len(self.item_ids)
+
+    def without(self, item_id: int) -> History:
+        """The history minus every interaction with `item_id` (itself when there is none)."""
+        keep = [i for i, item in enumerate(self.item_ids) if int(item) != int(item_id)]
+        if len(keep) == len(self):
+            return self
+        return History([int(self.item_ids[i]) for i in keep], [float(self.ratings[i]) for i in keep])
 
 
 class Featurizer:
@@ -96,21 +105,37 @@ class Featurizer:
         k = self.k if k is None else k
         spa = self.spa if spa is None else spa
         history = self.known_history(history)
-        entries = [
-            (self.items[int(i)], float(r)) for i, r in zip(history.item_ids, history.ratings, strict=True)
-        ]
+        seen = {int(i) for i in history.item_ids}
+        # Candidates outside the history share one SUBR matrix product; one the user already
+        # interacted with gets its own history without it (rare: re-scoring a seen item).
+        shared = [int(c) for c in candidate_ids if int(c) not in seen]
+        own = {int(c): history.without(c) for c in candidate_ids if int(c) in seen}
         picks: dict[int, np.ndarray] = {}
-        if mode == "subr" and len(history) > k:
-            many = subr_positions_many(self.item_index, history.item_ids, candidate_ids, k)
-            picks = {int(c): p for c, p in zip(candidate_ids, many, strict=True)}
+        if mode == "subr" and len(history) > k and shared:
+            many = subr_positions_many(self.item_index, history.item_ids, shared, k)
+            picks = {c: p for c, p in zip(shared, many, strict=True)}
+        for c, hist_c in own.items():
+            if mode == "subr" and len(hist_c) > k:
+                picks[c] = subr_positions_many(self.item_index, hist_c.item_ids, [c], k)[0]
         subr_done = time.perf_counter()
 
         def subr(_hist: Sequence[int], candidate_id: int, _k: int) -> np.ndarray:
             return picks[int(candidate_id)]
 
+        def entries(hist: History) -> list[tuple[Item, float]]:
+            return [(self.items[int(i)], float(r)) for i, r in zip(hist.item_ids, hist.ratings, strict=True)]
+
+        shared_entries = entries(history)
         prompts = [
             build_prompt(
-                self.tokenizer, profile, entries, self.items[int(c)], k=k, mode=mode, spa=spa, subr=subr
+                self.tokenizer,
+                profile,
+                entries(own[int(c)]) if int(c) in own else shared_entries,
+                self.items[int(c)],
+                k=k,
+                mode=mode,
+                spa=spa,
+                subr=subr,
             )
             for c in candidate_ids
         ]
@@ -126,9 +151,9 @@ class Featurizer:
         candidate_ids: Sequence[int],
         histories: Sequence[History],
     ) -> DINBatch:
-        """DIN inputs for B pairs (the last `max_history` known history items of each)."""
+        """DIN inputs for B pairs (the last `max_history` known history items of each, candidate left out)."""
         din = self._require_din()
-        known = [self.known_history(h) for h in histories]
+        known = [self.known_history(h).without(c) for h, c in zip(histories, candidate_ids, strict=True)]
         return encode_batch(
             din.vocab,
             [-1 if u is None else int(u) for u in user_ids],

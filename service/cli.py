@@ -63,10 +63,11 @@ def serve(
 
 
 def curl_examples(host: str, port: int, auth: bool = False) -> str:
-    """Ready-to-paste calls for an ML-100K user (196) and three catalogue items."""
+    """Ready-to-paste calls for ML-100K user 196 and five items it has not rated (a rated one would be
+    scored over its history without it, which is what the API docs say, but is not a recommendation)."""
     base = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     key = ' -H "Authorization: Bearer $RELLAX_API_KEY"' if auth else ""
-    body = '{"user_id": "196", "item_ids": [242, 302, 377, 51, 346]}'
+    body = '{"user_id": "196", "item_ids": [50, 302, 377, 51, 346]}'
     rerank = body[:-1] + ', "top_k": 3}'
     json_post = f"curl -s{key} -H 'Content-Type: application/json' -d"
     return "\n".join(

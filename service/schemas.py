@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
 
 from rellax.entities import AGE_BUCKETS, HistoryEvent, Profile
 
@@ -38,18 +38,53 @@ __all__ = [
 
 MAX_EVENTS = 1000  # events per ingest call; a bulk import uses `rellax load-history`
 
-# User ids are opaque strings (numbers are accepted and turned into strings): safe in a Redis key.
+INT64_MAX = 2**63 - 1
+
+
+def _user_id(value: object) -> object:
+    """Ids are strings; a JSON integer in int64 range is taken as its decimal string.
+
+    Floats (1.5), booleans and integers beyond int64 are rejected: pydantic's lax mode would turn
+    them into strings such as "1.5" or "True" and score a user nobody has.
+    """
+    if isinstance(value, bool | float):
+        raise ValueError("must be a string or an integer")
+    if isinstance(value, int):
+        if not 0 <= value <= INT64_MAX:
+            raise ValueError(f"integer user ids must fit in int64 (0..{INT64_MAX})")
+        return str(value)
+    return value
+
+
+def _item_id(value: object) -> object:
+    """A JSON integer, or a string of decimal digits; never a bool (true is not item 1) or a float."""
+    if isinstance(value, bool | float):
+        raise ValueError("must be an integer")
+    if isinstance(value, str):
+        if not value.isascii() or not value.isdigit():
+            raise ValueError("must be an integer (or a string of digits)")
+        return int(value)
+    return value
+
+
+# User ids are opaque strings (integers are accepted and turned into strings): safe in a Redis key.
 UserId = Annotated[
     str,
+    BeforeValidator(_user_id),
     Field(
         min_length=1,
         max_length=64,
         pattern=r"^[A-Za-z0-9_.:@-]+$",
-        description="Your user id: 1-64 characters of letters, digits and _ . : @ -.",
+        description="Your user id: 1-64 characters of letters, digits and _ . : @ - (or an integer "
+        "in int64 range, taken as its decimal string).",
         examples=["196"],
     ),
 ]
-ItemId = Annotated[int, Field(ge=1, le=2**31 - 1, description="Catalogue item id.")]
+ItemId = Annotated[
+    int,
+    BeforeValidator(_item_id),
+    Field(ge=1, le=2**31 - 1, description="Catalogue item id: an integer (a string of digits is accepted)."),
+]
 AGE_VALUES = Literal[
     "under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "above 56", "unknown"
 ]  # fmt: skip
@@ -60,7 +95,7 @@ assert set(AGE_VALUES.__args__) == {
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+    model_config = ConfigDict(extra="forbid")
 
 
 class ScoreRequest(_Model):
@@ -86,7 +121,20 @@ class ScoreRequest(_Model):
 class RerankRequest(ScoreRequest):
     """Score candidates for one user and return them best first."""
 
-    top_k: int | None = Field(None, ge=1, description="Return only the best top_k items (default: all).")
+    top_k: int | None = Field(
+        None,
+        ge=1,
+        strict=True,
+        description="Return only the best top_k items (omit it for all; null is an error).",
+    )
+
+    @field_validator("top_k", mode="before")
+    @classmethod
+    def _no_null(cls, top_k: object) -> object:
+        # Omitted means all; an explicit null is a client bug that would silently return everything.
+        if top_k is None:
+            raise ValueError("must be a positive integer; omit top_k to return all items")
+        return top_k
 
 
 class Timing(_Model):
@@ -140,8 +188,20 @@ class EventIn(_Model):
     """One interaction of the user."""
 
     item_id: ItemId
-    rating: float = Field(ge=0, le=5, description="Explicit rating, 0-5 stars (label = rating > 3).")
-    timestamp: int = Field(ge=0, le=2**42, description="Unix time in seconds.")
+    rating: float = Field(
+        strict=True,
+        description="Explicit rating on the bundle's scale (MovieLens: whole stars 1-5; label = rating > 3). "
+        "Checked against the loaded bundle's `rating_scale`; a number, never a boolean or a string.",
+    )
+
+    @field_validator("rating", mode="before")
+    @classmethod
+    def _number(cls, rating: object) -> object:
+        if isinstance(rating, bool) or not isinstance(rating, int | float):
+            raise ValueError("must be a number")
+        return float(rating)
+
+    timestamp: int = Field(ge=0, le=2**42, strict=True, description="Unix time in seconds (an integer).")
 
     def to_event(self) -> HistoryEvent:
         return HistoryEvent(item_id=self.item_id, rating=self.rating, timestamp=self.timestamp)

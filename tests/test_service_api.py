@@ -247,6 +247,51 @@ async def test_unknown_items_are_404_naming_them(redis_url: str) -> None:
             "5",
         ),
         ("/v1/users/u/events", {"events": []}, "events", "at least 1"),
+        # pydantic's lax mode took each of these with a 200 (issue 18): ids and ratings are strict.
+        ("/v1/score", {"user_id": 1.5, "item_ids": [1]}, "user_id", "string or an integer"),
+        ("/v1/score", {"user_id": 12345678901234567890, "item_ids": [1]}, "user_id", "int64"),
+        ("/v1/score", {"user_id": True, "item_ids": [1]}, "user_id", "string or an integer"),
+        ("/v1/score", {"user_id": "u", "item_ids": [True, False]}, "item_ids.0", "must be an integer"),
+        ("/v1/score", {"user_id": "u", "item_ids": [2.0]}, "item_ids.0", "must be an integer"),
+        ("/v1/score", {"user_id": "u", "item_ids": ["7x"]}, "item_ids.0", "string of digits"),
+        ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": None}, "top_k", "omit top_k"),
+        ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": True}, "top_k", "integer"),
+        ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": 2.0}, "top_k", "integer"),
+        (
+            "/v1/users/u/events",
+            {"events": [{"item_id": 1, "rating": 0, "timestamp": 1}]},
+            "events.0.rating",
+            "not on the bundle's scale: 1 to 5",
+        ),
+        (
+            "/v1/users/u/events",
+            {
+                "events": [
+                    {"item_id": 1, "rating": 4, "timestamp": 1},
+                    {"item_id": 2, "rating": 3.5, "timestamp": 1},
+                ]
+            },
+            "events.1.rating",
+            "in steps of 1",
+        ),
+        (
+            "/v1/users/u/events",
+            {"events": [{"item_id": 1, "rating": True, "timestamp": 1}]},
+            "events.0.rating",
+            "must be a number",
+        ),
+        (
+            "/v1/users/u/events",
+            {"events": [{"item_id": 1, "rating": "4", "timestamp": 1}]},
+            "events.0.rating",
+            "must be a number",
+        ),
+        (
+            "/v1/users/u/events",
+            {"events": [{"item_id": 1, "rating": 4, "timestamp": True}]},
+            "events.0.timestamp",
+            "integer",
+        ),
         (
             "/v1/users/bad%20id/events",
             {"events": [{"item_id": 1, "rating": 3, "timestamp": 1}]},
@@ -264,6 +309,52 @@ async def test_limits_and_formats_are_422_naming_the_field(
     err = r.json()["error"]
     assert err["param"] == param and err["type"] == "invalid_request_error"
     assert needle in err["message"] and err["message"].startswith(param)
+
+
+async def test_rejected_events_store_nothing(redis_url: str) -> None:
+    uid = new_user()
+    good = events_for(catalogue(3))
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        bad = await client.post(
+            f"/v1/users/{uid}/events", json={"events": [*good, {"item_id": 9, "rating": 6, "timestamp": 2}]}
+        )
+        hist = await client.get(f"/v1/users/{uid}/history")
+    assert bad.status_code == 422 and bad.json()["error"]["param"] == "events.3.rating"
+    assert hist.json()["events"] == []
+
+
+async def test_documented_lax_forms_are_accepted(redis_url: str) -> None:
+    """Integer user ids become strings and digit strings are item ids: both documented in the schema."""
+    items = catalogue(2)
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post("/v1/score", json={"user_id": 2**63 - 1, "item_ids": [str(items[0]), items[1]]})
+        e = await client.post(
+            f"/v1/users/{new_user()}/events",
+            json={"events": [{"item_id": items[0], "rating": 4.0, "timestamp": 1}]},
+        )
+    assert r.status_code == 200, r.text
+    assert r.json()["user_id"] == str(2**63 - 1) and [it["item_id"] for it in r.json()["items"]] == items
+    assert e.status_code == 200, e.text
+
+
+async def test_a_candidate_is_never_in_its_own_history(redis_url: str) -> None:
+    """Re-scoring an item the user rated: the prompt, SUBR and DIN see the history without it."""
+    uid, seen = new_user(), catalogue(20)
+    events = events_for(seen)
+    cands = [seen[3], seen[-1], catalogue(1, offset=40)[0]]
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        await client.post(f"/v1/users/{uid}/events", json={"events": events})
+        r = await client.post("/v1/score", json={"user_id": uid, "item_ids": cands})
+        alone = await client.post("/v1/score", json={"user_id": uid, "item_ids": [seen[3]]})
+    assert r.status_code == 200, r.text
+    items = r.json()["items"]
+    for it in items:
+        assert it["item_id"] not in it["retrieved"] and it["retrieved"], it
+    # The same as scoring it over the history without it, and independent of its batch mates.
+    without = [e for e in events if e["item_id"] != seen[3]]
+    want, retrieved = expected(Profile(), without, [seen[3]], user_id=uid)
+    assert items[0]["retrieved"] == retrieved[0] == alone.json()["items"][0]["retrieved"]
+    np.testing.assert_allclose([items[0]["p_click"], alone.json()["items"][0]["p_click"]], want[0], atol=1e-5)
 
 
 async def test_profile_values_are_checked(redis_url: str) -> None:

@@ -6,7 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
-from service.deps import StoreDep
+from service.deps import BundleDep, StoreDep
+from service.errors import LimitExceeded
 from service.schemas import (
     EventIn,
     EventsRequest,
@@ -26,8 +27,18 @@ UserPath = Annotated[
 
 
 @router.post("/{user_id}/events", response_model=EventsResponse)
-async def add_events(user_id: UserPath, body: EventsRequest, store: StoreDep) -> EventsResponse:
-    """Append interactions; replaying an event stores it once; the newest RELLAX_HISTORY_CAP are kept."""
+async def add_events(
+    user_id: UserPath, body: EventsRequest, store: StoreDep, bundle: BundleDep
+) -> EventsResponse:
+    """Append interactions; replaying an event stores it once; the newest RELLAX_HISTORY_CAP are kept.
+
+    Ratings must lie on the loaded bundle's scale (MovieLens: whole stars 1-5): the prompt writes
+    them as stars and DIN embeds them, so an off-scale value would be silently rounded or clipped.
+    Nothing is stored when any event is rejected.
+    """
+    for n, event in enumerate(body.events):
+        if (problem := bundle.config.rating_error(event.rating)) is not None:
+            raise LimitExceeded(f"events.{n}.rating: {problem}", param=f"events.{n}.rating")
     added, stored = await store.append(user_id, body.to_events())
     return EventsResponse(user_id=user_id, received=len(body.events), added=added, history_len=stored)
 
