@@ -137,8 +137,22 @@ def _rellax_error(request: Request, exc: RellaxError) -> JSONResponse:
                           code=code, request=request, exc=exc)  # fmt: skip
 
 
+def _json_error(request: Request, exc: RequestValidationError, err: dict) -> JSONResponse:
+    """Malformed JSON: say what the parser found and where (line, column), not a bare offset."""
+    pos = next((p for p in err.get("loc", ()) if isinstance(p, int)), 0)
+    doc = exc.body if isinstance(exc.body, str) else ""
+    line = doc.count("\n", 0, pos) + 1
+    column = pos - (doc.rfind("\n", 0, pos) + 1) + 1
+    reason = (err.get("ctx") or {}).get("error", "invalid JSON")
+    message = f"body is not valid JSON: {reason} at line {line}, column {column} (character {pos})"
+    return error_response(422, message, type="invalid_request_error", code="invalid_json",
+                          param="body", request=request)  # fmt: skip
+
+
 def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        return _json_error(request, exc, errors[0])
     parts, param = [], None
     for err in errors[:5]:
         loc = [str(p) for p in err.get("loc", ()) if p not in ("body", "path", "query", "header")]

@@ -311,6 +311,19 @@ async def test_limits_and_formats_are_422_naming_the_field(
     assert needle in err["message"] and err["message"].startswith(param)
 
 
+async def test_malformed_json_says_what_and_where(redis_url: str) -> None:
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post(
+            "/v1/score",
+            content=b'{"user_id": "u",\n "item_ids": [1, 2',
+            headers={"content-type": "application/json"},
+        )
+    assert r.status_code == 422, r.text
+    err = r.json()["error"]
+    assert err["param"] == "body" and err["code"] == "invalid_json"
+    assert err["message"].startswith("body is not valid JSON: ") and "line 2, column 19" in err["message"]
+
+
 async def test_rejected_events_store_nothing(redis_url: str) -> None:
     uid = new_user()
     good = events_for(catalogue(3))
