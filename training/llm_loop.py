@@ -133,7 +133,7 @@ def train_loop(
     best_state = {k: v.detach().clone() for k, v in params.items()}
     step = 0
     if checkpoint.exists():
-        state = torch.load(checkpoint, weights_only=False, map_location=device)
+        state = torch.load(checkpoint, weights_only=True, map_location=device)  # no pickled code
         for k, v in state["params"].items():
             params[k].data.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
