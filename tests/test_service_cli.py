@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from service_support import tiny_bundle, tiny_bundle_path
 from typer.testing import CliRunner
 
@@ -50,6 +51,53 @@ def test_load_history_loads_train_and_valid_history(redis_url: str, ml100k_sampl
     assert len(asyncio.run(fetch())[1].history) == len(other.history)  # re-running adds nothing
 
 
+def redis_children(parent: int) -> list[int]:
+    """Pids of the live redis-server processes whose parent is `parent` (redis rewrites its argv)."""
+    pids = []
+    for proc_dir in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc_dir / "stat").read_text()
+        except OSError:
+            continue
+        comm, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :].split()
+        if comm.startswith("redis-server") and rest[0] != "Z" and int(rest[1]) == parent:
+            pids.append(int(proc_dir.name))
+    return pids
+
+
+def gone(pid: int, within_s: float) -> bool:
+    """True once `pid` has exited (and was reaped, or is a zombie) within `within_s` seconds."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z":
+                return True
+        except OSError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
+def test_embedded_redis_dies_with_a_killed_parent(tmp_path: Path) -> None:
+    """SIGKILL runs no clean-up code: the kernel must stop the child (issue 18: orphaned Redis)."""
+    script = (
+        "import sys, time; from pathlib import Path; from service.embedded_redis import EmbeddedRedis; "
+        "r = EmbeddedRedis(Path(sys.argv[1]), persist=False).start(); print(r.pid, flush=True); "
+        "time.sleep(600)"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script, str(tmp_path / "r")], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        child = int(parent.stdout.readline())
+        assert redis_children(parent.pid) == [child]
+    finally:
+        parent.kill()
+        parent.wait(timeout=10)
+    assert gone(child, within_s=5)
+
+
 def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
     port = free_port()
     env = {
@@ -86,10 +134,13 @@ def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
         item = sorted(tiny_bundle().items)[0]
         r = httpx.post(f"{url}/v1/score", json={"user_id": "196", "item_ids": [item]}, timeout=60)
         assert r.status_code == 200 and r.json()["cold_start"] is True
+        redis = redis_children(proc.pid)
+        assert len(redis) == 1, redis
     finally:
         proc.terminate()
         proc.wait(timeout=60)
         log.close()
     output = (tmp_path / "serve.log").read_text()
     assert "/v1/score" in output and "curl" in output
+    assert gone(redis[0], within_s=5)  # SIGTERM to `rellax serve` stops its embedded Redis too
     assert (tmp_path / "cache" / "redis").is_dir()  # the embedded Redis kept its data in the cache
