@@ -153,7 +153,16 @@ class Featurizer:
     ) -> DINBatch:
         """DIN inputs for B pairs (the last `max_history` known history items of each, candidate left out)."""
         din = self._require_din()
-        known = [self.known_history(h).without(c) for h, c in zip(histories, candidate_ids, strict=True)]
+        # Serving passes one history object for all of a user's candidates: filter it once, and
+        # copy it only for a candidate that is in it.
+        by_history: dict[int, tuple[History, set[int]]] = {}
+        known = []
+        for h, c in zip(histories, candidate_ids, strict=True):
+            if id(h) not in by_history:
+                kept = self.known_history(h)
+                by_history[id(h)] = kept, {int(i) for i in kept.item_ids}
+            kept, seen = by_history[id(h)]
+            known.append(kept.without(c) if int(c) in seen else kept)
         return encode_batch(
             din.vocab,
             [-1 if u is None else int(u) for u in user_ids],

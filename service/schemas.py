@@ -191,8 +191,10 @@ class EventIn(_Model):
     rating: float = Field(
         strict=True,
         description="Explicit rating on the bundle's scale (MovieLens: whole stars 1-5; label = rating > 3). "
-        "Checked against the loaded bundle's `rating_scale`; a number, never a boolean or a string.",
+        "Checked against the loaded bundle's rating_min/rating_max/rating_step; a number, never a boolean "
+        "or a string.",
     )
+    timestamp: int = Field(ge=0, le=2**42, strict=True, description="Unix time in seconds (an integer).")
 
     @field_validator("rating", mode="before")
     @classmethod
@@ -200,8 +202,6 @@ class EventIn(_Model):
         if isinstance(rating, bool) or not isinstance(rating, int | float):
             raise ValueError("must be a number")
         return float(rating)
-
-    timestamp: int = Field(ge=0, le=2**42, strict=True, description="Unix time in seconds (an integer).")
 
     def to_event(self) -> HistoryEvent:
         return HistoryEvent(item_id=self.item_id, rating=self.rating, timestamp=self.timestamp)
