@@ -84,3 +84,34 @@ def test_the_report_draws_the_trials(tune: TuneConfig, tmp_path: Path) -> None:
         (other / p.name).write_text(p.read_text())
     (other / "tune.json").write_text(json.dumps({**status, "valid_rows": 512}))
     assert "DIN's validation AUC" not in "\n".join(tune_section(other, tmp_path))
+
+
+def test_stage2_builds_on_kept_weights_when_the_cache_lost_them(tune: TuneConfig) -> None:
+    """A later session's empty cache: the stage-1 trial's committed weights are copied back, and
+    only when those are gone too is it trained again."""
+    import shutil
+    from dataclasses import replace
+
+    run(tune)
+    kept = tune.results / "s1"
+    assert (kept / "adapter" / "adapter_model.safetensors").stat().st_size > 0
+    assert (tune.results / "s2-over-s1" / "stage2.safetensors").exists()
+    run_id = json.loads((kept / "metrics.json").read_text())["run_id"]
+    shutil.rmtree(tune.runs)
+    (tune.results / "s2-over-s1.json").unlink()
+    only = replace(tune, only=("s2-over-s1",))
+    assert run(only)["s2-over-s1"] == "ran" and run(only)["s1"] == "done"
+    restored = json.loads((tune.runs / "s1" / "metrics.json").read_text())
+    over = json.loads((tune.runs / "s2-over-s1" / "metrics.json").read_text())
+    assert restored["run_id"] == run_id and over["stage1_run_id"] == run_id  # built on the kept run
+
+    s1_record = (tune.results / "s1.json").read_text()
+    shutil.rmtree(tune.runs)
+    shutil.rmtree(kept)
+    (tune.results / "s2-over-s1.json").unlink()
+    status = run(only)
+    assert status["s1"] == "ran" and status["s2-over-s1"] == "ran"
+    retrained = json.loads((kept / "metrics.json").read_text())["run_id"]
+    assert retrained != run_id and (tune.results / "s1.json").read_text() != s1_record
+    over = json.loads((tune.runs / "s2-over-s1" / "metrics.json").read_text())
+    assert over["stage1_run_id"] == retrained

@@ -35,7 +35,7 @@ from training.datasets import load_dataset
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
 from training.samples import Samples
 
-__all__ = ["CONFIG_PATH", "CRMConfig", "CRMRecipe", "load_config", "main"]
+__all__ = ["CONFIG_PATH", "CRMConfig", "CRMRecipe", "ensure_din", "load_config", "main"]
 
 log = get_logger(__name__)
 CONFIG_PATH = Path(__file__).parent / "configs" / "crm.yaml"
@@ -272,6 +272,16 @@ def main(cfg: CRMConfig) -> dict:
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     log.info("crm.done", out=str(out), test_auc=round(test["auc"], 4))
     return metrics
+
+
+def ensure_din(out: Path) -> dict:
+    """The DIN in `out` (its metrics.json), trained with the default recipe when it is not there:
+    every LLM step that reads DIN's embeddings starts from this, on an empty cache too."""
+    metrics = out / "metrics.json"
+    if metrics.exists() and (out / "model.safetensors").exists():
+        return json.loads(metrics.read_text())
+    log.info("no DIN yet; training it", out=str(out))
+    return main(load_config(out=str(out)))
 
 
 if __name__ == "__main__":

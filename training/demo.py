@@ -41,6 +41,7 @@ def build(n_rows: int = DEMO_ROWS, eval_rows: int = DEMO_EVAL_ROWS, valid_rows: 
     the eval by its rows and the run ids it scored, the bundle by the stage-2 run id it came from.
     """
     from rellax.assets import prepare_model
+    from training.crm import ensure_din
     from training.datasets import load_dataset
     from training.evaluate import EvalConfig, markdown_table
     from training.evaluate import main as evaluate
@@ -61,13 +62,7 @@ def build(n_rows: int = DEMO_ROWS, eval_rows: int = DEMO_EVAL_ROWS, valid_rows: 
     data, _, manifest = load_dataset()
     counts = " / ".join(f"{s}: {v['count']}" for s, v in manifest["splits"].items())
     lines.append(f"samples        {counts}")
-    din_metrics = paths["din"] / "metrics.json"
-    if not din_metrics.exists():
-        from training.crm import load_config
-        from training.crm import main as train_crm
-
-        train_crm(load_config(out=str(paths["din"])))
-    din = json.loads(din_metrics.read_text())
+    din = ensure_din(paths["din"])
     lines.append(f"DIN            test AUC {din['din']['test']['auc']:.4f}  ({paths['din']})")
     if not (paths["index"] / "meta.json").exists():
         lm, tok = load_base_lm(model_dir)

@@ -13,11 +13,17 @@ cut by the session's end (`max_seconds`) resumes from its checkpoint with what i
 budget (the loop counts training seconds across sessions). A stage-2 trial trains over the stage-1
 trial it names (`over`): it waits until that one is done. `training.report` draws the trials' table
 and plot from those files.
+
+A finished trial's trainable weights (LoRA adapter, or SPA + gates) go beside its JSON in
+`results/<trial>/` (a few MB, committed), so a stage-2 trial can build on a stage-1 trial trained in
+another session or on another machine; only when they are nowhere is the stage-1 trial trained again
+(and its record replaced by the new run's).
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,9 +35,16 @@ from rellax.paths import cache_dir
 from rellax.precision import cpu_supports_bf16
 from training.llm_loop import LoopConfig
 
-__all__ = ["TRIALS", "Trial", "TuneConfig", "run"]
+__all__ = ["TRIALS", "Trial", "TuneConfig", "keep_weights", "restore_weights", "run"]
 
 log = get_logger(__name__)
+
+# What a finished trial's run folder must hold for another trial (or the bundle) to build on it.
+WEIGHTS: dict[int, tuple[str, ...]] = {
+    1: ("metrics.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"),
+    2: ("metrics.json", "stage2.safetensors", "gbar.safetensors"),
+}
+MAX_WEIGHTS_BYTES = 10 * 2**20  # the most a committed run's trainable weights may take
 
 ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -176,19 +189,68 @@ def din_valid_auc(cfg: TuneConfig) -> float:
     return ctr_metrics(samples.label[rows], p)["auc"]
 
 
+def keep_weights(cfg: TuneConfig, trial: Trial) -> Path:
+    """Copy the finished trial's trainable weights from its run folder to `results/<trial>/`."""
+    src, dst = cfg.runs / trial.name, cfg.results / trial.name
+    files = [name for name in WEIGHTS[trial.stage] if (src / name).exists()]  # no gates: no gbar
+    size = sum((src / name).stat().st_size for name in files)
+    if size > MAX_WEIGHTS_BYTES:
+        raise ValueError(f"{trial.name}: {size / 2**20:.1f} MB of trainable weights (10 MB kept)")
+    shutil.rmtree(dst, ignore_errors=True)
+    for name in files:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / name, dst / name)
+    return dst
+
+
+def restore_weights(cfg: TuneConfig, trial: Trial) -> bool:
+    """Make `runs/<trial>/` hold the trial's weights (copied back from `results/<trial>/` when the
+    cache lost them); False when neither place has them."""
+    run_dir, kept = cfg.runs / trial.name, cfg.results / trial.name
+    needed = WEIGHTS[trial.stage][:2]
+    if all((run_dir / name).exists() for name in needed):
+        return True
+    if not all((kept / name).exists() for name in needed):
+        return False
+    for name in WEIGHTS[trial.stage]:
+        if (kept / name).exists():
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(kept / name, run_dir / name)
+    log.info("restored the trial's weights", trial=trial.name, source=str(kept))
+    return True
+
+
 def run(cfg: TuneConfig) -> dict[str, str]:
     """Run every unfinished trial (of `cfg.only`, if set) in order; {trial: state}, state one of
     done (found), ran, waiting (its stage-1 trial is not done), paused (session time), not selected."""
+    from training.crm import ensure_din
     from training.stage1 import main as stage1
     from training.stage2 import main as stage2
 
     cfg.results.mkdir(parents=True, exist_ok=True)
+    ensure_din(cfg.din_dir)
+    by_name = {trial.name: trial for trial in cfg.trials}
     deadline = None if cfg.max_seconds is None else time.monotonic() + cfg.max_seconds
     status: dict[str, str] = {}
+
+    def train(trial: Trial) -> bool:
+        """Train `trial` to its epochs or budget and record it; False when the session's end paused it."""
+        stage = stage1 if trial.stage == 1 else stage2
+        try:  # ends at its epochs or its budget; past the session's deadline it pauses, resumably
+            metrics = stage(_stage_config(cfg, trial), deadline=deadline, fit_budget_s=cfg.budget_s)
+        except TimeoutError as paused:
+            log.info("trial paused", trial=trial.name, why=str(paused))
+            return False
+        record = _record(cfg, trial, metrics)
+        keep_weights(cfg, trial)
+        (cfg.results / f"{trial.name}.json").write_text(json.dumps(record, indent=1))
+        log.info("trial done", trial=trial.name, best_valid_auc=round(record["best_valid_auc"], 4))
+        return True
+
     for trial in cfg.trials:
         out = cfg.results / f"{trial.name}.json"
         if out.exists():
-            status[trial.name] = "done"
+            status.setdefault(trial.name, "done")
         elif cfg.only and trial.name not in cfg.only:
             status[trial.name] = "not selected"
         elif trial.stage == 2 and not (cfg.results / f"{trial.over}.json").exists():
@@ -196,17 +258,14 @@ def run(cfg: TuneConfig) -> dict[str, str]:
         elif deadline is not None and time.monotonic() > deadline:
             status[trial.name] = "paused"
         else:
-            train = stage1 if trial.stage == 1 else stage2
-            try:  # ends at its epochs or its budget; past the session's deadline it pauses, resumably
-                metrics = train(_stage_config(cfg, trial), deadline=deadline, fit_budget_s=cfg.budget_s)
-            except TimeoutError as paused:
-                log.info("trial paused", trial=trial.name, why=str(paused))
-                status[trial.name] = "paused"
-                continue
-            record = _record(cfg, trial, metrics)
-            out.write_text(json.dumps(record, indent=1))
-            log.info("trial done", trial=trial.name, best_valid_auc=round(record["best_valid_auc"], 4))
-            status[trial.name] = "ran"
+            base = by_name.get(str(trial.over))
+            if base is not None and not restore_weights(cfg, base):
+                log.warning("the stage-1 trial's weights are lost; training it again", trial=base.name)
+                if not train(base):
+                    status[trial.name] = "paused"
+                    continue
+                status[base.name] = "ran"
+            status[trial.name] = "ran" if train(trial) else "paused"
     summary = {
         "device": str(resolve_device()),
         "budget_s": cfg.budget_s,
