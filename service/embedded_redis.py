@@ -77,6 +77,9 @@ class EmbeddedRedis:
             "--dir", str(self.data_dir),
             "--save", "60 1" if self.persist else "",
             "--appendonly", "yes" if self.persist else "no",
+            # fsync once a second: an acknowledged write survives the process being killed (it
+            # reached the kernel before the reply); a power cut can lose the last second.
+            "--appendfsync", "everysec",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
         ]  # fmt: skip
@@ -98,6 +101,13 @@ class EmbeddedRedis:
                 time.sleep(0.05)
         self.stop()
         raise HistoryStoreError(f"redis-server did not answer on port {self.port} within {timeout}s")
+
+    def kill(self) -> None:
+        """SIGKILL, no clean-up: the crash the durability test and drills need."""
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
 
     def stop(self) -> None:
         if self._proc is not None and self._proc.poll() is None:

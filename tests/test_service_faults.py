@@ -340,3 +340,36 @@ def test_concurrent_scoring_over_http_matches_offline(redis_url: str) -> None:
         want = bundle.score_prepared(bundle.prepare(Profile(), history, cands))
         # fp32; batch composition differs from the offline call (padding): the scorer's own 1e-4 bound
         np.testing.assert_allclose([it["p_click"] for it in body["items"]], want, atol=1e-4)
+
+
+def test_acknowledged_events_survive_redis_being_killed(tmp_path: Path) -> None:
+    """The persistence the service expects (AOF, fsync every second): every event the API answered
+    200 for is still there after redis-server is SIGKILLed straight after the last reply and started
+    again on the same data dir; a profile too. (A power cut could lose up to the last second.)"""
+    redis = EmbeddedRedis(tmp_path / "redis").start()
+    items = catalogue(40)
+    try:
+        with (
+            uvicorn_app(make_settings(redis.url)) as (_, url),
+            httpx.Client(base_url=url, timeout=30) as client,
+        ):
+            acked = []
+            for n, item in enumerate(items):  # one request per event: each acknowledged on its own
+                event = {"item_id": item, "rating": 1 + n % 5, "timestamp": 1000 + n}
+                response = client.post("/v1/users/durable/events", json={"events": [event]})
+                assert response.status_code == 200, response.text
+                acked.append(event)
+            profile = {"gender": "female", "age": "25-34", "job": "programmer"}
+            assert client.put("/v1/users/durable/profile", json=profile).status_code == 200
+            redis.kill()
+            assert client.get("/v1/users/durable/history").status_code == 503  # really gone
+            redis.start()
+            deadline = time.monotonic() + 10
+            while (after := client.get("/v1/users/durable/history")).status_code != 200:
+                assert time.monotonic() < deadline, after.text
+                time.sleep(0.1)
+    finally:
+        redis.stop()
+    body = after.json()
+    assert body["events"] == acked
+    assert {k: body["profile"][k] for k in profile} == profile
