@@ -49,6 +49,7 @@ def serve(
 
     from rellax.logs import configure_logging
     from service.main import create_app
+    from service.server import DrainingServer
     from service.settings import Settings
 
     overrides = {"bundle": bundle, "host": host, "port": port, "backend": backend, "redis_url": redis_url}
@@ -59,7 +60,11 @@ def serve(
         settings = settings.model_copy(update={"redis_url": url})
         app = create_app(settings)
         typer.echo(curl_examples(settings.host, settings.port, auth=bool(settings.api_keys)))
-        uvicorn.run(app, host=settings.host, port=settings.port, workers=1, log_config=None, access_log=False)
+        config = uvicorn.Config(
+            app, host=settings.host, port=settings.port, workers=1, log_config=None, access_log=False,
+            timeout_graceful_shutdown=int(settings.shutdown_timeout_s),
+        )  # fmt: skip
+        DrainingServer(config, app.state, drain_s=settings.drain_s).run()
 
 
 def curl_examples(host: str, port: int, auth: bool = False) -> str:

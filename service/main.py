@@ -98,6 +98,7 @@ def create_app(
     app.state.bundle = bundle
     app.state.backend = backend
     app.state.canary_ok = False
+    app.state.draining = False
     install_error_handlers(app)
     app.include_router(api_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

@@ -267,7 +267,7 @@ class ReadyResponse(_Model):
     """Readiness: each check and the overall verdict."""
 
     ready: bool = Field(description="True when every check passes.")
-    checks: dict[str, bool] = Field(description="bundle, redis, canary, batcher.")
+    checks: dict[str, bool] = Field(description="accepting (not draining), bundle, redis, canary, batcher.")
     model_version: str | None = Field(description="Loaded bundle version.")
     dtype: str | None = Field(
         None, description="Dtype the model computes in (RELLAX_DTYPE resolved): float32 or bfloat16."

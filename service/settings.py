@@ -84,6 +84,15 @@ class Settings(BaseSettings):
         "reject",
         description="Redis unreachable: reject = 503; degrade = DIN-only score on an empty history.",
     )
+    drain_s: float = Field(
+        2.0,
+        ge=0,
+        description="On SIGTERM: seconds /readyz answers 503 while requests are still served, before "
+        "`rellax serve` stops accepting connections (0 = stop at once).",
+    )
+    shutdown_timeout_s: float = Field(
+        15.0, ge=0, description="After the drain: the longest in-flight requests may take to finish."
+    )
     host: str = Field("127.0.0.1", description="Address `rellax serve` binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port `rellax serve` binds.")
     log_json: bool = Field(False, description="Log JSON lines (default: key=value on a TTY, JSON otherwise).")

@@ -159,7 +159,7 @@ async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
     assert ready.status_code == 200
     assert ready.json() == {
         "ready": True,
-        "checks": {"bundle": True, "redis": True, "canary": True, "batcher": True},
+        "checks": {"accepting": True, "bundle": True, "redis": True, "canary": True, "batcher": True},
         "model_version": tiny_bundle().model_version,
         "dtype": "float32",  # what the model computes in, as RELLAX_DTYPE resolved
     }

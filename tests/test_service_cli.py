@@ -144,3 +144,69 @@ def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
     assert "/v1/score" in output and "curl" in output
     assert gone(redis[0], within_s=5)  # SIGTERM to `rellax serve` stops its embedded Redis too
     assert (tmp_path / "cache" / "redis").is_dir()  # the embedded Redis kept its data in the cache
+
+
+def test_sigterm_drains_then_finishes_in_flight_requests_and_exits(tmp_path: Path, redis_url: str) -> None:
+    """SIGTERM to a real `rellax serve`: /readyz turns 503 at once while requests are still served
+    (RELLAX_DRAIN_S), then new connections are refused, requests already in flight (held 3 s in the
+    batcher by RELLAX_MAX_WAIT_MS) still get their scores, and the process exits soon after."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    port = free_port()
+    env = {
+        **os.environ,
+        "RELLAX_CACHE_DIR": str(tmp_path / "cache"),
+        "RELLAX_DTYPE": "float32",
+        "RELLAX_LOG_JSON": "true",
+        "RELLAX_DRAIN_S": "1.0",
+        "RELLAX_MAX_WAIT_MS": "3000",
+        "RELLAX_DEADLINE_MS": "30000",
+    }
+    cmd = [sys.executable, "-m", "rellax.cli", "serve", "--bundle", str(tiny_bundle_path())]
+    cmd += ["--port", str(port), "--redis-url", redis_url]
+    log = (tmp_path / "serve.log").open("w")
+    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    items = sorted(tiny_bundle().items)[:2]
+
+    def score(item: int) -> httpx.Response:
+        with httpx.Client(timeout=30) as client:  # its own connection, as a new client's would be
+            return client.post(f"{url}/v1/score", json={"user_id": "drain", "item_ids": [item]})
+
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/readyz", timeout=10).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(score, items[0])
+            time.sleep(0.5)  # the first request now waits in the batcher
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.1)
+            draining = httpx.get(f"{url}/readyz", timeout=5)
+            second = pool.submit(score, items[1])  # during the drain: still accepted
+            time.sleep(1.4)  # past the drain: both requests are still in flight
+            with pytest.raises(httpx.ConnectError):
+                httpx.get(f"{url}/healthz", timeout=2)
+            assert not first.done() and not second.done()
+            answers = [first.result(timeout=30), second.result(timeout=30)]
+        exited_in = time.monotonic()
+        proc.wait(timeout=15)
+        exited_in = time.monotonic() - exited_in
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        log.close()
+    assert draining.status_code == 503 and draining.json()["checks"]["accepting"] is False
+    assert draining.json()["checks"]["redis"] is True  # only the drain makes it unready
+    assert [a.status_code for a in answers] == [200, 200], [a.text for a in answers]
+    assert all(0.0 < a.json()["items"][0]["p_click"] < 1.0 for a in answers)
+    assert exited_in < 5.0
+    assert proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    assert "draining" in (tmp_path / "serve.log").read_text()

@@ -23,7 +23,8 @@ async def healthz() -> HealthResponse:
 
 @router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ReadyResponse}})
 async def readyz(request: Request, store: StoreDep) -> JSONResponse:
-    """Ready when the bundle is loaded, Redis answers, the canary scored and the batcher runs."""
+    """Ready when the bundle is loaded, Redis answers, the canary scored, the batcher runs and the
+    process is not shutting down."""
     state = request.app.state
     try:
         redis_ok = await store.ping()
@@ -32,6 +33,7 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
     if not state.canary_ok and redis_ok:  # a failed start-up canary is retried, so readiness can return
         state.canary_ok = await state.pipeline.canary()
     checks = {
+        "accepting": not state.draining,  # false from SIGTERM on (service.server)
         "bundle": getattr(state, "bundle", None) is not None,
         "redis": redis_ok,
         "canary": state.canary_ok,
