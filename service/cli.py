@@ -12,7 +12,7 @@ from typing import Annotated, Any
 
 import typer
 
-__all__ = ["curl_examples", "history_records", "register"]
+__all__ = ["curl_examples", "history_records", "keys_app", "register"]
 
 
 @contextmanager
@@ -155,7 +155,38 @@ def load_history(
     typer.echo(f"loaded {n_users} users, {n_events} events ({'+'.join(wanted)}) into {url}")
 
 
+keys_app = typer.Typer(help="API keys: RELLAX_API_KEYS holds their SHA-256 digests, never the keys.")
+
+
+@keys_app.command("hash")
+def keys_hash(
+    key: Annotated[str | None, typer.Argument(help="The key; omit it to read lines from stdin.")] = None,
+) -> None:
+    """Print the RELLAX_API_KEYS entry (sha256:<hex>) for a key; stdin keeps keys out of shell history."""
+    import sys
+
+    from service.keys import MIN_KEY_CHARS, hash_key
+
+    keys = [key] if key is not None else [line.strip() for line in sys.stdin if line.strip()]
+    if not keys:
+        raise typer.BadParameter("no key given (argument or stdin)", param_hint="KEY")
+    for k in keys:
+        if len(k) < MIN_KEY_CHARS:
+            raise typer.BadParameter(f"keys must be at least {MIN_KEY_CHARS} characters", param_hint="KEY")
+        typer.echo(hash_key(k))
+
+
+@keys_app.command("new")
+def keys_new() -> None:
+    """Make a random key: prints the key (give it to the client, once) and its digest (configure it)."""
+    from service.keys import hash_key, new_key
+
+    key = new_key()
+    typer.echo(f"key:    {key}\ndigest: {hash_key(key)}")
+
+
 def register(app: typer.Typer) -> None:
     """Add the service's top-level commands to the `rellax` CLI."""
     app.command("serve")(serve)
     app.command("load-history")(load_history)
+    app.add_typer(keys_app, name="keys")

@@ -7,7 +7,8 @@ RellaxError
     ├── Overloaded        the model queue is full: 503 + Retry-After
     ├── DeadlineExceeded  the request ran past its deadline: 504
     ├── LimitExceeded     a request limit was broken: 422 (or 413 for the body), naming the field
-    └── Unauthorized      missing or wrong API key: 401
+    ├── Unauthorized      missing or wrong API key: 401
+    └── RateLimited       the key's rate limit is spent: 429 + Retry-After
 
 Mapping (`install_error_handlers`): UnknownItem 404 · HistoryStoreError 503 · BundleError 503 ·
 BackendError 500 · validation 422 · anything else 500. Every 5xx carries an `error_id` that is also
@@ -31,6 +32,7 @@ __all__ = [
     "DeadlineExceeded",
     "LimitExceeded",
     "Overloaded",
+    "RateLimited",
     "ServiceError",
     "Unauthorized",
     "error_response",
@@ -79,6 +81,12 @@ class Unauthorized(ServiceError):
     """No API key, or not one of RELLAX_API_KEYS."""
 
     status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class RateLimited(ServiceError):
+    """The caller's requests/s (RELLAX_RATE_LIMIT_RPS) are spent; retry after `retry_after` s."""
+
+    status, type, code = 429, "rate_limit_error", "rate_limited"
 
 
 def error_response(

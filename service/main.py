@@ -16,6 +16,7 @@ from fastapi import FastAPI
 
 from rellax.logs import get_logger
 from service.api import api_router
+from service.auth import RateLimiter, key_digests
 from service.backends import ScoringBackend, backend_class
 from service.batcher import MicroBatcher
 from service.errors import install_error_handlers
@@ -99,6 +100,10 @@ def create_app(
     app.state.backend = backend
     app.state.canary_ok = False
     app.state.draining = False
+    app.state.key_digests = key_digests(settings.api_keys)
+    app.state.rate_limiter = (
+        RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst) if settings.rate_limit_rps else None
+    )
     install_error_handlers(app)
     app.include_router(api_router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)

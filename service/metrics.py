@@ -49,6 +49,10 @@ class Metrics:
         self.errors = Counter(
             "rellax_errors", "Errors by reason.", ["reason"], registry=r
         )  # rellax_errors_total
+        self.rate_limited = Counter(
+            "rellax_rate_limited", "Requests refused with 429, by key id (anonymous with auth off).",
+            ["key_id"], registry=r,
+        )  # fmt: skip  # rellax_rate_limited_total; one series per configured key at most
         self.cold_starts = Counter(
             "rellax_cold_starts", "Requests for users with no stored history.", registry=r
         )  # rellax_cold_starts_total

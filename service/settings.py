@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from rellax.paths import cache_dir
+from service.keys import MIN_KEY_CHARS, is_hashed
 
 __all__ = ["Settings", "config_table", "default_bundle_path"]
 
@@ -66,7 +67,17 @@ class Settings(BaseSettings):
     )
     api_keys: Annotated[list[str], NoDecode] = Field(
         default_factory=list,
-        description="Comma-separated API keys for /v1 routes (Bearer or X-API-Key); empty = auth off.",
+        description="Comma-separated API key digests (`rellax keys hash`: sha256:<hex>) for /v1 routes, "
+        "sent as Bearer or X-API-Key; a plain key is accepted with a warning; empty = auth off.",
+    )
+    rate_limit_rps: float = Field(
+        0.0,
+        ge=0,
+        description="Requests/s each API key (with auth off: each client address) may make to /v1 in "
+        "this replica; beyond it 429 with Retry-After. 0 = no limit.",
+    )
+    rate_limit_burst: int = Field(
+        20, ge=1, description="Requests a key may make at once before RELLAX_RATE_LIMIT_RPS applies."
     )
     k: int | None = Field(
         None, ge=1, le=100, description="History items retrieved per candidate (SUBR); unset = bundle's K."
@@ -107,7 +118,7 @@ class Settings(BaseSettings):
     @field_validator("api_keys")
     @classmethod
     def _refuse_weak_keys(cls, keys: list[str]) -> list[str]:
-        short = [f"#{n}" for n, key in enumerate(keys) if len(key) < 16]
+        short = [f"#{n}" for n, key in enumerate(keys) if not is_hashed(key) and len(key) < MIN_KEY_CHARS]
         if short:
             raise ValueError(f"API keys must be at least 16 characters; too short: {', '.join(short)}")
         return keys

@@ -210,6 +210,7 @@ def observe_contract(metrics: Any, prom: Prometheus, scrapes: int, max_rounds: i
         metrics.batch_size.observe(16)
         metrics.errors.labels(reason="unknown_item").inc()
         metrics.cold_starts.inc()
+        metrics.rate_limited.labels(key_id="0a1b2c3d").inc()
         metrics.queue_depth.set(n)
         metrics.inflight.set(n % 3 + 1)
         time.sleep(0.1)
@@ -297,7 +298,10 @@ def test_dashboard_queries_return_series_from_the_running_service(prometheus_bin
 
     # Queue smaller than the 10-candidate request: that one is answered by DIN (degraded), the
     # 3-candidate ones by the model.
-    settings = make_settings(redis_url, max_queue=8, overload_mode="degrade")
+    # A rate limit the load outruns after its first bursts: the 429 panel gets a series too.
+    settings = make_settings(
+        redis_url, max_queue=8, overload_mode="degrade", rate_limit_rps=5.0, rate_limit_burst=12
+    )
     items = sorted(tiny_bundle().items)
     assert len(items) >= 40
     with uvicorn_app(settings) as (_, base):
@@ -308,6 +312,7 @@ def test_dashboard_queries_return_series_from_the_running_service(prometheus_bin
             statuses = asyncio.run(drive_load(base, items, prom, scrapes=3, max_seconds=60, max_requests=200))
             assert prom.scrapes("rellax") >= 3, prom.log()[-2000:]
             assert statuses.get("200", 0) > 0 and statuses.get("404", 0) > 0, statuses
+            assert statuses.get("429", 0) > 0, statuses
             results = evaluate_all(prom, queries, target)
             stages = prom.query(
                 instantiate(

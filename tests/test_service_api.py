@@ -9,12 +9,14 @@ import re
 import time
 import uuid
 
+import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
 from service_support import GatedTorchBackend, asgi_app, make_settings, tiny_bundle
 
 from rellax.entities import HistoryEvent, Profile
+from service.keys import hash_key
 from service.metrics import STAGES
 
 
@@ -402,7 +404,8 @@ async def test_oversized_bodies_are_413(redis_url: str) -> None:
 
 async def test_api_keys_guard_v1_only(redis_url: str) -> None:
     key, other = "k" * 24, "s3cret-" + "x" * 20
-    async with asgi_app(make_settings(redis_url, api_keys=[key, other])) as (_, client):
+    digests = [hash_key(key), hash_key(other)]  # configured as digests: the keys are nowhere
+    async with asgi_app(make_settings(redis_url, api_keys=digests)) as (_, client):
         body = {"user_id": "a", "item_ids": catalogue(1)}
         missing = await client.post("/v1/score", json=body)
         wrong = await client.post(
@@ -418,6 +421,37 @@ async def test_api_keys_guard_v1_only(redis_url: str) -> None:
     assert bearer.status_code == 200 and header.status_code == 200
     assert [r.status_code for r in open_] == [200, 200, 200]
     assert invalid.status_code == 401
+
+
+async def test_rate_limit_is_429_with_retry_after_per_key_and_keys_are_never_logged(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rellax.logs import configure_logging
+
+    configure_logging("DEBUG", json=True)
+    key, other = "first-key-" + "a" * 20, "second-key-" + "b" * 20
+    settings = make_settings(
+        redis_url, api_keys=[hash_key(key), other], rate_limit_rps=0.5, rate_limit_burst=2
+    )  # the second one plain: accepted, with a warning that names it by position only
+    body = {"user_id": "limited", "item_ids": catalogue(1)}
+    async with asgi_app(settings) as (app, client):
+
+        async def call(k: str) -> httpx.Response:
+            return await client.post("/v1/score", json=body, headers={"Authorization": f"Bearer {k}"})
+
+        first = [await call(key) for _ in range(3)]
+        own_bucket = await call(other)  # the other key has its own burst
+        wrong = await call("wrong-key-" + "c" * 20)  # 401, not 429: auth comes first
+        metrics = await client.get("/metrics")
+    assert [r.status_code for r in first] == [200, 200, 429] and own_bucket.status_code == 200
+    limited = first[2]
+    assert limited.json()["error"]["code"] == "rate_limited" and limited.headers["retry-after"] == "2"
+    assert wrong.status_code == 401
+    assert f'rellax_rate_limited_total{{key_id="{hash_key(key)[7:15]}"}} 1.0' in metrics.text
+    logs = capsys.readouterr().err
+    assert "plain API keys" in logs and '"#1"' in logs  # the warning names the entry, not the key
+    for secret in (key, other, "wrong-key-"):
+        assert secret not in logs and secret not in metrics.text
 
 
 def test_vllm_backend_needs_the_merged_export(redis_url: str) -> None:

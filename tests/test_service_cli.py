@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from rellax.cli import app
 from service.embedded_redis import free_port
+from service.settings import Settings
 from service.store import HistoryStore, connect
 
 
@@ -210,3 +211,20 @@ def test_sigterm_drains_then_finishes_in_flight_requests_and_exits(tmp_path: Pat
     assert exited_in < 5.0
     assert proc.returncode in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
     assert "draining" in (tmp_path / "serve.log").read_text()
+
+
+def test_keys_new_and_hash_print_what_the_service_accepts() -> None:
+    from service.auth import key_matches
+    from service.keys import hash_key
+
+    runner = CliRunner()
+    made = runner.invoke(app, ["keys", "new"])
+    assert made.exit_code == 0, made.output
+    key = made.output.split("key:")[1].split()[0]
+    digest = made.output.split("digest:")[1].split()[0]
+    assert len(key) >= 40 and digest == hash_key(key)
+    hashed = runner.invoke(app, ["keys", "hash"], input=f"{key}\n\n{'x' * 16}\n")  # stdin: one per line
+    assert hashed.exit_code == 0 and hashed.output.split() == [digest, hash_key("x" * 16)]
+    assert key_matches(key, Settings(_env_file=None, api_keys=digest).api_keys) == digest
+    short = runner.invoke(app, ["keys", "hash", "short"])
+    assert short.exit_code == 2 and "at least 16 characters" in short.output

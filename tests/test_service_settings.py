@@ -10,7 +10,8 @@ import sys
 import pytest
 from pydantic import ValidationError
 
-from service.auth import key_matches
+from service.auth import RateLimiter, key_digests, key_matches
+from service.keys import hash_key
 from service.settings import Settings, config_table
 
 SERVICE_MODULES = [
@@ -20,10 +21,12 @@ SERVICE_MODULES = [
     "service.cli",
     "service.deps",
     "service.errors",
+    "service.keys",
     "service.main",
     "service.middleware",
     "service.pipeline",
     "service.schemas",
+    "service.server",
     "service.settings",
     "service.store",
     "service.backends.torch_backend",
@@ -76,10 +79,28 @@ def test_defaults_match_the_issue() -> None:
     assert s.redis_url is None and s.api_keys == [] and s.k is None
 
 
-def test_key_matching_is_exact() -> None:
-    keys = ["a" * 20, "b" * 20]
-    assert key_matches("b" * 20, keys)
+def test_key_matching_is_exact_and_never_takes_the_digest_for_the_key() -> None:
+    keys = [hash_key("a" * 20), hash_key("b" * 20)]
+    assert key_matches("b" * 20, keys) == keys[1]
     assert not key_matches("b" * 19, keys) and not key_matches("b" * 21, keys) and not key_matches("", keys)
+    assert key_matches(keys[1], keys) is None  # a leaked digest is not a key
+    assert key_digests(["c" * 20, keys[0]]) == [hash_key("c" * 20), keys[0]]  # plain ones hashed
+
+
+def test_digests_pass_the_length_rule_and_short_plain_keys_do_not() -> None:
+    s = Settings(_env_file=None, api_keys=f"{hash_key('k' * 16)},{'p' * 16}")
+    assert s.api_keys[0].startswith("sha256:") and len(s.api_keys[0]) == 71
+    with pytest.raises(ValueError, match="at least 16 characters; too short: #1"):
+        Settings(_env_file=None, api_keys=f"{hash_key('k' * 16)},short")
+
+
+def test_rate_limiter_is_a_token_bucket_per_caller() -> None:
+    limiter = RateLimiter(rate=2.0, burst=3)
+    assert [limiter.acquire("a", now=10.0) for _ in range(3)] == [0.0, 0.0, 0.0]
+    assert limiter.acquire("a", now=10.0) == pytest.approx(0.5)  # one token comes back in 0.5 s
+    assert limiter.acquire("b", now=10.0) == 0.0  # another caller has its own bucket
+    assert limiter.acquire("a", now=10.5) == 0.0 and limiter.acquire("a", now=10.5) > 0
+    assert [limiter.acquire("a", now=100.0) for _ in range(4)][-1] > 0  # refills to the burst, no more
 
 
 @pytest.mark.parametrize("module", SERVICE_MODULES)

@@ -17,6 +17,7 @@ v1 = APIRouter(
         401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
         413: {"model": ErrorResponse, "description": "Body larger than RELLAX_MAX_BODY_BYTES."},
         422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
+        429: {"model": ErrorResponse, "description": "The key's rate limit is spent (see Retry-After)."},
         500: {"model": ErrorResponse, "description": "Internal error; quote `error_id`."},
         503: {"model": ErrorResponse, "description": "Redis down or model queue full (see Retry-After)."},
     },
