@@ -172,14 +172,23 @@ def _validation_error(request: Request, exc: RequestValidationError) -> JSONResp
                           code="invalid_value", param=param, request=request)  # fmt: skip
 
 
-_HTTP_CODES = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}
+_HTTP_CODES = {
+    400: "invalid_body",
+    401: "unauthorized",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
 
 
 def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     code = _HTTP_CODES.get(exc.status_code, f"http_{exc.status_code}")
     kind = "invalid_request_error" if exc.status_code < 500 else "internal_error"
-    param = "body" if exc.status_code == 413 else None
-    return error_response(exc.status_code, str(exc.detail), type=kind, code=code, param=param,
+    param = "body" if exc.status_code in (400, 413) else None
+    message = str(exc.detail)
+    if exc.status_code == 400:  # FastAPI's "There was an error parsing the body": bytes, not JSON
+        message = "body could not be read as JSON text (is it UTF-8?)"
+    return error_response(exc.status_code, message, type=kind, code=code, param=param,
                           headers=getattr(exc, "headers", None), request=request, exc=exc)  # fmt: skip
 
 

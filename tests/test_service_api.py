@@ -326,6 +326,14 @@ async def test_malformed_json_says_what_and_where(redis_url: str) -> None:
     assert err["message"].startswith("body is not valid JSON: ") and "line 2, column 19" in err["message"]
 
 
+async def test_a_body_that_is_not_text_is_400_naming_the_body(redis_url: str) -> None:
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post("/v1/score", content=b"\xff\xfe[", headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == "body" and err["code"] == "invalid_body" and "UTF-8" in err["message"]
+
+
 async def test_rejected_events_store_nothing(redis_url: str) -> None:
     uid = new_user()
     good = events_for(catalogue(3))

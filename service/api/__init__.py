@@ -14,6 +14,7 @@ v1 = APIRouter(
     prefix="/v1",
     dependencies=[Depends(require_api_key)],
     responses={
+        400: {"model": ErrorResponse, "description": "Body unreadable (not UTF-8 text); `param` is body."},
         401: {"model": ErrorResponse, "description": "Missing or invalid API key."},
         413: {"model": ErrorResponse, "description": "Body larger than RELLAX_MAX_BODY_BYTES."},
         422: {"model": ErrorResponse, "description": "Invalid request; `param` names the field."},
