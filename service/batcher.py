@@ -46,15 +46,18 @@ log = get_logger(__name__)
 
 @dataclass(frozen=True, slots=True)
 class BatchResult:
-    """Scores of one request plus where its time went.
+    """Scores of one request plus where its time went, from submit to its last score.
 
-    queue_wait_s: submit -> start of the batch that took its last candidate.
-    model_s: duration of that batch (for a request split over batches, the last one).
+    model_s: time the model spent on the batches that carried this request's candidates (each
+        batch counted once; a 50-candidate request at RELLAX_MAX_BATCH=8 runs 7 of them).
+    queue_wait_s: the rest: waiting for other requests' batches and for the batch window.
+    batches: how many batches carried its candidates.
     """
 
     scores: np.ndarray
     queue_wait_s: float
     model_s: float
+    batches: int = 0
 
 
 @dataclass(slots=True)
@@ -156,9 +159,14 @@ class MicroBatcher:
             for p in pending:  # anything still queued is skipped by the workers, never computed
                 p.future.cancel()
         scores = np.array([r[0] for r in results], dtype=np.float64)
-        start = max(r[1] for r in results)
-        end = max(r[2] for r in results)
-        return BatchResult(scores, queue_wait_s=start - submitted, model_s=end - start)
+        batches = sorted({(r[1], r[2]) for r in results})  # (start, end) names a batch
+        model_s, covered = 0.0, submitted  # the union of the batches' spans (workers may overlap)
+        for start, end in batches:
+            model_s += max(0.0, end - max(start, covered))
+            covered = max(covered, end)
+        wall = max(r[2] for r in results) - submitted
+        waited = max(0.0, wall - model_s)
+        return BatchResult(scores, queue_wait_s=waited, model_s=model_s, batches=len(batches))
 
     # ---- worker side -----------------------------------------------------------------------------
 

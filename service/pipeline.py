@@ -67,6 +67,7 @@ class ScoreResult:
     cold_start: bool
     stages: dict[str, float] = field(default_factory=dict)
     total_s: float = 0.0
+    model_batches: int = 0  # model batches that carried this request's candidates
 
     @property
     def degraded(self) -> bool:
@@ -129,12 +130,13 @@ class ScoringPipeline:
             if admitted:
                 self.admitted -= count
         # No await between the release above and submit's own admission check: nothing can slip in.
-        scores = None
+        scores, model_batches = None, 0
         if admitted and not store_down:
             try:
                 batch = await self.batcher.submit([p.model_input for p in prepared], deadline)
                 stages["queue_wait"] = stages.get("queue_wait", 0.0) + batch.queue_wait_s
                 stages["model"] = batch.model_s
+                model_batches = batch.batches
                 scores = batch.scores
             except Overloaded:
                 if not self.overload_degrades:
@@ -153,8 +155,9 @@ class ScoringPipeline:
         stages["total"] = time.perf_counter() - start
         self._observe(stages)
         return ScoreResult(
-            items=items, cold_start=state.cold_start, stages=stages, total_s=stages.pop("total")
-        )
+            items=items, cold_start=state.cold_start, stages=stages, total_s=stages.pop("total"),
+            model_batches=model_batches,
+        )  # fmt: skip
 
     def _observe(self, stages: dict[str, float]) -> None:
         # Only the contract's names: "prepare" (= subr + crm + prompt) would be counted twice by the

@@ -143,7 +143,11 @@ class Timing(_Model):
     total_ms: float = Field(description="Wall time inside the service.")
     stages_ms: dict[str, float] = Field(
         description="Per stage: redis, prepare (= subr + crm + prompt, each also listed when the bundle "
-        "reports it), queue_wait, model."
+        "reports it), queue_wait (waiting for other requests' batches, the batch window and the model "
+        "thread), model (the model's time on the batches carrying this request's candidates)."
+    )
+    model_batches: int = Field(
+        0, ge=0, description="Model batches that carried this request's candidates (RELLAX_MAX_BATCH each)."
     )
 
 

@@ -38,6 +38,7 @@ class TinyTorchBackend:
         self.gate.set()
         self.batches: list[list[tuple[int, ...]]] = []  # inputs of every computed batch
         self.entered = threading.Event()
+        self.delay_s = 0.0  # per batch, as a bigger model would take
 
     async def start(self) -> None:
         pass
@@ -52,6 +53,7 @@ class TinyTorchBackend:
     def _score(self, inputs: list[ModelInput]) -> np.ndarray:
         self.entered.set()
         self.gate.wait(timeout=30)
+        time.sleep(self.delay_s)
         self.batches.append([tuple(x.input_ids) for x in inputs])
         longest = max(len(x.input_ids) for x in inputs)
         ids = torch.zeros(len(inputs), longest, dtype=torch.long)
@@ -109,6 +111,26 @@ async def test_concurrent_requests_are_merged_and_scores_match_alone(
     assert sum(len(b) for b in backend.batches[: batcher.batches_run]) == n_candidates
     assert batcher.batches_run < len(requests)  # requests shared batches
     assert max(len(b) for b in backend.batches) > 5  # more than any single request holds
+
+
+async def test_timing_splits_own_model_time_from_waiting_for_others(backend: TinyTorchBackend) -> None:
+    """A 10-candidate request at max_batch 4 runs 3 batches: its model time is all 3 (not the last
+    one), and it waited for nobody; a 1-candidate request queued behind it waits for the big one's
+    first two batches and shares the third (2 of the big one's candidates + its own)."""
+    backend.delay_s = 0.1
+    rng = np.random.default_rng(1)
+    b = await MicroBatcher(backend, max_batch=4, max_tokens=10_000, max_wait_s=0.0, max_queue=64).start()
+    try:
+        big = asyncio.ensure_future(b.submit([make_input(rng, 8) for _ in range(10)], later()))
+        await asyncio.sleep(0.01)  # the big request is queued first
+        small = await b.submit([make_input(rng, 8)], later())
+        big_res = await big
+    finally:
+        await b.close()
+    assert big_res.batches == 3 and small.batches == 1
+    # lower bounds are the accounting; upper ones only catch double counting (loose for a busy CI)
+    assert 0.3 <= big_res.model_s < 0.6 and big_res.queue_wait_s < 0.1
+    assert 0.1 <= small.model_s < 0.2 and 0.15 <= small.queue_wait_s < 0.5
 
 
 async def test_batches_respect_count_and_padded_token_budget(

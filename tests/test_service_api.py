@@ -82,6 +82,7 @@ async def test_score_equals_offline_scorer(redis_url: str, known_user: bool) -> 
     for it in body["items"]:
         assert 0 < len(it["retrieved"]) <= k and set(it["retrieved"]) <= set(history)
     assert {"redis", "prepare", "queue_wait", "model"} <= set(body["timing"]["stages_ms"])
+    assert body["timing"]["model_batches"] >= 1
     assert body["timing"]["total_ms"] >= max(body["timing"]["stages_ms"].values())
 
 

@@ -17,6 +17,7 @@ def timing(result: ScoreResult) -> Timing:
     return Timing(
         total_ms=round(1000 * result.total_s, 3),
         stages_ms={name: round(1000 * s, 3) for name, s in result.stages.items()},
+        model_batches=result.model_batches,
     )
 
 
