@@ -26,7 +26,7 @@ from service.pipeline import ScoringPipeline
 from service.settings import Settings
 from service.store import HistoryStore, connect
 
-__all__ = ["build_backend", "create_app", "load_bundle"]
+__all__ = ["build_backend", "create_app", "load_bundle", "warn_if_deadline_too_short"]
 
 log = get_logger(__name__)
 
@@ -71,6 +71,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             max_candidates=s.max_candidates, overload_mode=s.overload_mode, redis_down_mode=s.redis_down_mode,
         )  # fmt: skip
         app.state.canary_ok = await app.state.pipeline.canary()
+        app.state.candidates_per_s = await app.state.pipeline.measure_capacity(min(s.max_batch, 8))
+        warn_if_deadline_too_short(s, app.state.candidates_per_s)
         log.info(
             "service ready",
             model_version=bundle.model_version,
@@ -79,6 +81,26 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             canary=app.state.canary_ok,
         )
         yield
+
+
+def warn_if_deadline_too_short(s: Settings, candidates_per_s: float | None) -> None:
+    """Say at start-up when RELLAX_MAX_CANDIDATES cannot be scored within RELLAX_DEADLINE_MS on this
+    machine (a CPU scores a few candidates a second): such requests would end in 504 after the
+    whole deadline's work. The limits are the operator's to choose; this makes the choice visible."""
+    if not candidates_per_s:
+        return
+    fits = int(candidates_per_s * s.deadline_ms / 1000)
+    (log.warning if fits < s.max_candidates else log.info)(
+        "candidates the deadline covers",
+        candidates_per_s=round(candidates_per_s, 2),
+        deadline_ms=s.deadline_ms,
+        fits_in_deadline=fits,
+        max_candidates=s.max_candidates,
+        advice=None if fits >= s.max_candidates else (
+            "lower RELLAX_MAX_CANDIDATES, raise RELLAX_DEADLINE_MS, or serve on a GPU (vLLM); idle "
+            "service, one request: concurrent requests share this rate"
+        ),
+    )  # fmt: skip
 
 
 def create_app(
@@ -99,6 +121,7 @@ def create_app(
     app.state.bundle = bundle
     app.state.backend = backend
     app.state.canary_ok = False
+    app.state.candidates_per_s = None
     app.state.draining = False
     app.state.key_digests = key_digests(settings.api_keys)
     app.state.rate_limiter = (

@@ -180,6 +180,24 @@ class ScoringPipeline:
         log.info("canary scored", item_id=item_id, p_click=round(p_click, 6))
         return 0.0 <= p_click <= 1.0
 
+    async def measure_capacity(self, n: int = 8) -> float | None:
+        """Model candidates/s on one batch of `n` prompts the size of a real one (a user with twice
+        K events), to say at start-up how many candidates the deadline covers. None on failure."""
+        items = list(self.bundle.items)
+        k = int(getattr(self.bundle.config, "k", 5))
+        if len(items) < 2 * k + n:
+            return None
+        history = [HistoryEvent(i, 4.0, 1_000_000 + 60 * t) for t, i in enumerate(items[: 2 * k])]
+        try:
+            prepared = await self._off_loop(
+                self._prepare_sync, "capacity", Profile(), history, items[2 * k : 2 * k + n]
+            )
+            result = await self.batcher.submit([p.model_input for p in prepared], time.monotonic() + 600)
+        except Exception:
+            log.exception("capacity probe failed")
+            return None
+        return n / max(result.model_s, 1e-9)
+
     def _check(self, item_ids: Sequence[int]) -> None:
         if len(item_ids) > self.max_candidates:
             raise LimitExceeded(

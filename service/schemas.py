@@ -276,6 +276,12 @@ class ReadyResponse(_Model):
     dtype: str | None = Field(
         None, description="Dtype the model computes in (RELLAX_DTYPE resolved): float32 or bfloat16."
     )
+    candidates_per_s: float | None = Field(
+        None, description="Model candidates/s measured at start-up on one batch of real-sized prompts."
+    )
+    fits_in_deadline: int | None = Field(
+        None, description="Candidates one request can have scored within RELLAX_DEADLINE_MS at that rate."
+    )
 
 
 class ErrorDetail(_Model):

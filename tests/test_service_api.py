@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
 import re
 import time
 import uuid
@@ -149,6 +150,20 @@ async def test_events_are_idempotent_and_history_reads_back(redis_url: str) -> N
     assert [e["rating"] for e in body["events"]] == [float(e["rating"]) for e in events[1:]]
 
 
+def test_start_up_warns_when_the_deadline_cannot_cover_max_candidates(
+    redis_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from rellax.logs import configure_logging
+    from service.main import warn_if_deadline_too_short
+
+    configure_logging("INFO", json=True)
+    warn_if_deadline_too_short(make_settings(redis_url, deadline_ms=2000, max_candidates=200), 1.8)
+    warn_if_deadline_too_short(make_settings(redis_url, deadline_ms=2000, max_candidates=3), 1.8)
+    lines = [json.loads(line) for line in capsys.readouterr().err.splitlines() if "deadline covers" in line]
+    assert [(x["level"], x["fits_in_deadline"]) for x in lines] == [("warning", 3), ("info", 3)]
+    assert "RELLAX_MAX_CANDIDATES" in lines[0]["advice"] and lines[1]["advice"] is None
+
+
 async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
     async with asgi_app(make_settings(redis_url)) as (_, client):
         assert (await client.get("/healthz")).json() == {"status": "ok"}
@@ -160,12 +175,16 @@ async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
         docs = await client.get("/docs")
         openapi = (await client.get("/openapi.json")).json()
     assert ready.status_code == 200
-    assert ready.json() == {
+    body = ready.json()
+    cps, fits = body.pop("candidates_per_s"), body.pop("fits_in_deadline")
+    assert body == {
         "ready": True,
         "checks": {"accepting": True, "bundle": True, "redis": True, "canary": True, "batcher": True},
         "model_version": tiny_bundle().model_version,
         "dtype": "float32",  # what the model computes in, as RELLAX_DTYPE resolved
     }
+    # measured at start-up on a real-sized batch; the deadline (30 s in these tests) covers that many
+    assert cps > 0 and fits == int(cps * 30)
     for stage in ("redis", "queue_wait", "model", "total"):
         assert f'rellax_stage_duration_seconds_count{{stage="{stage}"}}' in metrics
     seen = set(re.findall(r'rellax_stage_duration_seconds_count\{stage="(\w+)"\}', metrics))

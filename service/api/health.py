@@ -40,11 +40,14 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         "batcher": state.batcher.alive,
     }
     ready = all(checks.values())
+    cps = state.candidates_per_s
     body = ReadyResponse(
         ready=ready,
         checks=checks,
         model_version=getattr(state.bundle, "model_version", None),
         dtype=getattr(getattr(state, "backend", None), "compute_dtype", None),
+        candidates_per_s=None if cps is None else round(cps, 3),
+        fits_in_deadline=None if cps is None else int(cps * state.settings.deadline_ms / 1000),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
