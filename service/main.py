@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from rellax.errors import BundleError
 from rellax.logs import get_logger
 from service.api import api_router
 from service.auth import RateLimiter, key_digests
@@ -51,7 +52,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     if s.redis_url is None:
         raise RuntimeError("RELLAX_REDIS_URL is not set (`rellax serve` starts an embedded Redis for demos)")
     if app.state.bundle is None:
-        app.state.bundle = await asyncio.to_thread(load_bundle, s)
+        try:
+            app.state.bundle = await asyncio.to_thread(load_bundle, s)
+        except BundleError as exc:  # one plain line before uvicorn's traceback: what to fix
+            log.error("cannot serve this bundle", bundle=str(s.bundle), reason=str(exc))
+            raise
     bundle = app.state.bundle
     async with AsyncExitStack() as stack:
         client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)

@@ -4,6 +4,7 @@ with its embedded Redis."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -228,3 +229,20 @@ def test_keys_new_and_hash_print_what_the_service_accepts() -> None:
     assert key_matches(key, Settings(_env_file=None, api_keys=digest).api_keys) == digest
     short = runner.invoke(app, ["keys", "hash", "short"])
     assert short.exit_code == 2 and "at least 16 characters" in short.output
+
+
+def test_serve_refuses_a_tampered_bundle_naming_the_file(tmp_path: Path, redis_url: str) -> None:
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle_path(), bundle)
+    items = bundle / "items.json"
+    items.write_text(items.read_text().replace("Night", "Nite", 1))  # one title changed
+    cmd = [sys.executable, "-m", "rellax.cli", "serve", "--bundle", str(bundle), "--port", str(free_port())]
+    cmd += ["--redis-url", redis_url]
+    env = {**os.environ, "RELLAX_DTYPE": "float32", "RELLAX_LOG_JSON": "true"}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    refused = [json.loads(line) for line in done.stderr.splitlines() if "cannot serve this bundle" in line]
+    assert refused and refused[0]["level"] == "error", done.stderr[-2000:]
+    assert refused[0]["reason"] == "bundle file items.json does not match its sha256 in manifest.json"
