@@ -176,7 +176,9 @@ class Featurizer:
     @torch.no_grad()
     def din_outputs(self, batch: DINBatch) -> tuple[np.ndarray, torch.Tensor]:
         """(DIN's own P(click) (B,) float64, h (B, d_h) float32) with the DIN in eval mode."""
-        din = self._require_din().eval()
+        din = self._require_din()
+        if din.training:  # eval() walks every submodule: ~0.5 ms a request when done unconditionally
+            din.eval()
         logits, h = din.forward_with_hidden(batch)
         return torch.sigmoid(logits).double().numpy(), h.float()
 
