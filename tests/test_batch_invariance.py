@@ -69,3 +69,21 @@ def test_auto_serves_fp32_and_bf16_keeps_the_trained_modules_fp32() -> None:
     assert kinds["lm.model.embed_tokens.weight"] == kinds["lm.model.norm.weight"] == torch.float32
     assert kinds["lm.model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
     assert kinds["lm.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+
+
+def test_chunked_forward_passes_score_like_one_pass(bundle: Bundle) -> None:
+    """The torch backend runs a batch in length-sorted chunks (RELLAX_TORCH_ROWS): scores must not
+    depend on the chunk size, and come back in input order."""
+    rng = np.random.default_rng(4)
+    items = sorted(bundle.items)
+    history = [
+        HistoryEvent(int(i), 4.0, 1_000 + t) for t, i in enumerate(rng.choice(items[60:], 30, replace=False))
+    ]
+    prepared = bundle.prepare(Profile(), history, items[:24], user_id="9")
+    inputs = [p.model_input for p in prepared]
+    assert len({len(x.input_ids) for x in inputs}) > 1  # lengths differ: chunks really sort and pad
+    whole = bundle.score_inputs(inputs, max_rows=64)
+    for rows in (1, 3, 8):
+        np.testing.assert_allclose(
+            bundle.score_inputs(inputs, max_rows=rows), whole, atol=BOUNDS[bundle.dtype]
+        )

@@ -28,15 +28,17 @@ class TorchBackend:
     name = "torch"
     max_concurrent_batches = 1
 
-    def __init__(self, bundle: Any) -> None:
+    def __init__(self, bundle: Any, rows: int = 64) -> None:
         self.bundle = bundle
+        self.rows = rows  # prompts per forward pass: the batcher's batch runs in chunks of this many
         self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_bundle(cls, bundle: Any, settings: Any = None) -> TorchBackend:
         """The factory every backend offers (`service.main.build_backend`); the bundle was already
-        loaded with the configured dtype, so settings add nothing here."""
-        return cls(bundle)
+        loaded with the configured dtype; RELLAX_TORCH_ROWS sizes its forward passes."""
+        rows = getattr(settings, "torch_rows", None) or getattr(settings, "max_batch", 64)
+        return cls(bundle, rows=rows)
 
     @property
     def compute_dtype(self) -> str:
@@ -58,7 +60,7 @@ class TorchBackend:
         return await loop.run_in_executor(self._pool, self._score_sync, list(inputs))
 
     def _score_sync(self, inputs: list[ModelInput]) -> np.ndarray:
-        return np.asarray(self.bundle.score_inputs(inputs), dtype=np.float64)
+        return np.asarray(self.bundle.score_inputs(inputs, max_rows=self.rows), dtype=np.float64)
 
     async def close(self) -> None:
         if self._pool is not None:
