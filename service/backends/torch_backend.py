@@ -28,7 +28,7 @@ class TorchBackend:
     name = "torch"
     max_concurrent_batches = 1
 
-    def __init__(self, bundle: Any, rows: int = 64) -> None:
+    def __init__(self, bundle: Any, rows: int = 4) -> None:
         self.bundle = bundle
         self.rows = rows  # prompts per forward pass: the batcher's batch runs in chunks of this many
         self._pool: ThreadPoolExecutor | None = None
@@ -37,8 +37,7 @@ class TorchBackend:
     def from_bundle(cls, bundle: Any, settings: Any = None) -> TorchBackend:
         """The factory every backend offers (`service.main.build_backend`); the bundle was already
         loaded with the configured dtype; RELLAX_TORCH_ROWS sizes its forward passes."""
-        rows = getattr(settings, "torch_rows", None) or getattr(settings, "max_batch", 64)
-        return cls(bundle, rows=rows)
+        return cls(bundle, rows=getattr(settings, "torch_rows", 4))
 
     @property
     def compute_dtype(self) -> str:
