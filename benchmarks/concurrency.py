@@ -30,6 +30,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import save  # noqa: E402
 from benchmarks.service import load_redis, start_server, workload  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
@@ -166,10 +167,7 @@ def main() -> None:
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
         "sizes": results,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import save  # noqa: E402
 from benchmarks.service import start_server  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
@@ -289,10 +290,7 @@ def main() -> None:
     if not (args.bundle / "manifest.json").exists():
         sys.exit(f"no bundle at {args.bundle} (run `make demo` or pass --bundle)")
     result = run(args.bundle, args.minutes * 60, args.load, args.clients, args.capacity_s, args.window_s)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=2))
-    (args.out / f"{args.name}.md").write_text(markdown(result))
-    print(markdown(result))
+    save(args.out, args.name, result, markdown(result))
 
 
 if __name__ == "__main__":

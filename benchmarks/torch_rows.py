@@ -24,6 +24,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.results_io import save  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
 
 
@@ -99,10 +100,7 @@ def main() -> None:
         f"Fastest: {top['rows']} rows per pass.",
         "",
     ]
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "torch_rows.json").write_text(json.dumps(result, indent=2))
-    (args.out / "torch_rows.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    save(args.out, "torch_rows", result, "\n".join(lines))
 
 
 if __name__ == "__main__":
