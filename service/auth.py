@@ -73,8 +73,8 @@ class RateLimiter:
     front (an ingress or API gateway rate limit), not to a home-made Redis protocol.
     """
 
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, burst
+    def __init__(self, rate: float, burst: int, max_callers: int = 10_000) -> None:
+        self.rate, self.burst, self.max_callers = rate, burst, max_callers
         self._buckets: dict[str, _Bucket] = {}
         self._lock = threading.Lock()
 
@@ -82,6 +82,9 @@ class RateLimiter:
         """0.0 when the request may go, else the seconds until it could."""
         now = time.monotonic() if now is None else now
         with self._lock:
+            if len(self._buckets) >= self.max_callers:  # client addresses are unbounded: drop the
+                refill_s = self.burst / self.rate  # buckets that have refilled (they restart full)
+                self._buckets = {k: b for k, b in self._buckets.items() if now - b.stamp < refill_s}
             bucket = self._buckets.setdefault(caller, _Bucket(float(self.burst), now))
             bucket.tokens = min(float(self.burst), bucket.tokens + (now - bucket.stamp) * self.rate)
             bucket.stamp = now

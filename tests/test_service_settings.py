@@ -103,6 +103,14 @@ def test_rate_limiter_is_a_token_bucket_per_caller() -> None:
     assert [limiter.acquire("a", now=100.0) for _ in range(4)][-1] > 0  # refills to the burst, no more
 
 
+def test_rate_limiter_forgets_refilled_callers_past_its_size() -> None:
+    limiter = RateLimiter(rate=1.0, burst=2, max_callers=3)
+    for n, caller in enumerate("abc"):
+        limiter.acquire(caller, now=float(n))
+    limiter.acquire("d", now=3.5)  # a and b refilled (2 s at 1/s since their last call): forgotten
+    assert set(limiter._buckets) == {"c", "d"}  # c (1.5 s ago) is still refilling: kept
+
+
 @pytest.mark.parametrize("module", SERVICE_MODULES)
 def test_all_is_sorted_and_complete(module: str) -> None:
     mod = importlib.import_module(module)
