@@ -94,7 +94,7 @@ def warn_if_deadline_too_short(s: Settings, candidates_per_s: float | None) -> N
     whole deadline's work. The limits are the operator's to choose; this makes the choice visible."""
     if not candidates_per_s:
         return
-    fits = int(candidates_per_s * s.deadline_ms / 1000)
+    fits = s.fits_in_deadline(candidates_per_s)
     (log.warning if fits < s.max_candidates else log.info)(
         "candidates the deadline covers",
         candidates_per_s=round(candidates_per_s, 2),

@@ -114,6 +114,10 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535, description="Port `rellax serve` binds.")
     log_json: bool = Field(False, description="Log JSON lines (default: key=value on a TTY, JSON otherwise).")
 
+    def fits_in_deadline(self, candidates_per_s: float) -> int:
+        """Candidates one request can have scored within the deadline at this model rate."""
+        return int(candidates_per_s * self.deadline_ms / 1000)
+
     @field_validator("api_keys", mode="before")
     @classmethod
     def _split_keys(cls, value: object) -> object:

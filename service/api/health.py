@@ -47,7 +47,7 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         model_version=getattr(state.bundle, "model_version", None),
         dtype=getattr(getattr(state, "backend", None), "compute_dtype", None),
         candidates_per_s=None if cps is None else round(cps, 3),
-        fits_in_deadline=None if cps is None else int(cps * state.settings.deadline_ms / 1000),
+        fits_in_deadline=None if cps is None else state.settings.fits_in_deadline(cps),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
