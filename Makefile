@@ -69,6 +69,9 @@ bench: setup
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/precision.py
 	$(PY) benchmarks/service.py
+	$(PY) benchmarks/torch_rows.py
+	$(PY) benchmarks/concurrency.py
+	$(PY) benchmarks/soak.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache
