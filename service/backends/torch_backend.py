@@ -37,7 +37,7 @@ class TorchBackend:
     def from_bundle(cls, bundle: Any, settings: Any = None) -> TorchBackend:
         """The factory every backend offers (`service.main.build_backend`); the bundle was already
         loaded with the configured dtype; RELLAX_TORCH_ROWS sizes its forward passes."""
-        return cls(bundle, rows=getattr(settings, "torch_rows", 4))
+        return cls(bundle) if settings is None else cls(bundle, rows=settings.torch_rows)
 
     @property
     def compute_dtype(self) -> str:
