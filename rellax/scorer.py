@@ -208,8 +208,9 @@ class Scorer:
         max_batch: int = 64,
         max_tokens: int = 16384,
         projected: bool = False,
+        offsets: np.ndarray | Sequence[float] | None = None,
     ) -> np.ndarray:
-        """P(yes) (N,) float64 for N prompts.
+        """P(yes) (N,) float64 for N prompts: sigmoid(logit_Yes - logit_No [+ offset]).
 
         Args:
             prompts: from `rellax.prompt.build_prompt`, or anything with `input_ids` and
@@ -219,7 +220,11 @@ class Scorer:
             h: (N, d_h) CFLoRA gate inputs, one row per prompt; None for an ungated model.
             max_batch, max_tokens: batch limits in rows and padded tokens.
             projected: soft_vectors are already SPA outputs (n_i, H) (see `ScoringModel.embed`).
+            offsets: (N,) logits added to the margins before the sigmoid: DIN's own logit for a
+                model trained as a correction to DIN (`din_residual`), else None.
         """
+        if offsets is not None and len(offsets) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(offsets)} offsets")
         if soft_vectors is not None and len(soft_vectors) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(soft_vectors)} soft-vector blocks")
         if h is not None and len(h) != len(prompts):
@@ -243,5 +248,8 @@ class Scorer:
                 margin = self.model.logit_margin(
                     ids.to(self.device), mask.to(self.device), positions, vectors, h_batch, projected
                 )
-            out[idx] = torch.sigmoid(margin).double().cpu().numpy()
+            margin = margin.double().cpu()
+            if offsets is not None:
+                margin = margin + torch.as_tensor(np.asarray(offsets, dtype=np.float64)[idx])
+            out[idx] = torch.sigmoid(margin).numpy()
         return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -59,3 +60,62 @@ def test_a_batch_moves_every_tensor_to_the_models_device(soft_tokenizer) -> None
     assert all(t.device.type == "meta" for t in [*tensors, *moved.soft_vectors, moved.h])
     assert moved.soft_positions == batch.soft_positions and moved.input_ids.shape == batch.input_ids.shape
     assert batch.input_ids.device.type == "cpu"  # a copy: the CPU batch is left as it was
+
+
+def _examples(tokenizer, offsets: list[float] | None) -> list[LLMExample]:  # noqa: ANN001
+    history = [(Item(i, f"Movie {i}" + " long" * (i % 4), "Drama"), float(1 + i % 5)) for i in range(1, 20)]
+    examples = []
+    for i, k in enumerate((3, 11, 6, 8)):
+        prompt = build_prompt(
+            tokenizer, Profile("male", "18-24", "writer"), history, Item(100 + i, "Target", "Drama"),
+            k=k, mode="recency", spa=False,
+        )  # fmt: skip
+        label = i % 2
+        offset = None if offsets is None else offsets[i]
+        examples.append(
+            LLMExample(i, "recency", prompt, tuple(answer_ids(tokenizer, label)), label, din_logit=offset)
+        )
+    return examples
+
+
+def _plain_margins(tiny_llama, tokenizer, examples: list[LLMExample]) -> torch.Tensor:  # noqa: ANN001
+    """logit_Yes - logit_No at each prompt's last token, each prompt alone, full-vocab logits."""
+    yes, no = answer_token_ids(tokenizer)
+    out = []
+    for e in examples:
+        logits = tiny_llama(input_ids=torch.tensor([e.prompt.input_ids])).logits[0, -1].float()
+        out.append(logits[yes] - logits[no])
+    return torch.stack(out)
+
+
+def test_a_correction_to_din_trains_on_the_margin_plus_dins_logit(tokenizer, tiny_llama) -> None:  # noqa: ANN001
+    """The DIN-residual variant: loss = BCE(sigmoid(margin + DIN logit), label), per padded batch."""
+    offsets = [2.5, -1.0, 0.3, -3.0]
+    examples = _examples(tokenizer, offsets)
+    model = ScoringModel(tiny_llama, *answer_token_ids(tokenizer)).eval()
+    with torch.no_grad():
+        loss, decision = answer_loss(model, collate(examples, 0))
+        margins = _plain_margins(tiny_llama, tokenizer, examples)
+    labels = torch.tensor([float(e.label) for e in examples])
+    want = F.binary_cross_entropy_with_logits(margins + torch.tensor(offsets), labels)
+    assert abs(loss.item() - want.item()) < 1e-4 and decision.item() == loss.item()
+    # Without offsets the same examples train on answer-token cross-entropy: another number.
+    plain, _ = answer_loss(model, collate(_examples(tokenizer, None), 0))
+    assert abs(plain.item() - want.item()) > 1e-3
+
+
+def test_the_scorer_adds_offsets_before_the_sigmoid(tokenizer, tiny_llama) -> None:  # noqa: ANN001
+    from rellax.scorer import Scorer
+
+    offsets = [2.5, -1.0, 0.3, -3.0]
+    examples = _examples(tokenizer, offsets)
+    scorer = Scorer(ScoringModel(tiny_llama, *answer_token_ids(tokenizer)), dtype=torch.float32)
+    prompts = [e.prompt for e in examples]
+    with torch.no_grad():
+        margins = _plain_margins(tiny_llama, tokenizer, examples).double()
+    want = torch.sigmoid(margins + torch.tensor(offsets, dtype=torch.float64)).numpy()
+    got = scorer.score(prompts, offsets=offsets, max_batch=3)
+    assert abs(got - want).max() < 1e-5
+    assert abs(scorer.score(prompts) - torch.sigmoid(margins).numpy()).max() < 1e-5
+    with pytest.raises(ValueError, match="offsets"):
+        scorer.score(prompts, offsets=offsets[:2])

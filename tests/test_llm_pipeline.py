@@ -398,3 +398,50 @@ def test_a_stage_run_is_reproducible(runs: dict[str, Path], tiny_model_dir: Path
         for m in (again, _metrics(runs["s1"]))
     ]
     assert untimed[0] == untimed[1]
+
+
+def test_a_correction_to_din_starts_at_dins_logit_plus_the_llms(
+    runs: dict[str, Path],
+    ml100k,
+    ml100k_samples,
+    tiny_model_dir: Path,
+    din_dir: Path,
+    tmp_path: Path,  # noqa: ANN001
+) -> None:
+    """The variant beyond the paper (`din_residual`): its validation scores are sigmoid(LLM margin +
+    DIN's logit), computed here independently from the LLM's and the DIN's own scores at step 0."""
+    from safetensors.torch import load_file
+
+    from rellax.features import Featurizer
+    from training.evaluate import din_predictions
+    from training.llm_setup import load_base_lm, load_din, load_or_build_index
+    from training.metrics import ctr_metrics
+    from training.stage2 import Stage2Config, build_stage2_model
+    from training.stage2 import main as stage2
+
+    cfg = Stage2Config(
+        stage1=runs["s1"], out=tmp_path / "residual", din_dir=din_dir, mode="cflora", din_residual=True,
+        model_dir=tiny_model_dir, index_dir=runs["root"] / "index", n_rows=8, valid_rows=32, k=5,
+        loop=LoopConfig(lr=1e-2, **LOOP),
+    )  # fmt: skip
+    metrics = stage2(cfg)
+    assert metrics["config"]["din_residual"] is True
+    step0 = metrics["result"]["curve"][0]["valid_auc"]
+
+    samples, catalogue = ml100k_samples, Catalogue.from_tables(ml100k)
+    lm, tok = load_base_lm(tiny_model_dir, bf16=False)
+    din = load_din(din_dir)
+    model = build_stage2_model(
+        lm, tok, load_file(runs["s1"] / "adapter" / "adapter_model.safetensors"),
+        metrics["stage1_config"], "cflora", din.config.embed_dim,
+    )  # fmt: skip
+    index = load_or_build_index(runs["root"] / "index", lm, tok, catalogue)
+    featurizer = Featurizer(tok, catalogue.items, index, din, k=5, spa=False)
+    rows = eval_rows(samples, "valid", 32)
+    examples = build_examples(featurizer, catalogue, samples, [(int(r), "subr") for r in rows], with_din=True)
+    p_llm = score_examples(model, examples)  # the gates are the identity at step 0: stage 1's model
+    p_din = din_predictions(din, catalogue, samples, rows)
+    logit = np.log(p_llm / (1 - p_llm)) + np.log(p_din / (1 - p_din))
+    want = ctr_metrics(samples.label[rows], 1 / (1 + np.exp(-logit)))["auc"]
+    assert step0 == pytest.approx(want, abs=1e-9)
+    assert step0 != pytest.approx(ctr_metrics(samples.label[rows], p_llm)["auc"], abs=1e-9)

@@ -92,7 +92,10 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tok, catalogue)
         return lm, tok, index
 
-    def run(name: str, model: ScoringModel, tok, index, mode: Mode, spa: bool, with_din: bool) -> None:  # noqa: ANN001
+    def run(  # noqa: ANN001
+        name: str, model: ScoringModel, tok, index, mode: Mode, spa: bool, with_din: bool,
+        residual: bool = False,
+    ) -> None:  # fmt: skip
         t = time.perf_counter()
         featurizer = Featurizer(tok, catalogue.items, index, din, k=cfg.k, spa=spa)
         examples = build_examples(
@@ -101,6 +104,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
             samples,
             [(int(r), mode) for r in rows],
             with_din=with_din,
+            din_logit=residual,
             desc=f"{name} prompts",
         )
         p = score_examples(model, examples)
@@ -131,7 +135,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
             din.config.embed_dim,
         )
         load_stage2_weights(model, folder)
-        run(mode, model, tok, index, "subr", model.spa is not None, True)
+        residual = bool(meta["config"].get("din_residual", False))  # beyond the paper: + DIN's logit
+        name = f"{mode} + DIN logit" if residual else mode
+        run(name, model, tok, index, "subr", model.spa is not None, True, residual)
     din_pred = din_predictions(din, catalogue, samples, rows)
     preds["DIN"] = din_pred
     results["DIN"] = ctr_metrics(labels, din_pred)

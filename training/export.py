@@ -50,6 +50,11 @@ class ExportConfig:
 def main(cfg: ExportConfig) -> dict[str, Any]:
     meta = json.loads((cfg.stage2 / "metrics.json").read_text())
     mode, s2cfg, s1cfg = meta["stage"], meta["config"], meta["stage1_config"]
+    if s2cfg.get("din_residual"):
+        raise ValueError(
+            f"{cfg.stage2} was trained as a correction to DIN's logit (din_residual), a study variant "
+            "beyond the paper; bundles serve ReLLaX itself"
+        )
     data, samples, manifest = load_dataset()
     catalogue = Catalogue.from_tables(data)
     model_dir = prepare_model(cfg.model_dir)

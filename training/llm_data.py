@@ -41,7 +41,8 @@ class Catalogue:
 
 @dataclass(frozen=True, slots=True)
 class LLMExample:
-    """One prompt of one sample. `soft` (n, E) and `h` (d_h,) are None when not used."""
+    """One prompt of one sample. `soft` (n, E), `h` (d_h,) and `din_logit` (the frozen DIN's own
+    logit, the offset of a model trained as a correction to DIN) are None when not used."""
 
     row: int
     mode: Mode
@@ -50,6 +51,7 @@ class LLMExample:
     label: int
     soft: torch.Tensor | None = None
     h: torch.Tensor | None = None
+    din_logit: float | None = None
 
     def __len__(self) -> int:
         return len(self.prompt.input_ids) + len(self.answer)
@@ -62,9 +64,11 @@ def build_examples(
     rows_modes: Sequence[tuple[int, Mode]],
     *,
     with_din: bool,
+    din_logit: bool = False,
     desc: str = "prompts",
 ) -> list[LLMExample]:
-    """Examples for (sample row, mode) pairs; `with_din` adds h and the soft-token embeddings."""
+    """Examples for (sample row, mode) pairs; `with_din` adds h and the soft-token embeddings,
+    `din_logit` (with `with_din`) DIN's own logit."""
     tokenizer = featurizer.tokenizer
     answers = {1: tuple(answer_ids(tokenizer, 1)), 0: tuple(answer_ids(tokenizer, 0))}
     prompts: list[Prompt] = []
@@ -77,6 +81,7 @@ def build_examples(
         histories.append(history)
     soft: list[torch.Tensor | None] = [None] * len(prompts)
     hs: list[torch.Tensor | None] = [None] * len(prompts)
+    offsets: list[float | None] = [None] * len(prompts)
     if with_din:
         rows = [row for row, _ in rows_modes]
         users = [samples.user_id(r) for r in rows]
@@ -86,13 +91,15 @@ def build_examples(
             [int(samples.item_id[r]) for r in rows],
             histories,
         )
-        _, h = featurizer.din_outputs(batch)
+        p_din, h = featurizer.din_outputs(batch)
         hs = list(h)
+        if din_logit:  # float64 probabilities: the logit is exact to ~1e-12 for |logit| < 30
+            offsets = (np.log(p_din) - np.log1p(-p_din)).tolist()
         if featurizer.spa:
             soft = featurizer.soft_embeddings(prompts)
     return [
-        LLMExample(row, mode, p, answers[int(samples.label[row])], int(samples.label[row]), s, hh)
-        for (row, mode), p, s, hh in zip(rows_modes, prompts, soft, hs, strict=True)
+        LLMExample(row, mode, p, answers[int(samples.label[row])], int(samples.label[row]), s, hh, o)
+        for (row, mode), p, s, hh, o in zip(rows_modes, prompts, soft, hs, offsets, strict=True)
     ]
 
 
@@ -108,6 +115,8 @@ class Batch:
     soft_positions: list[list[int]]
     soft_vectors: list[torch.Tensor] | None
     h: torch.Tensor | None
+    labels: torch.Tensor  # (B,) the click labels
+    offsets: torch.Tensor | None  # (B,) DIN logits, for a model trained as a correction to DIN
 
     def to(self, device: torch.device) -> Batch:
         """The batch on the model's device (examples are built and kept on the CPU)."""
@@ -120,6 +129,8 @@ class Batch:
             soft_positions=self.soft_positions,
             soft_vectors=None if self.soft_vectors is None else [v.to(device) for v in self.soft_vectors],
             h=None if self.h is None else self.h.to(device),
+            labels=self.labels.to(device),
+            offsets=None if self.offsets is None else self.offsets.to(device),
         )
 
 
@@ -147,6 +158,12 @@ def collate(examples: Sequence[LLMExample], pad_id: int) -> Batch:
         soft_positions=[list(e.prompt.soft_positions) for e in examples],
         soft_vectors=[e.soft for e in examples] if with_soft else None,  # type: ignore[misc]
         h=torch.stack([e.h for e in examples]) if examples[0].h is not None else None,  # type: ignore[misc]
+        labels=torch.tensor([e.label for e in examples], dtype=torch.float32),
+        offsets=(
+            torch.tensor([e.din_logit for e in examples], dtype=torch.float32)
+            if examples[0].din_logit is not None
+            else None
+        ),
     )
 
 

@@ -78,8 +78,16 @@ def answer_loss(model: ScoringModel, batch: Batch) -> tuple[torch.Tensor, torch.
     Full-vocab logits at the answer positions only. The "." after Yes/No is learnt at once, so the
     training loss sits near half the decision's: only the decision loss compares with LogLoss and
     the label entropy, and tells "not fitting the train rows" from "not generalising".
+    With DIN offsets (a model trained as a correction to DIN) the loss is the decision's binary
+    cross-entropy on sigmoid(logit_Yes - logit_No + DIN's logit): the two numbers coincide.
     """
     hidden = model.hidden_states(batch.input_ids, batch.soft_positions, batch.soft_vectors, batch.h)
+    if batch.offsets is not None:  # a correction to DIN: P(yes) = sigmoid(margin + DIN's logit)
+        last = hidden[batch.target_rows[batch.target_first], batch.target_cols[batch.target_first]]
+        direction, bias = model.answer_direction()
+        margin = last.float() @ direction + bias + batch.offsets
+        loss = F.binary_cross_entropy_with_logits(margin, batch.labels)
+        return loss, loss.detach()
     picked = hidden[batch.target_rows, batch.target_cols]  # (N, H)
     logits = model.lm.get_output_embeddings()(picked).float()
     per_token = F.cross_entropy(logits, batch.targets, reduction="none")

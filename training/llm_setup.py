@@ -79,7 +79,10 @@ def score_examples(model: ScoringModel, examples: Sequence[LLMExample], max_batc
     scorer = Scorer(model, dtype=precision.compute_dtype(model.lm), cast=False)
     soft = [e.soft for e in examples] if examples and examples[0].soft is not None else None
     h = torch.stack([e.h for e in examples]) if examples and examples[0].h is not None else None
-    return scorer.score([e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=max_batch)
+    offsets = [e.din_logit for e in examples] if examples and examples[0].din_logit is not None else None
+    return scorer.score(
+        [e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=max_batch, offsets=offsets
+    )
 
 
 def make_validator(
@@ -90,6 +93,7 @@ def make_validator(
     rows: np.ndarray,
     mode: Mode,
     with_din: bool,
+    din_logit: bool = False,
 ):  # noqa: ANN201 - Callable[[], float]
     """A zero-argument function returning validation AUC on fixed rows (prompts built once)."""
     examples = build_examples(
@@ -98,6 +102,7 @@ def make_validator(
         samples,
         [(int(r), mode) for r in rows],
         with_din=with_din,
+        din_logit=din_logit,
         desc="valid prompts",
     )
     labels = np.array([e.label for e in examples])

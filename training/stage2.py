@@ -68,6 +68,9 @@ class Stage2Config:
     # Train the stage-1 LoRA A, B too (beside gates / projector): over a 0-step stage-1 run (B = 0)
     # this is the one-stage variant, where DIN's signal reaches the LLM from the first step.
     train_lora: bool = False
+    # Beyond the paper (labelled so in every report): P(yes) = sigmoid(LLM margin + DIN's own logit),
+    # the LLM learning a correction to DIN (as FLIP and ClickPrompt do for small language models).
+    din_residual: bool = False
     loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=3e-4))
 
     def to_json(self) -> dict[str, Any]:
@@ -146,11 +149,14 @@ class Stage2Recipe:
         pairs = interleave_modes(rows, cfg.loop.seed)
         if cfg.prompts == "subr":
             pairs = [(row, mode) for row, mode in pairs if mode == "subr"]
-        self.examples = build_examples(self.featurizer, self.catalogue, self.samples, pairs, with_din=True)
+        self.examples = build_examples(
+            self.featurizer, self.catalogue, self.samples, pairs, with_din=True, din_logit=cfg.din_residual
+        )
         valid = eval_rows(self.samples, "valid", cfg.valid_rows)
         self.evaluate = make_validator(
-            self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=True
-        )
+            self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=True,
+            din_logit=cfg.din_residual,
+        )  # fmt: skip
         names: dict[str, torch.nn.Parameter] = {}
         if cfg.mode in ("cflora", "rellax"):
             names |= adapter_params(self.model, "gates")
@@ -229,6 +235,8 @@ def main(
     stage1_run = json.loads((cfg.stage1 / "metrics.json").read_text()).get("run_id")
     key = {k: v for k, v in cfg.to_json().items() if k not in ("out", "stage1")}
     key["stage1_run_id"] = stage1_run
+    if not key["din_residual"]:  # runs made before the option existed keep their key
+        del key["din_residual"]
     return train_or_reuse(
         Stage2Recipe(), cfg, key, outputs, [*outputs, "gbar.safetensors"],
         force=force, deadline=deadline, fit_budget_s=fit_budget_s,

@@ -67,6 +67,7 @@ class Trial:
     mode: Literal["rellax", "spa", "cflora"] = "rellax"
     prompts: Literal["mixed", "subr"] = "mixed"
     train_lora: bool = False
+    din_residual: bool = False
     note: str = ""
 
 
@@ -78,6 +79,29 @@ class Trial:
 TRIALS: tuple[Trial, ...] = (
     Trial("s1-init", 1, epochs=0, note="0 steps: the LoRA init, for the one-stage trial"),
     Trial("one-stage-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-init", train_lora=True),
+    Trial(
+        "one-stage-b8-lr1e-3-subr",
+        2,
+        lr=1e-3,
+        batch_size=8,
+        epochs=4,
+        over="s1-init",
+        train_lora=True,
+        prompts="subr",
+        note="one-stage on SUBR prompts only (as validation and serving)",
+    ),
+    Trial(
+        "one-stage-din-residual",
+        2,
+        lr=1e-3,
+        batch_size=8,
+        epochs=4,
+        over="s1-init",
+        train_lora=True,
+        prompts="subr",
+        din_residual=True,
+        note="beyond the paper: the LLM's Yes/No logit added to DIN's own logit (a correction to DIN)",
+    ),
     Trial("s1-b8-lr1e-3", 1, lr=1e-3, batch_size=8, epochs=4, note="small batches, the probe's recipe"),
     Trial("s2-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", note="probe's stage 2"),
     Trial("s2-b8-lr1e-3-subr", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", prompts="subr"),
@@ -144,6 +168,7 @@ def _stage_config(cfg: TuneConfig, trial: Trial):  # noqa: ANN202 - Stage1Config
         mode=trial.mode,
         prompts=trial.prompts,
         train_lora=trial.train_lora,
+        din_residual=trial.din_residual,
         **common,
     )
 

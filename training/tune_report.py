@@ -77,14 +77,22 @@ def tune_section(folder: Path, out_dir: Path) -> list[str]:
     for name, r in trials.items():
         t = r["trial"]
         targets = "q,v" if t["target_modules"] == ["q_proj", "v_proj"] else "all"
+        label = f"{name} (beyond the paper: + DIN's logit)" if t.get("din_residual") else name
         lines.append(
-            f"| {name} | {t['stage']} | {t['over'] or '-'} | {t['lr']:g} | {t['batch_size']} | "
+            f"| {label} | {t['stage']} | {t['over'] or '-'} | {t['lr']:g} | {t['batch_size']} | "
             f"{t['epochs']} | {t['k']} | {targets} | {t['prompts'] if t['stage'] == 2 else 'mixed'} | "
             f"{'yes' if t['stage'] == 1 or t['train_lora'] else 'no'} | {r['examples']} | "
             f"{r['fit_seconds'] / 60:.1f} | {r['samples_per_s']:.2f} | "
             f"{r['start_valid_auc']:.4f} -> {r['best_valid_auc']:.4f} | {_per_hour(r):+.3f} | {r['device']} |"
         )
     lines += ["", "![validation AUC against training minutes](tune_trials.png)"]
+    if any(r["trial"].get("din_residual") for r in trials.values()):
+        lines += [
+            "",
+            "A trial marked *+ DIN's logit* is not ReLLaX: its P(yes) is sigmoid(LLM margin + the frozen "
+            "DIN's own logit), so the LLM learns a correction to DIN (as FLIP and ClickPrompt do for small "
+            "language models). It is reported beside ReLLaX, never instead of it.",
+        ]
     if din_valid_auc is not None:
         lines += ["", f"DIN's validation AUC on the same rows: {din_valid_auc:.4f}."]
     best = max(trials.items(), key=lambda kv: kv[1]["best_valid_auc"])
