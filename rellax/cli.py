@@ -63,5 +63,18 @@ def _register_package_commands() -> None:
 
 _register_package_commands()
 
+
+def main() -> None:
+    """The console entry point: rellax's own errors (`rellax.errors`) end the command with their
+    message and exit status 1, not a traceback; anything else is a bug and keeps its traceback."""
+    from rellax.errors import RellaxError
+
+    try:
+        app()
+    except RellaxError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

@@ -6,7 +6,8 @@ RellaxError
 ├── DataError          an input table does not follow the expected layout
 ├── UnknownItem        an item id is not in the catalogue (carries the ids)
 ├── HistoryStoreError  the history store (Redis) cannot be reached or answered badly
-└── BackendError       the scoring backend failed
+├── BackendError       the scoring backend failed
+└── RunError           a training run cannot go on as asked (a checkpoint from another world size)
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ __all__ = [
     "DataError",
     "HistoryStoreError",
     "RellaxError",
+    "RunError",
     "UnknownItem",
 ]
 
@@ -55,3 +57,7 @@ class HistoryStoreError(RellaxError):
 
 class BackendError(RellaxError):
     """The scoring backend failed."""
+
+
+class RunError(RellaxError):
+    """A training run cannot go on as asked: its checkpoint was written under another world size."""

@@ -26,29 +26,80 @@ def _train_group(app: typer.Typer) -> typer.Typer:
     return train
 
 
+Nproc = Annotated[
+    int,
+    typer.Option(help="Processes on this machine (launches torchrun; --batch-size is per process)."),
+]
+ModelDir = Annotated[Path | None, typer.Option(help="Base LLM dir (default: the bundled SmolLM2).")]
+IndexDir = Annotated[Path | None, typer.Option(help="Item index dir (default: cache/index/ml100k).")]
+Bf16 = Annotated[
+    bool | None, typer.Option("--bf16/--fp32", help="Frozen base dtype (default: bf16 where the CPU has it).")
+]
+
+
+def _maybe_launch(nproc: int) -> None:
+    """With --nproc N > 1 outside torchrun, run this same command under torchrun and exit with its
+    status; inside torchrun (or N = 1) return and train here."""
+    import os
+    import subprocess
+    import sys
+
+    from training.distributed import launch_command, under_torchrun
+
+    if nproc < 1:
+        raise typer.BadParameter(f"must be >= 1, got {nproc}", param_hint="--nproc")
+    if nproc == 1 or under_torchrun():
+        return
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # the same command, minus --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    raise typer.Exit(subprocess.call(launch_command(nproc, argv), env=os.environ.copy()))
+
+
+def _echo_result(metrics: dict) -> None:
+    import json
+
+    from training.distributed import is_main
+
+    if is_main():
+        typer.echo(json.dumps(metrics["result"], indent=2))
+
+
 def rella(
     out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage1].")] = None,
     n_rows: Annotated[int, typer.Option(help="Few-shot training rows (each gives 2 prompts).")] = 256,
     k: Annotated[int, typer.Option(help="History items per prompt.")] = 15,
     epochs: int = 1,
     lr: float = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Effective batch (gradient accumulation).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, per process.")] = 64,
     micro_batch: int = 8,
     valid_rows: Annotated[int, typer.Option(help="Validation rows for checkpoint selection.")] = 256,
     seed: int = 0,
+    model_dir: ModelDir = None,
+    index_dir: IndexDir = None,
+    bf16: Bf16 = None,
+    nproc: Nproc = 1,
     force: Force = False,
 ) -> None:
     """Stage 1 (ReLLa): peft LoRA on q_proj/v_proj, selected on validation AUC."""
-    import json
-
+    _maybe_launch(nproc)
     from training.llm_loop import LoopConfig
     from training.stage1 import Stage1Config, main
 
-    loop = LoopConfig(lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed)
-    cfg = Stage1Config(n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop)
+    loop = LoopConfig(
+        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16
+    )
+    cfg = Stage1Config(
+        n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop, model_dir=model_dir, index_dir=index_dir
+    )
     if out:
         cfg.out = out
-    typer.echo(json.dumps(main(cfg, force=force)["result"], indent=2))
+    _echo_result(main(cfg, force=force))
 
 
 def rellax(
@@ -64,25 +115,36 @@ def rellax(
     micro_batch: int = 8,
     valid_rows: int = 256,
     seed: int = 0,
+    din_dir: Annotated[Path | None, typer.Option(help="Frozen DIN dir (default: cache/crm/din).")] = None,
+    model_dir: ModelDir = None,
+    index_dir: IndexDir = None,
+    bf16: Bf16 = None,
+    nproc: Nproc = 1,
     force: Force = False,
 ) -> None:
     """Stage 2 (ReLLaX): SPA projector and/or CFLoRA gates over the frozen stage-1 model."""
-    import json
-
-    from training.llm_loop import LoopConfig
-    from training.stage2 import Stage2Config, main
-
     if mode not in ("rellax", "spa", "cflora"):
         raise typer.BadParameter(f"mode must be rellax, spa or cflora, got {mode!r}", param_hint="--mode")
     if gate_init not in ("identity", "random"):
         raise typer.BadParameter("gate-init must be identity or random", param_hint="--gate-init")
-    loop = LoopConfig(lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed)
-    cfg = Stage2Config(mode=mode, gate_init=gate_init, n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop)  # type: ignore[arg-type]
+    _maybe_launch(nproc)
+    from training.llm_loop import LoopConfig
+    from training.stage2 import Stage2Config, main
+
+    loop = LoopConfig(
+        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16
+    )
+    cfg = Stage2Config(
+        mode=mode, gate_init=gate_init, n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop,  # type: ignore[arg-type]
+        model_dir=model_dir, index_dir=index_dir,
+    )  # fmt: skip
+    if din_dir:
+        cfg.din_dir = din_dir
     if stage1:
         cfg.stage1 = stage1
     if out:
         cfg.out = out
-    typer.echo(json.dumps(main(cfg, force=force)["result"], indent=2))
+    _echo_result(main(cfg, force=force))
 
 
 def evaluate(

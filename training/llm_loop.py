@@ -13,6 +13,7 @@ head applied only at the answer positions (2 per prompt instead of ~350).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -26,8 +27,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from rellax import precision
+from rellax.errors import RunError
 from rellax.logs import get_logger
 from rellax.scorer import ScoringModel
+from training import distributed
 from training.llm_data import Batch, LLMExample, collate, length_sorted_chunks
 
 __all__ = ["LoopConfig", "TrainResult", "answer_loss", "train_loop"]
@@ -66,6 +69,7 @@ class TrainResult:
     steps: int = 0
     examples: int = 0
     device: str = ""  # where it trained, and the frozen base's dtype: "cpu/float32", "cuda:0/bfloat16"
+    world_size: int = 1  # processes (torchrun); examples, steps and samples/s count all of them
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +96,18 @@ def answer_loss(model: ScoringModel, batch: Batch) -> tuple[torch.Tensor, torch.
     logits = model.lm.get_output_embeddings()(picked).float()
     per_token = F.cross_entropy(logits, batch.targets, reduction="none")
     return per_token.mean(), per_token.detach()[batch.target_first].mean()
+
+
+class _Loss(torch.nn.Module):
+    """`answer_loss` as a module's forward, so DistributedDataParallel can wrap it: DDP hooks a
+    module's forward to prepare each backward's gradient all-reduce."""
+
+    def __init__(self, model: ScoringModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return answer_loss(self.model, batch)
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
@@ -122,8 +138,15 @@ def train_loop(
     time-boxed session pauses a long run cleanly instead of being killed mid-step. With
     `fit_budget_s`, training *ends* (validated, best state kept, like a finished run) once that many
     training seconds (validation not counted, every session's) are spent: a tuning trial's budget.
+
+    Under torchrun (`training.distributed`) `cfg.batch_size` is per process: an optimizer step
+    takes world_size x batch_size examples, the step's micro-batches dealt round-robin to the ranks,
+    and DDP averages the gradients, so N processes at batch b take the steps one process takes at
+    batch N*b (the same examples per step, summed in another order). Only rank 0 validates and writes
+    the checkpoint; the clock-driven decisions (budget, deadline) are rank 0's, broadcast.
     """
-    micro_per_step = max(1, cfg.batch_size // cfg.micro_batch)
+    world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
+    micro_per_step = max(1, cfg.batch_size // cfg.micro_batch) * world  # every rank's, together
     lengths = [len(e) for e in examples]
     epochs_chunks = [
         length_sorted_chunks(lengths, cfg.micro_batch, cfg.seed + ep) for ep in range(cfg.epochs)
@@ -137,11 +160,23 @@ def train_loop(
     )
     device = next(iter(params.values())).device
     base_dtype = precision.compute_dtype(model.lm)
-    result = TrainResult(best_valid_auc=-1.0, best_step=0)
+    loss_fn: torch.nn.Module = _Loss(model)
+    if world > 1:  # DDP all-reduces the trainable parameters' gradients (the frozen base has none)
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_fn = DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
+    result = TrainResult(best_valid_auc=-1.0, best_step=0, world_size=world)
     best_state = {k: v.detach().clone() for k, v in params.items()}
     step = 0
     if checkpoint.exists():
         state = torch.load(checkpoint, weights_only=True, map_location=device)  # no pickled code
+        saved_world = int(state["result"].get("world_size", 1))
+        if saved_world != world:
+            raise RunError(
+                f"{checkpoint} was written by {saved_world} process(es), this run has {world}: an "
+                f"optimizer step is world_size x batch_size examples, so resume with {saved_world} "
+                "(--nproc) or start afresh (--force)"
+            )
         for k, v in state["params"].items():
             params[k].data.copy_(v)
         optimizer.load_state_dict(state["optimizer"])
@@ -152,26 +187,37 @@ def train_loop(
         if state.get("cuda_rng") is not None and device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         result = TrainResult(**state["result"])
-        log.info("resumed", checkpoint=str(checkpoint), step=step)
+        log.info("resumed", checkpoint=str(checkpoint), step=step, world_size=world)
     result.device = f"{device}/{precision.name(base_dtype)}"
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
-        result.best_valid_auc = evaluate()
+        result.best_valid_auc = evaluate() if main else 0.0
         result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc, "seconds": 0.0})
     model.train()
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step")
+    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", disable=not main)
     started, seen, loss_ema, decision_ema = time.perf_counter(), 0, None, None
     validating = 0.0  # seconds spent in evaluate(): samples/s counts training only
     seconds_before = result.train_seconds  # a resumed run adds to the time its checkpoint recorded
     fit_before = result.fit_seconds
     while step < total_steps:
         chunk_ids = flat[step * micro_per_step : (step + 1) * micro_per_step]
-        n_step = sum(len(c) for c in chunk_ids)
+        n_step = sum(len(c) for c in chunk_ids)  # the step's examples, over every rank
+        first = step * micro_per_step
+        mine = list(range(first + rank, first + len(chunk_ids), world))  # this rank's micro-batches
+        # A rank with no micro-batch left in the last step still joins the all-reduce, adding 0.
+        weights = [len(flat[m]) / n_step * world for m in mine] if mine else [0.0]
+        mine = mine or [first]
         optimizer.zero_grad(set_to_none=True)
-        for chunk in chunk_ids:
-            batch = collate([examples[i] for i in chunk], pad_id).to(device)
-            loss, decision = answer_loss(model, batch)
-            (loss * (len(chunk) / n_step)).backward()
+        for i, (m, weight) in enumerate(zip(mine, weights, strict=True)):
+            # Dropout masks drawn from the micro-batch's own seed: the same masks on whichever rank
+            # takes it, for any world size, and after a resume.
+            torch.manual_seed(cfg.seed * 1_000_003 + m)
+            batch = collate([examples[j] for j in flat[m]], pad_id).to(device)
+            last = i == len(mine) - 1  # DDP all-reduces on the step's last backward only
+            sync = loss_fn.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            with sync:
+                loss, decision = loss_fn(batch)
+                (loss * weight).backward()
             value, dvalue = loss.detach().item(), decision.item()  # this chunk's means
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             decision_ema = dvalue if decision_ema is None else 0.9 * decision_ema + 0.1 * dvalue
@@ -185,13 +231,14 @@ def train_loop(
         bar.update(1)
         fit_now = fit_before + (time.perf_counter() - started - validating)
         spent = fit_budget_s is not None and fit_now >= fit_budget_s and step < total_steps
-        if step % eval_every == 0 or step == total_steps or spent:
+        (spent,) = distributed.broadcast_flags(spent)
+        if main and (step % eval_every == 0 or step == total_steps or spent):
             model.eval()
             t_eval = time.perf_counter()
             auc = evaluate()
             validating += time.perf_counter() - t_eval
             model.train()
-            examples_done = step * cfg.batch_size
+            examples_done = step * cfg.batch_size * world
             result.curve.append(
                 {
                     "step": step,
@@ -217,11 +264,14 @@ def train_loop(
         result.train_seconds = seconds_before + (time.perf_counter() - started)
         result.fit_seconds = fit_before + (time.perf_counter() - started - validating)
         # Every step, not only after evaluations: on a CPU a step takes minutes, a save milliseconds.
-        _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
+        if main:
+            _save_checkpoint(checkpoint, params, optimizer, scheduler, best_state, step, result)
         if spent:
             log.info("training budget spent", step=step, of=total_steps, fit_seconds=round(fit_now, 1))
             break
-        if deadline is not None and step < total_steps and time.monotonic() > deadline:
+        past = deadline is not None and step < total_steps and time.monotonic() > deadline
+        (past,) = distributed.broadcast_flags(past)  # rank 0's checkpoint is written: all pause
+        if past:
             bar.close()
             raise TimeoutError(f"paused after step {step}/{total_steps}; run again to resume")
     bar.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rellax.logs import get_logger
+from training import distributed
 
 __all__ = ["canonical", "finished_run", "start_run", "train_or_reuse"]
 
@@ -71,9 +72,16 @@ def train_or_reuse(
     training budget, when there is one: a budget-cut run is another run), else record the key, set
     `recipe` up and train it (resuming its checkpoint) and return what its `save` wrote."""
     key = dict(key) if fit_budget_s is None else {**key, "fit_budget_s": fit_budget_s}
+    distributed.init()  # under torchrun: join the group; else one process, rank 0 of 1
     if not force and (done := finished_run(cfg.out, key, outputs)) is not None:
         log.info("already trained", out=str(cfg.out))
         return done
-    start_run(cfg.out, key, stale=stale, fresh=force)
-    recipe.setup(cfg)
-    return recipe.save(recipe.train(deadline, fit_budget_s))
+    distributed.barrier()  # every rank has read the run folder before rank 0 changes it
+    with distributed.main_first():  # rank 0 builds what is shared (model, index, run folder) first
+        if distributed.is_main():
+            start_run(cfg.out, key, stale=stale, fresh=force)
+        recipe.setup(cfg)
+    result = recipe.train(deadline, fit_budget_s)
+    metrics = recipe.save(result) if distributed.is_main() else None
+    distributed.barrier()  # the others return what rank 0 wrote
+    return metrics if metrics is not None else json.loads((cfg.out / "metrics.json").read_text())

@@ -1,0 +1,109 @@
+"""torch.distributed for the LLM stages: one process per device, launched by torchrun.
+
+Under `torchrun --nproc-per-node N -m rellax train ...` (or `rellax train ... --nproc N`, which
+launches torchrun) every process runs the same stage: the same seeded set-up, its own share of each
+optimizer step's micro-batches, gradients averaged by DistributedDataParallel (`training.llm_loop`).
+Rank 0 alone validates, shows progress, and writes checkpoints, metrics and adapters; the others wait
+for it at the next collective. The backend follows the device: gloo on CPU, nccl on GPU. Every
+collective has a timeout (`RELLAX_DIST_TIMEOUT_S`, default 1800 s: rank 0's validation runs while
+the others wait), so a stuck peer ends the run with an error instead of a hang; a killed rank is
+caught sooner by torchrun itself, which stops the others and names the failed rank.
+
+Without torchrun (WORLD_SIZE unset or 1) every function here is a no-op: one process is rank 0 of 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from rellax.logs import get_logger
+
+__all__ = [
+    "barrier",
+    "broadcast_flags",
+    "init",
+    "is_main",
+    "launch_command",
+    "main_first",
+    "rank",
+    "under_torchrun",
+    "world_size",
+]
+
+log = get_logger(__name__)
+
+DEFAULT_TIMEOUT_S = 1800.0
+
+
+def under_torchrun() -> bool:
+    """True in a process torchrun started for a world of more than one."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> None:
+    """Join the process group torchrun set up (idempotent; a no-op outside torchrun)."""
+    if not under_torchrun() or dist.is_initialized():
+        return
+    timeout = timedelta(seconds=float(os.environ.get("RELLAX_DIST_TIMEOUT_S", DEFAULT_TIMEOUT_S)))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))  # "cuda" = this rank's GPU
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    dist.init_process_group(backend, timeout=timeout)
+    log.info("joined the process group", rank=rank(), world_size=world_size(), backend=backend)
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    """Rank 0: the one process that validates, logs progress and writes files."""
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_first() -> Iterator[None]:
+    """Rank 0 runs the block first (it may build shared files: the converted model, the item
+    index, the run folder), then the others run it over what rank 0 left on disk."""
+    if world_size() > 1 and not is_main():
+        barrier()
+    yield
+    if world_size() > 1 and is_main():
+        barrier()
+
+
+def broadcast_flags(*flags: bool) -> list[bool]:
+    """Rank 0's `flags` on every rank: decisions that depend on a clock (a training budget, a
+    session's deadline) must be the same everywhere, or one rank leaves while another waits."""
+    if world_size() == 1:
+        return list(flags)
+    t = torch.tensor([float(f) for f in flags])
+    if dist.get_backend() == "nccl":
+        t = t.cuda()
+    dist.broadcast(t, src=0)
+    return [bool(v) for v in t.tolist()]
+
+
+def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
+    """The torchrun command that runs this CLI call (`argv`, without its --nproc) on `nproc`
+    processes on this machine; several machines: run torchrun yourself (README, Scaling out)."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "-m", "rellax", *argv]  # fmt: skip
