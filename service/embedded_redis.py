@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from rellax.errors import HistoryStoreError
@@ -54,10 +55,13 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Start/stop one redis-server on 127.0.0.1; data (RDB + AOF) lives in `data_dir`."""
 
-    def __init__(self, data_dir: Path, port: int | None = None, persist: bool = True) -> None:
+    def __init__(
+        self, data_dir: Path, port: int | None = None, persist: bool = True, extra: Sequence[str] = ()
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.port = port or free_port()
         self.persist = persist
+        self.extra = list(extra)  # more redis-server options, e.g. a test cluster's node settings
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -82,6 +86,7 @@ class EmbeddedRedis:
             "--appendfsync", "everysec",
             "--daemonize", "no",
             "--logfile", str(self.data_dir / "redis.log"),
+            *self.extra,
         ]  # fmt: skip
         self._proc = subprocess.Popen(
             args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_die_with_parent

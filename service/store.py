@@ -2,8 +2,15 @@
 
 Layout, namespaced and versioned so a later format can live beside this one:
 
-    rellax:v1:user:{id}:hist     sorted set, score = timestamp, member = "{item:010d}|{rating:g}|{timestamp}"
-    rellax:v1:user:{id}:profile  hash with gender, age, job
+    rellax:v2:user:{<id>}:hist     sorted set, score = timestamp,
+                                   member = "{item:010d}|{rating:g}|{timestamp}"
+    rellax:v2:user:{<id>}:profile  hash with gender, age, job
+
+The braces are a Redis Cluster hash tag: only `<id>` decides the slot, so one user's two keys live
+on one node and every operation below stays single-slot (the read's pipeline, the write's MULTI) on
+Redis Cluster exactly as on one server. v1 (no hash tag) is not read: reload histories after an
+upgrade (`rellax load-history`). `connect` speaks to a cluster when the URL's scheme says so
+(`redis+cluster://host:port`, any node of it; `rediss+cluster://` for TLS).
 
 The member *is* the event, so replaying an event is a no-op ZADD: ingest is idempotent without any
 read-modify-write, and concurrent writers cannot lose or duplicate events. Equal timestamps sort by
@@ -17,18 +24,22 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from rellax.entities import HistoryEvent, Profile
 from rellax.errors import HistoryStoreError
 
 __all__ = ["HistoryStore", "UserRecord", "UserState", "connect", "decode_event", "encode_event"]
 
-PREFIX = "rellax:v1:user"
+PREFIX = "rellax:v2:user"
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 
 def encode_event(event: HistoryEvent) -> str:
@@ -67,13 +78,24 @@ class UserRecord:
     events: Sequence[HistoryEvent] = field(default_factory=list)
 
 
-def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
-    """An asyncio client with short timeouts and one immediate retry.
+def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis | RedisCluster:
+    """An asyncio client with short timeouts and one immediate retry; `redis+cluster://` (or
+    `rediss+cluster://`) gives redis-py's RedisCluster, which finds the other nodes from the one named.
 
     The retry is what makes recovery automatic: after a Redis restart the pooled connections are dead,
     the first command on one fails and is retried on a fresh connection. More retries with backoff
     (redis-py's default) would hold a request for seconds while Redis is down; we answer 503 instead.
+    On a cluster the same single retry also follows a moved slot or a refreshed topology.
     """
+    scheme, sep, rest = url.partition("://")
+    if sep and scheme.lower() in CLUSTER_SCHEMES:
+        return RedisCluster.from_url(
+            f"{CLUSTER_SCHEMES[scheme.lower()]}://{rest}",
+            socket_timeout=timeout_s,
+            socket_connect_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1),
+            health_check_interval=30,
+        )
     return aioredis.Redis.from_url(
         url,
         socket_timeout=timeout_s,
@@ -83,33 +105,67 @@ def connect(url: str, timeout_s: float = 0.5) -> aioredis.Redis:
     )
 
 
+_REDIS_PY = str(Path(redis.__file__).parent)
+
+
+def _inside_redis_py(exc: BaseException) -> bool:
+    """True when `exc` was raised in redis-py's own code (its innermost frame is there)."""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and tb.tb_frame.f_code.co_filename.startswith(_REDIS_PY)
+
+
 @asynccontextmanager
 async def _mapped(action: str) -> AsyncIterator[None]:
     try:
         yield
-    except (RedisError, OSError, TimeoutError) as exc:
+    except (RedisError, RedisClusterException, OSError, TimeoutError) as exc:
         raise HistoryStoreError(f"Redis {action} failed: {type(exc).__name__}: {exc}") from exc
+    except (AttributeError, TypeError) as exc:
+        # redis-py's asyncio cluster client can trip over its own state while a node goes away
+        # (a connection closed under a command: "'NoneType' object has no attribute 'writelines'";
+        # redis/redis-py#3546, #3815, #3835). That is the store failing, not a bug of the request.
+        if not _inside_redis_py(exc):
+            raise
+        raise HistoryStoreError(
+            f"Redis {action} failed inside redis-py: {type(exc).__name__}: {exc}"
+        ) from exc
 
 
 class HistoryStore:
     """Per-user capped, idempotent event history and profile."""
 
-    def __init__(self, client: aioredis.Redis, cap: int = 1000) -> None:
+    def __init__(self, client: aioredis.Redis | RedisCluster, cap: int = 1000) -> None:
         if cap < 1:
             raise ValueError(f"cap must be >= 1, got {cap}")
         self.client = client
         self.cap = cap
 
     @staticmethod
-    def hist_key(user_id: str) -> str:
-        return f"{PREFIX}:{user_id}:hist"
+    def _tag(user_id: str) -> str:
+        """`{user_id}`, the hash tag; an id with a brace would end (or empty) the tag early and split
+        the user's keys over slots. The API's id pattern has no braces; other writers are refused."""
+        if "{" in user_id or "}" in user_id:
+            raise ValueError(f"user id {user_id!r} holds a brace: it cannot be a Redis Cluster hash tag")
+        return f"{{{user_id}}}"
 
-    @staticmethod
-    def profile_key(user_id: str) -> str:
-        return f"{PREFIX}:{user_id}:profile"
+    @classmethod
+    def hist_key(cls, user_id: str) -> str:
+        return f"{PREFIX}:{cls._tag(user_id)}:hist"
+
+    @classmethod
+    def profile_key(cls, user_id: str) -> str:
+        return f"{PREFIX}:{cls._tag(user_id)}:profile"
 
     async def ping(self) -> bool:
+        """Redis answers; on a cluster, every master answers and the cluster serves every slot
+        (a node answering PING while its cluster is failed could serve no one's history)."""
         async with _mapped("ping"):
+            if isinstance(self.client, RedisCluster):
+                await self.client.ping(target_nodes=RedisCluster.PRIMARIES)
+                info = await self.client.cluster_info()
+                return info.get("cluster_state") == "ok"
             return bool(await self.client.ping())
 
     async def fetch(self, user_id: str) -> UserState:
