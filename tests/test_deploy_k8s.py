@@ -321,3 +321,26 @@ def test_kserve_predictor_runs_the_same_container_the_same_way(app_routes, monke
     assert {"/readyz", "/healthz"} <= {p for p, methods in app_routes.items() if "GET" in methods}
     assert urlparse(settings.redis_url or "").hostname == "rellax-redis.rellax.svc.cluster.local"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+def test_the_training_job_is_valid_and_wires_torchrun() -> None:
+    """k8s/training/job.yaml: schema-valid, and its torchrun flags agree with the Job's shape."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "k8s" / "training" / "job.yaml").read_text()) if d]
+    for doc in docs:
+        validate(doc)
+    service, job = one(docs, "Service", "rellax-train"), one(docs, "Job", "rellax-train")
+    spec = job["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in container["args"] if a.startswith("--"))
+    assert spec["completionMode"] == "Indexed" and spec["completions"] == spec["parallelism"]
+    assert int(flags["nnodes"]) == spec["completions"]
+    assert int(flags["nproc-per-node"]) == container["resources"]["limits"]["nvidia.com/gpu"]
+    assert flags["node-rank"] == "$(JOB_COMPLETION_INDEX)"
+    # pod 0's DNS name through the headless Service: <job>-0.<subdomain>
+    assert flags["master-addr"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
+    assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
+    assert int(flags["master-port"]) == service["spec"]["ports"][0]["port"]
+    assert container["args"][container["args"].index("-m") + 1 :][:3] == ["rellax", "train", "rella"]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) <= known_env_names() | {"RELLAX_DIST_TIMEOUT_S"}

@@ -148,3 +148,28 @@ def test_a_killed_rank_fails_the_run_and_a_resume_needs_the_same_world(
     assert again.returncode != 0
     assert "error: " in again.stderr and "Traceback" not in again.stderr, again.stderr[-3000:]
     assert "written by 2 process(es), this run has 1" in again.stderr, again.stderr[-3000:]
+
+
+def test_stage2_on_two_processes_matches_one(
+    runs: dict[str, Path], tiny_model_dir: Path, din_dir: Path
+) -> None:
+    """Stage 2 (SPA projector + CFLoRA gates over stage 1, per-example DIN inputs) the same way."""
+    root = runs["root"]
+
+    def stage2(out: str, batch: int, nproc: int) -> Path:
+        cmd = [
+            sys.executable, "-m", "rellax", "train", "rellax", "--mode", "rellax", "--stage1", runs["one"],
+            "--din-dir", din_dir, "--model-dir", tiny_model_dir, "--index-dir", root / "index",
+            "--n-rows", "8", "--k", "5", "--epochs", "1", "--micro-batch", "2", "--valid-rows", "32",
+            "--lr", "1e-2", "--fp32", "--batch-size", str(batch), "--out", root / out,
+        ]  # fmt: skip
+        cmd = [str(c) for c in cmd] + (["--nproc", str(nproc)] if nproc > 1 else [])
+        done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return root / out
+
+    one, two = stage2("s2-one", 8, 1), stage2("s2-two", 4, 2)
+    a, b = load_file(one / "stage2.safetensors"), load_file(two / "stage2.safetensors")
+    assert a.keys() == b.keys() and any("gate" in k for k in a) and any("spa" in k for k in a)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
+    assert _metrics(one)["result"]["steps"] == _metrics(two)["result"]["steps"] == 2
