@@ -115,3 +115,44 @@ def test_stage2_builds_on_kept_weights_when_the_cache_lost_them(tune: TuneConfig
     assert retrained != run_id and (tune.results / "s1.json").read_text() != s1_record
     over = json.loads((tune.runs / "s2-over-s1" / "metrics.json").read_text())
     assert over["stage1_run_id"] == retrained
+
+
+def test_weights_over_the_limit_are_kept_in_fp16(tune: TuneConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Stage 2 with gates on every layer is 13 MB in fp32: the kept copy is fp16 (half the bytes),
+    the record says so, the values round as fp16 does, and a restored run loads them."""
+    import torch
+    from safetensors.torch import load_file
+
+    import training.tune as tune_module
+
+    run(tune)
+    trial = next(t for t in TRIALS if t.name == "s2-joint")
+    assert tune_module.restore_weights(tune, trial)  # an earlier test may have emptied the runs
+    full = load_file(tune.runs / trial.name / "stage2.safetensors")
+    size = (tune.runs / trial.name / "stage2.safetensors").stat().st_size
+    monkeypatch.setattr(tune_module, "MAX_WEIGHTS_BYTES", size)  # the fp32 files no longer fit
+    assert tune_module.keep_weights(tune, trial) == "float16"
+    kept = load_file(tune.results / trial.name / "stage2.safetensors")
+    assert kept.keys() == full.keys() and all(v.dtype == torch.float16 for v in kept.values())
+    for k, v in full.items():
+        torch.testing.assert_close(kept[k].float(), v, rtol=2**-11, atol=2**-24)
+    monkeypatch.setattr(tune_module, "MAX_WEIGHTS_BYTES", 64)
+    with pytest.raises(ValueError, match="even in fp16"):
+        tune_module.keep_weights(tune, trial)
+    assert not (tune.results / trial.name).exists()  # nothing half-kept
+
+
+def test_the_repositorys_kept_weights_are_whole() -> None:
+    """Every trial folder committed under docs/results/tune holds the weights a later trial or the
+    demo builds on (a folder with only its metrics, e.g. weights left out by .gitignore, is useless),
+    each within the 10 MB a run may take."""
+    from training.tune import MAX_WEIGHTS_BYTES, WEIGHTS
+
+    root = Path(__file__).resolve().parents[1] / "docs" / "results" / "tune"
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        record = json.loads((root / f"{folder.name}.json").read_text())
+        needed = WEIGHTS[record["trial"]["stage"]]
+        missing = [name for name in needed if not (folder / name).exists()]
+        assert not missing, f"{folder.name}: missing {missing}"
+        size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
+        assert size <= MAX_WEIGHTS_BYTES, f"{folder.name}: {size} bytes"

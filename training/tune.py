@@ -91,6 +91,38 @@ TRIALS: tuple[Trial, ...] = (
         note="one-stage on SUBR prompts only (as validation and serving)",
     ),
     Trial(
+        "one-stage-b16-lr1e-3-subr",
+        2,
+        lr=1e-3,
+        batch_size=16,
+        epochs=4,
+        over="s1-init",
+        train_lora=True,
+        prompts="subr",
+    ),
+    Trial(
+        "one-stage-b8-lr3e-4-subr",
+        2,
+        lr=3e-4,
+        batch_size=8,
+        epochs=4,
+        over="s1-init",
+        train_lora=True,
+        prompts="subr",
+    ),
+    Trial(
+        "one-stage-b8-lr1e-3-subr-k10",
+        2,
+        lr=1e-3,
+        batch_size=8,
+        epochs=4,
+        over="s1-init",
+        train_lora=True,
+        prompts="subr",
+        k=10,
+        note="K=10 prompts: ~1.4x tokens",
+    ),
+    Trial(
         "one-stage-din-residual",
         2,
         lr=1e-3,
@@ -214,18 +246,34 @@ def din_valid_auc(cfg: TuneConfig) -> float:
     return ctr_metrics(samples.label[rows], p)["auc"]
 
 
-def keep_weights(cfg: TuneConfig, trial: Trial) -> Path:
-    """Copy the finished trial's trainable weights from its run folder to `results/<trial>/`."""
+def keep_weights(cfg: TuneConfig, trial: Trial) -> str:
+    """Copy the finished trial's trainable weights from its run folder to `results/<trial>/`;
+    returns the dtype they are kept in.
+
+    fp32 when they fit in MAX_WEIGHTS_BYTES, else fp16 (half the bytes; 11 significant bits, a
+    relative rounding of at most 4.9e-4, where bf16 would round 8x coarser): stage 2 with its
+    CFLoRA gates on every q/v layer holds ~3.3M parameters, 13 MB in fp32. A restored run loads
+    them back into its fp32 modules.
+    """
+    from safetensors.torch import load_file, save_file
+
     src, dst = cfg.runs / trial.name, cfg.results / trial.name
     files = [name for name in WEIGHTS[trial.stage] if (src / name).exists()]  # no gates: no gbar
     size = sum((src / name).stat().st_size for name in files)
-    if size > MAX_WEIGHTS_BYTES:
-        raise ValueError(f"{trial.name}: {size / 2**20:.1f} MB of trainable weights (10 MB kept)")
+    dtype = "float32" if size <= MAX_WEIGHTS_BYTES else "float16"
     shutil.rmtree(dst, ignore_errors=True)
     for name in files:
         (dst / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(src / name, dst / name)
-    return dst
+        if dtype == "float16" and name.endswith(".safetensors"):
+            tensors = {k: v.half().contiguous() for k, v in load_file(src / name).items()}
+            save_file(tensors, dst / name)
+        else:
+            shutil.copy2(src / name, dst / name)
+    kept = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    if kept > MAX_WEIGHTS_BYTES:
+        shutil.rmtree(dst)
+        raise ValueError(f"{trial.name}: {kept / 2**20:.1f} MB of weights even in fp16 (10 MB kept)")
+    return dtype
 
 
 def restore_weights(cfg: TuneConfig, trial: Trial) -> bool:
@@ -267,7 +315,7 @@ def run(cfg: TuneConfig) -> dict[str, str]:
             log.info("trial paused", trial=trial.name, why=str(paused))
             return False
         record = _record(cfg, trial, metrics)
-        keep_weights(cfg, trial)
+        record["weights_dtype"] = keep_weights(cfg, trial)
         (cfg.results / f"{trial.name}.json").write_text(json.dumps(record, indent=1))
         log.info("trial done", trial=trial.name, best_valid_auc=round(record["best_valid_auc"], 4))
         return True
