@@ -156,3 +156,50 @@ def test_the_repositorys_kept_weights_are_whole() -> None:
         assert not missing, f"{folder.name}: missing {missing}"
         size = sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
         assert size <= MAX_WEIGHTS_BYTES, f"{folder.name}: {size} bytes"
+
+
+def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneConfig, tmp_path: Path) -> None:
+    """`make demo` in a clone: the committed ReLLaX trial with the best valid AUC (never the
+    "+ DIN's logit" variant, which bundles do not serve), restored from its kept weights alone,
+    exports to a bundle that loads and scores with the trial's K and run id."""
+    import shutil
+
+    from rellax.bundle import Bundle
+    from rellax.entities import Profile
+    from training.demo import _restore_study_run, best_study_run
+    from training.export import ExportConfig
+    from training.export import main as export
+
+    run(tune)
+    results = tmp_path / "results"
+    shutil.copytree(tune.results, results)
+    want = "s2-over-s1"  # made the best of the two ReLLaX trials, beaten only by the variant
+    record = json.loads((results / f"{want}.json").read_text())
+    (results / f"{want}.json").write_text(json.dumps({**record, "best_valid_auc": 0.9}))
+    fake = {**record, "best_valid_auc": 0.99}
+    fake["trial"] = {**fake["trial"], "name": "residual", "din_residual": True}
+    (results / "residual.json").write_text(json.dumps(fake))
+    shutil.copytree(results / want, results / "residual")
+    name, record = best_study_run(results)  # type: ignore[misc]
+    assert name == want
+    assert best_study_run(tmp_path / "nothing") is None
+
+    s1, s2 = _restore_study_run(name, record, tmp_path / "runs", results)
+    meta = json.loads((s2 / "metrics.json").read_text())
+    assert meta["config"]["stage1"] == str(s1)  # points at the restored stage 1, not the trainer's cache
+    bundle = export(
+        ExportConfig(
+            stage2=s2,
+            out=tmp_path / "bundle",
+            din_dir=tune.din_dir,
+            merged=False,
+            model_dir=tune.model_dir,
+            index_dir=tune.index_dir,
+        )  # fmt: skip
+    )
+    assert bundle["training"]["stage2_run_id"] == meta["run_id"]
+    loaded = Bundle.load(tmp_path / "bundle")
+    assert loaded.config.k == record["trial"]["k"]
+    item = sorted(loaded.items)[0]
+    (p,) = loaded.score_prepared(loaded.prepare(Profile(), [], [item]))
+    assert 0.0 < p < 1.0

@@ -1,5 +1,12 @@
 """The offline half of `make demo`: assets -> samples -> DIN -> item index -> stage 1 -> stage 2 ->
-eval -> bundle, each step cached so a second run only re-checks. Prints what it made and where."""
+eval -> bundle, each step cached so a second run only re-checks. Prints what it made and where.
+
+In a clone of the repository the two LLM stages are not trained here: the demo builds its bundle
+from the best ReLLaX run of the recipe trials whose trainable weights are committed under
+docs/results/tune/ (its stage-1 LoRA, its stage-2 SPA projector, gates and A/B), so a newcomer
+serves the study's model, not a 64-row toy. DIN and the item index are rebuilt here as always
+(both deterministic from the data and the LLM). `--train-here` (or no committed run) trains the
+demo-size stages instead."""
 
 from __future__ import annotations
 
@@ -10,7 +17,15 @@ from pathlib import Path
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 
-__all__ = ["DEMO_EVAL_ROWS", "DEMO_ROWS", "DEMO_VALID_ROWS", "build", "demo_paths"]
+__all__ = [
+    "DEMO_EVAL_ROWS",
+    "DEMO_ROWS",
+    "DEMO_VALID_ROWS",
+    "STUDY_RUNS",
+    "best_study_run",
+    "build",
+    "demo_paths",
+]
 
 log = get_logger(__name__)
 
@@ -20,6 +35,47 @@ log = get_logger(__name__)
 DEMO_ROWS = 64
 DEMO_VALID_ROWS = 64
 DEMO_EVAL_ROWS = 128
+
+
+STUDY_RUNS = Path(__file__).resolve().parents[1] / "docs" / "results" / "tune"
+
+
+def best_study_run(folder: Path = STUDY_RUNS) -> tuple[str, dict] | None:
+    """(name, record) of the committed ReLLaX trial (SPA + CFLoRA; not the "+ DIN's logit"
+    variant, which a bundle does not serve) with the highest valid AUC whose weights, and those of
+    the stage-1 trial under it, are all in `folder`; None when there is none."""
+    from training.tune import WEIGHTS
+
+    best: tuple[str, dict] | None = None
+    for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        record = json.loads(path.read_text())
+        trial = record.get("trial")
+        if not trial or trial["stage"] != 2 or trial["mode"] != "rellax" or trial.get("din_residual"):
+            continue
+        whole = all((folder / trial["name"] / name).exists() for name in WEIGHTS[2]) and all(
+            (folder / str(trial["over"]) / name).exists() for name in WEIGHTS[1]
+        )
+        if whole and (best is None or record["best_valid_auc"] > best[1]["best_valid_auc"]):
+            best = (trial["name"], record)
+    return best
+
+
+def _restore_study_run(name: str, record: dict, runs: Path, folder: Path = STUDY_RUNS) -> tuple[Path, Path]:
+    """Copy the trial and its stage-1 trial into `runs`, pointing the copy at the local stage 1."""
+    import shutil
+
+    from training.tune import WEIGHTS
+
+    s1, s2 = runs / "study-stage1", runs / "study-stage2"
+    for src, dst, stage in ((folder / str(record["trial"]["over"]), s1, 1), (folder / name, s2, 2)):
+        for file in WEIGHTS[stage]:
+            if (src / file).exists():
+                (dst / file).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src / file, dst / file)
+    metrics = json.loads((s2 / "metrics.json").read_text())
+    metrics["config"]["stage1"] = str(s1)  # the machine that trained it had its own cache path
+    (s2 / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    return s1, s2
 
 
 def demo_paths() -> dict[str, Path]:
@@ -34,7 +90,12 @@ def demo_paths() -> dict[str, Path]:
     }
 
 
-def build(n_rows: int = DEMO_ROWS, eval_rows: int = DEMO_EVAL_ROWS, valid_rows: int = DEMO_VALID_ROWS) -> str:
+def build(
+    n_rows: int = DEMO_ROWS,
+    eval_rows: int = DEMO_EVAL_ROWS,
+    valid_rows: int = DEMO_VALID_ROWS,
+    train_here: bool = False,
+) -> str:
     """Run every offline step the demo needs; returns a human summary.
 
     Each step is reused only when its inputs are the same: a stage run by its config (training.runs),
@@ -68,26 +129,43 @@ def build(n_rows: int = DEMO_ROWS, eval_rows: int = DEMO_EVAL_ROWS, valid_rows: 
         lm, tok = load_base_lm(model_dir)
         load_or_build_index(paths["index"], lm, tok, Catalogue.from_tables(data))
     lines.append(f"item index     {paths['index']}")
-    s1 = stage1(Stage1Config(out=paths["stage1"], n_rows=n_rows, valid_rows=valid_rows))
-    lines.append(
-        f"stage 1        valid AUC {s1['result']['best_valid_auc']:.4f}, "
-        f"{s1['result']['samples_per_s']:.2f} samples/s  ({paths['stage1']})"
-    )
-    s2 = stage2(
-        Stage2Config(stage1=paths["stage1"], out=paths["stage2"], n_rows=n_rows, valid_rows=valid_rows)
-    )
-    lines.append(
-        f"stage 2        valid AUC {s2['result']['best_valid_auc']:.4f}, "
-        f"{s2['result']['samples_per_s']:.2f} samples/s  ({paths['stage2']})"
-    )
+    study = None if train_here else best_study_run()
+    k = 15
+    if study is not None:
+        name, record = study
+        paths["stage1"], paths["stage2"] = _restore_study_run(name, record, paths["stage2"].parent)
+        s1 = json.loads((paths["stage1"] / "metrics.json").read_text())
+        s2 = json.loads((paths["stage2"] / "metrics.json").read_text())
+        k = int(s2["config"]["k"])
+        lines.append(
+            f"stage 1 + 2    the study's trial {name} (docs/results/tune/, trained on {record['device']}): "
+            f"valid AUC {record['best_valid_auc']:.4f} on {record['valid_rows']} rows, K={k}"
+        )
+    else:
+        s1 = stage1(Stage1Config(out=paths["stage1"], n_rows=n_rows, valid_rows=valid_rows))
+        lines.append(
+            f"stage 1        valid AUC {s1['result']['best_valid_auc']:.4f}, "
+            f"{s1['result']['samples_per_s']:.2f} samples/s  ({paths['stage1']})"
+        )
+        s2 = stage2(
+            Stage2Config(stage1=paths["stage1"], out=paths["stage2"], n_rows=n_rows, valid_rows=valid_rows)
+        )
+        lines.append(
+            f"stage 2        valid AUC {s2['result']['best_valid_auc']:.4f}, "
+            f"{s2['result']['samples_per_s']:.2f} samples/s  ({paths['stage2']})"
+        )
     eval_json = paths["eval"] / "eval.json"
     scored = {"rows": eval_rows, "stage1_run_id": s1.get("run_id"), "stage2_run_id": s2.get("run_id")}
     report = json.loads(eval_json.read_text()) if eval_json.exists() else {}
     if {key: report.get(key) for key in scored} != scored:
         report = evaluate(
             EvalConfig(
-                n=eval_rows, stage1=paths["stage1"], stage2={"rellax": paths["stage2"]}, out=paths["eval"]
-            )
+                n=eval_rows,
+                k=k,
+                stage1=paths["stage1"],
+                stage2={"rellax": paths["stage2"]},
+                out=paths["eval"],
+            )  # fmt: skip
         )
         report.update(scored)
         eval_json.write_text(json.dumps(report, indent=2))

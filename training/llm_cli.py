@@ -195,11 +195,14 @@ def demo(
     n_rows: Annotated[int, typer.Option(help="Few-shot rows per stage.")] = DEMO_ROWS,
     eval_rows: Annotated[int, typer.Option(help="Test rows in the demo's eval table.")] = DEMO_EVAL_ROWS,
     valid_rows: Annotated[int, typer.Option(help="Validation rows for selection.")] = DEMO_VALID_ROWS,
+    train_here: Annotated[
+        bool, typer.Option(help="Train demo-size stages here instead of using the study's committed run.")
+    ] = False,
 ) -> None:
     """Everything offline, end to end on the bundled defaults (cached on the second run)."""
     from training.demo import build
 
-    typer.echo(build(n_rows=n_rows, eval_rows=eval_rows, valid_rows=valid_rows))
+    typer.echo(build(n_rows=n_rows, eval_rows=eval_rows, valid_rows=valid_rows, train_here=train_here))
 
 
 experiment_app = typer.Typer(help="The quality study (issue 6): resumable runs and the report.")
