@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from results_io import save  # noqa: E402
+from scoring import careful  # noqa: E402  (transformers batched, left-padded: the same as scoring.py's (b))
 
 from rellax.model_input import ModelInput  # noqa: E402
 from rellax.prompt import Prompt, build_prompt  # noqa: E402
@@ -90,23 +91,6 @@ def prompts_for(tokenizer, tiny: bool, candidates: int, ks: list[int]) -> dict[i
     }
 
 
-def transformers_batched(model, prompts: list[Prompt], yes: int, no: int, pad: int) -> np.ndarray:  # noqa: ANN001
-    device = next(model.parameters()).device
-    width = max(len(p.input_ids) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, p in enumerate(prompts):  # left padding: the last position is every prompt's last token
-        ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
-        mask[row, width - len(p.input_ids) :] = 1
-    positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
-    with torch.inference_mode():
-        logits = model(
-            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-            logits_to_keep=1,
-        ).logits  # fmt: skip
-    return torch.softmax(logits[:, -1, [yes, no]].float(), dim=1)[:, 0].cpu().numpy()
-
-
 def best_rate(fn, n: int, repeats: int = 3) -> tuple[float, np.ndarray]:  # noqa: ANN001
     fn()  # warm-up
     best, out = float("inf"), None
@@ -155,7 +139,7 @@ def main() -> None:
         for k in args.ks:
             ps = prompts[k]
             inputs = [ModelInput(input_ids=p.input_ids) for p in ps]
-            t_rate, t_p = best_rate(lambda ps=ps: transformers_batched(hf, ps, yes, no, pad), len(ps))
+            t_rate, t_p = best_rate(lambda ps=ps: careful(hf, ps, yes, no, pad), len(ps))
             v_rate, v_p = best_rate(lambda inputs=inputs: asyncio.run(backend.score(inputs)), len(ps))
             rows.append(
                 {

@@ -133,9 +133,13 @@ def careful(model, prompts: list[Prompt], yes: int, no: int, pad: int) -> np.nda
         ids[row, width - len(p.input_ids) :] = torch.tensor(p.input_ids)
         mask[row, width - len(p.input_ids) :] = 1
     positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+    device = next(model.parameters()).device  # the GPU check runs it on a GPU
     with torch.inference_mode():
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1).logits
-    return torch.softmax(logits[:, -1, [yes, no]].float(), dim=1)[:, 0].numpy()
+        logits = model(
+            input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
+            logits_to_keep=1,
+        ).logits  # fmt: skip
+    return torch.softmax(logits[:, -1, [yes, no]].float(), dim=1)[:, 0].cpu().numpy()
 
 
 def build_runtime(base, tokenizer, gate_dim: int = 256, embed_dim: int = 64, dtype=FAST):  # noqa: ANN001, ANN201

@@ -145,3 +145,13 @@ def uvicorn_app(settings: Settings, backend: ScoringBackend | None = None) -> It
     finally:
         server.should_exit = True
         thread.join(timeout=30)
+
+
+async def ingest_in_chunks(client: httpx.AsyncClient, uid: str, plan: list[dict], chunk: int = 10) -> int:
+    """POST `plan`'s events for `uid` `chunk` at a time (each must be 200); returns how many were new."""
+    added = 0
+    for start in range(0, len(plan), chunk):
+        r = await client.post(f"/v1/users/{uid}/events", json={"events": plan[start : start + chunk]})
+        assert r.status_code == 200, r.text
+        added += r.json()["added"]
+    return added

@@ -25,7 +25,7 @@ import pytest
 from redis import Redis
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from service_support import make_settings, tiny_bundle, uvicorn_app
+from service_support import ingest_in_chunks, make_settings, tiny_bundle, uvicorn_app
 
 from rellax.entities import HistoryEvent
 from service.embedded_redis import EmbeddedRedis, redis_server_binary
@@ -183,19 +183,11 @@ def test_concurrent_duplicate_ingest_on_a_cluster_loses_and_duplicates_nothing(c
     plans = [[universe[j] for j in rng.choice(len(universe), 80, replace=False)] for _ in range(6)]
     covered = {(e["item_id"], float(e["rating"]), e["timestamp"]) for plan in plans for e in plan}
 
-    async def writer(client: httpx.AsyncClient, uid: str, plan: list[dict]) -> int:
-        added = 0
-        for start in range(0, len(plan), 10):
-            r = await client.post(f"/v1/users/{uid}/events", json={"events": plan[start : start + 10]})
-            assert r.status_code == 200, r.text
-            added += r.json()["added"]
-        return added
-
     async def run(url: str) -> dict[str, tuple[int, list]]:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
             out = {}
             for uid in users:  # each user written by 6 concurrent writers with overlapping events
-                added = await asyncio.gather(*(writer(client, uid, p) for p in plans))
+                added = await asyncio.gather(*(ingest_in_chunks(client, uid, p) for p in plans))
                 out[uid] = (sum(added), (await client.get(f"/v1/users/{uid}/history")).json()["events"])
             return out
 

@@ -16,7 +16,14 @@ import httpx
 import numpy as np
 import pytest
 from fastapi import FastAPI
-from service_support import GatedTorchBackend, asgi_app, make_settings, tiny_bundle, uvicorn_app
+from service_support import (
+    GatedTorchBackend,
+    asgi_app,
+    ingest_in_chunks,
+    make_settings,
+    tiny_bundle,
+    uvicorn_app,
+)
 
 from rellax.entities import HistoryEvent, Profile
 from service.embedded_redis import EmbeddedRedis, free_port
@@ -278,12 +285,7 @@ def test_concurrent_ingest_over_http_loses_and_duplicates_nothing(redis_url: str
 
     async def writer(url: str, plan: list[dict]) -> int:
         async with httpx.AsyncClient(base_url=url, timeout=30) as client:
-            added = 0
-            for start in range(0, len(plan), 10):
-                r = await client.post(f"/v1/users/{uid}/events", json={"events": plan[start : start + 10]})
-                assert r.status_code == 200, r.text
-                added += r.json()["added"]
-            return added
+            return await ingest_in_chunks(client, uid, plan)
 
     async def run(url: str) -> tuple[list[int], dict]:
         added = await asyncio.gather(*(writer(url, p) for p in plans))
