@@ -183,12 +183,22 @@ class Scorer:
             CFLoRA's modules keep their dtype); False runs everything under autocast instead and
             leaves the weights alone.
         pad_id: the id used for right padding; never attended to, so any valid id works.
+        inference_mode: score under `torch.inference_mode` (serving); False uses `no_grad`, for a
+            model that trains between calls (a validator under FSDP, whose all-gathered weights must
+            not become inference tensors).
     """
 
     def __init__(
-        self, model: ScoringModel, *, dtype: torch.dtype | None = None, cast: bool = True, pad_id: int = 0
+        self,
+        model: ScoringModel,
+        *,
+        dtype: torch.dtype | None = None,
+        cast: bool = True,
+        pad_id: int = 0,
+        inference_mode: bool = True,
     ) -> None:
         self.model = model.eval()
+        self.inference_mode = inference_mode
         self.device = next(model.parameters()).device
         self.dtype = precision.resolve_dtype(self.device, dtype)
         self.pad_id = pad_id
@@ -199,7 +209,6 @@ class Scorer:
             else:
                 self.autocast = True
 
-    @torch.inference_mode()
     def score(
         self,
         prompts: Sequence[ScorableInput],
@@ -223,6 +232,19 @@ class Scorer:
             offsets: (N,) logits added to the margins before the sigmoid: DIN's own logit for a
                 model trained as a correction to DIN (`din_residual`), else None.
         """
+        with torch.inference_mode() if self.inference_mode else torch.no_grad():
+            return self._score(prompts, soft_vectors, h, max_batch, max_tokens, projected, offsets)
+
+    def _score(
+        self,
+        prompts: Sequence[ScorableInput],
+        soft_vectors: Sequence[np.ndarray | torch.Tensor] | None,
+        h: np.ndarray | torch.Tensor | None,
+        max_batch: int,
+        max_tokens: int,
+        projected: bool,
+        offsets: np.ndarray | Sequence[float] | None,
+    ) -> np.ndarray:
         if offsets is not None and len(offsets) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(offsets)} offsets")
         if soft_vectors is not None and len(soft_vectors) != len(prompts):

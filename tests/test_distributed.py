@@ -173,3 +173,23 @@ def test_stage2_on_two_processes_matches_one(
     assert a.keys() == b.keys() and any("gate" in k for k in a) and any("spa" in k for k in a)
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
     assert _metrics(one)["result"]["steps"] == _metrics(two)["result"]["steps"] == 2
+
+
+def test_fsdp_shards_the_frozen_base_and_trains_as_ddp(runs: dict[str, Path], tiny_model_dir: Path) -> None:
+    """`--fsdp`: the frozen decoder layers sharded over 2 processes (FSDP2), the adapter's gradients
+    averaged by hand: the same adapter as 1 process at batch 2b, and as DDP."""
+    out = runs["root"] / "fsdp"
+    done = subprocess.run(
+        _cli(*_common(tiny_model_dir, runs["root"]), "--batch-size", "4", "--out", out, "--fsdp", nproc=2),
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    a = load_file(runs["one"] / "adapter" / "adapter_model.safetensors")
+    b = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) < ADAPTER_ATOL
+    result = _metrics(out)["result"]
+    assert result["world_size"] == 2 and _metrics(out)["config"]["loop"]["fsdp"] is True
+    assert result["best_valid_auc"] == pytest.approx(
+        _metrics(runs["one"])["result"]["best_valid_auc"], abs=1e-3
+    )

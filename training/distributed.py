@@ -2,8 +2,10 @@
 
 Under `torchrun --nproc-per-node N -m rellax train ...` (or `rellax train ... --nproc N`, which
 launches torchrun) every process runs the same stage: the same seeded set-up, its own share of each
-optimizer step's micro-batches, gradients averaged by DistributedDataParallel (`training.llm_loop`).
-Rank 0 alone validates, shows progress, and writes checkpoints, metrics and adapters; the others wait
+optimizer step's micro-batches, gradients averaged by DistributedDataParallel (`training.llm_loop`);
+or, with `--fsdp`, the frozen decoder layers sharded over the ranks by FSDP2 (`shard_frozen_layers`)
+for a model that does not fit one device. Rank 0 alone validates (under FSDP all ranks do, since
+every forward is a collective), shows progress, and writes checkpoints, metrics and adapters; the others wait
 for it at the next collective. The backend follows the device: gloo on CPU, nccl on GPU. Every
 collective has a timeout (`RELLAX_DIST_TIMEOUT_S`, default 1800 s: rank 0's validation runs while
 the others wait), so a stuck peer ends the run with an error instead of a hang; a killed rank is
@@ -17,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from datetime import timedelta
 
 import torch
@@ -26,6 +28,7 @@ import torch.distributed as dist
 from rellax.logs import get_logger
 
 __all__ = [
+    "average_gradients",
     "barrier",
     "broadcast_flags",
     "init",
@@ -33,6 +36,7 @@ __all__ = [
     "launch_command",
     "main_first",
     "rank",
+    "shard_frozen_layers",
     "under_torchrun",
     "world_size",
 ]
@@ -100,6 +104,30 @@ def broadcast_flags(*flags: bool) -> list[bool]:
         t = t.cuda()
     dist.broadcast(t, src=0)
     return [bool(v) for v in t.tolist()]
+
+
+def shard_frozen_layers(lm: torch.nn.Module, trained: set[torch.nn.Parameter]) -> None:
+    """FSDP2 over the decoder layers of `lm` (`lm.model.layers`): each rank holds 1/world of every
+    frozen weight and all-gathers a layer for its forward and backward. The trained modules
+    (`trained`: LoRA, gates; tiny) are left whole on every rank, as plain parameters, so the
+    optimizer, checkpoints and adapter files see them unchanged; `average_gradients` syncs them.
+    The embeddings and the head stay whole too (the head is tied to the embeddings)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    device = next(lm.parameters()).device
+    mesh = init_device_mesh(device.type, (world_size(),))
+    for layer in lm.model.layers:
+        fully_shard(layer, mesh=mesh, ignored_params=trained)
+
+
+def average_gradients(params: Iterable[torch.nn.Parameter]) -> None:
+    """Mean of each parameter's gradient over the ranks (a parameter no micro-batch used counts 0)."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad)
+        p.grad /= world_size()
 
 
 def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:

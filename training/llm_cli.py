@@ -32,6 +32,9 @@ Nproc = Annotated[
 ]
 ModelDir = Annotated[Path | None, typer.Option(help="Base LLM dir (default: the bundled SmolLM2).")]
 IndexDir = Annotated[Path | None, typer.Option(help="Item index dir (default: cache/index/ml100k).")]
+Fsdp = Annotated[
+    bool, typer.Option(help="Under torchrun: shard the frozen base's layers (FSDP2) instead of DDP.")
+]
 Bf16 = Annotated[
     bool | None, typer.Option("--bf16/--fp32", help="Frozen base dtype (default: bf16 where the CPU has it).")
 ]
@@ -84,6 +87,7 @@ def rella(
     index_dir: IndexDir = None,
     bf16: Bf16 = None,
     nproc: Nproc = 1,
+    fsdp: Fsdp = False,
     force: Force = False,
 ) -> None:
     """Stage 1 (ReLLa): peft LoRA on q_proj/v_proj, selected on validation AUC."""
@@ -92,8 +96,9 @@ def rella(
     from training.stage1 import Stage1Config, main
 
     loop = LoopConfig(
-        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16
-    )
+        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16,
+        fsdp=fsdp,
+    )  # fmt: skip
     cfg = Stage1Config(
         n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop, model_dir=model_dir, index_dir=index_dir
     )
@@ -120,6 +125,7 @@ def rellax(
     index_dir: IndexDir = None,
     bf16: Bf16 = None,
     nproc: Nproc = 1,
+    fsdp: Fsdp = False,
     force: Force = False,
 ) -> None:
     """Stage 2 (ReLLaX): SPA projector and/or CFLoRA gates over the frozen stage-1 model."""
@@ -132,8 +138,9 @@ def rellax(
     from training.stage2 import Stage2Config, main
 
     loop = LoopConfig(
-        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16
-    )
+        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16,
+        fsdp=fsdp,
+    )  # fmt: skip
     cfg = Stage2Config(
         mode=mode, gate_init=gate_init, n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop,  # type: ignore[arg-type]
         model_dir=model_dir, index_dir=index_dir,

@@ -54,6 +54,9 @@ class LoopConfig:
     # Forcing it elsewhere is a trap: emulated bf16 matmul measured 0.29 GFLOP/s vs fp32's 122 on
     # a 2-core AMD EPYC (no AVX-512), 400x slower.
     bf16: bool | None = None
+    # Under torchrun: shard the frozen base's decoder layers over the ranks (FSDP2 `fully_shard`) for
+    # a model that does not fit one device; the trained modules stay whole on every rank. Else DDP.
+    fsdp: bool = False
 
 
 @dataclass
@@ -143,7 +146,9 @@ def train_loop(
     takes world_size x batch_size examples, the step's micro-batches dealt round-robin to the ranks,
     and DDP averages the gradients, so N processes at batch b take the steps one process takes at
     batch N*b (the same examples per step, summed in another order). Only rank 0 validates and writes
-    the checkpoint; the clock-driven decisions (budget, deadline) are rank 0's, broadcast.
+    the checkpoint; the clock-driven decisions (budget, deadline) are rank 0's, broadcast. With
+    `cfg.fsdp` the frozen decoder layers are sharded instead (FSDP2) and the trained modules' gradients
+    averaged by hand; every rank then validates, since each forward is a collective.
     """
     world, rank, main = distributed.world_size(), distributed.rank(), distributed.is_main()
     micro_per_step = max(1, cfg.batch_size // cfg.micro_batch) * world  # every rank's, together
@@ -161,10 +166,15 @@ def train_loop(
     device = next(iter(params.values())).device
     base_dtype = precision.compute_dtype(model.lm)
     loss_fn: torch.nn.Module = _Loss(model)
-    if world > 1:  # DDP all-reduces the trainable parameters' gradients (the frozen base has none)
+    fsdp = world > 1 and cfg.fsdp
+    if fsdp:  # every rank keeps 1/world of each frozen layer, all-gathered for its forward/backward
+        distributed.shard_frozen_layers(model.lm, set(params.values()))
+    elif world > 1:  # DDP all-reduces the trainable parameters' gradients (the frozen base has none)
         from torch.nn.parallel import DistributedDataParallel
 
         loss_fn = DistributedDataParallel(loss_fn, find_unused_parameters=True, broadcast_buffers=False)
+    # With FSDP every forward is collective (each layer's all-gather): all ranks validate together.
+    validates = main or fsdp
     result = TrainResult(best_valid_auc=-1.0, best_step=0, world_size=world)
     best_state = {k: v.detach().clone() for k, v in params.items()}
     step = 0
@@ -190,7 +200,7 @@ def train_loop(
         log.info("resumed", checkpoint=str(checkpoint), step=step, world_size=world)
     result.device = f"{device}/{precision.name(base_dtype)}"
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
-        result.best_valid_auc = evaluate() if main else 0.0
+        result.best_valid_auc = evaluate() if validates else 0.0
         result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc, "seconds": 0.0})
     model.train()
     flat = [chunk for chunks in epochs_chunks for chunk in chunks]
@@ -204,9 +214,11 @@ def train_loop(
         n_step = sum(len(c) for c in chunk_ids)  # the step's examples, over every rank
         first = step * micro_per_step
         mine = list(range(first + rank, first + len(chunk_ids), world))  # this rank's micro-batches
-        # A rank with no micro-batch left in the last step still joins the all-reduce, adding 0.
-        weights = [len(flat[m]) / n_step * world for m in mine] if mine else [0.0]
-        mine = mine or [first]
+        weights = [len(flat[m]) / n_step * world for m in mine]
+        # Every rank runs as many micro-batches as the busiest (FSDP's collectives pair up forward by
+        # forward; DDP's all-reduce needs one backward at least): the extra ones count 0.
+        while len(mine) < -(-len(chunk_ids) // world):
+            mine, weights = [*mine, first], [*weights, 0.0]
         optimizer.zero_grad(set_to_none=True)
         for i, (m, weight) in enumerate(zip(mine, weights, strict=True)):
             # Dropout masks drawn from the micro-batch's own seed: the same masks on whichever rank
@@ -214,13 +226,15 @@ def train_loop(
             torch.manual_seed(cfg.seed * 1_000_003 + m)
             batch = collate([examples[j] for j in flat[m]], pad_id).to(device)
             last = i == len(mine) - 1  # DDP all-reduces on the step's last backward only
-            sync = loss_fn.no_sync() if world > 1 and not last else contextlib.nullcontext()
+            sync = loss_fn.no_sync() if world > 1 and not fsdp and not last else contextlib.nullcontext()
             with sync:
                 loss, decision = loss_fn(batch)
                 (loss * weight).backward()
             value, dvalue = loss.detach().item(), decision.item()  # this chunk's means
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             decision_ema = dvalue if decision_ema is None else 0.9 * decision_ema + 0.1 * dvalue
+        if fsdp:  # the trained modules are not FSDP's: average their gradients as DDP would
+            distributed.average_gradients(params.values())
         torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
         optimizer.step()
         scheduler.step()
@@ -232,7 +246,7 @@ def train_loop(
         fit_now = fit_before + (time.perf_counter() - started - validating)
         spent = fit_budget_s is not None and fit_now >= fit_budget_s and step < total_steps
         (spent,) = distributed.broadcast_flags(spent)
-        if main and (step % eval_every == 0 or step == total_steps or spent):
+        if validates and (step % eval_every == 0 or step == total_steps or spent):
             model.eval()
             t_eval = time.perf_counter()
             auc = evaluate()

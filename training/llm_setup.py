@@ -76,7 +76,7 @@ def load_din(folder: Path) -> DIN:
 
 def score_examples(model: ScoringModel, examples: Sequence[LLMExample], max_batch: int = 32) -> np.ndarray:
     """P(yes) for examples' prompts with the live model, in the dtype it computes in (no casts)."""
-    scorer = Scorer(model, dtype=precision.compute_dtype(model.lm), cast=False)
+    scorer = Scorer(model, dtype=precision.compute_dtype(model.lm), cast=False, inference_mode=False)
     soft = [e.soft for e in examples] if examples and examples[0].soft is not None else None
     h = torch.stack([e.h for e in examples]) if examples and examples[0].h is not None else None
     offsets = [e.din_logit for e in examples] if examples and examples[0].din_logit is not None else None
