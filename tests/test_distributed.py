@@ -193,3 +193,16 @@ def test_fsdp_shards_the_frozen_base_and_trains_as_ddp(runs: dict[str, Path], ti
     assert result["best_valid_auc"] == pytest.approx(
         _metrics(runs["one"])["result"]["best_valid_auc"], abs=1e-3
     )
+
+
+def test_a_run_made_with_ddp_is_reused_under_fsdp(runs: dict[str, Path], tiny_model_dir: Path) -> None:
+    """How the ranks share the work is not part of a run's identity: the same command with --fsdp
+    on a finished DDP run reuses it (no training, the same run id)."""
+    before = _metrics(runs["two"])["run_id"]
+    done = subprocess.run(
+        _cli(*_common(tiny_model_dir, runs["root"]), "--batch-size", "4", "--out", runs["two"], "--fsdp",
+             nproc=2),
+        env=_env(), capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "already trained" in done.stderr and _metrics(runs["two"])["run_id"] == before

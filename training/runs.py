@@ -21,6 +21,10 @@ __all__ = ["canonical", "finished_run", "start_run", "train_or_reuse"]
 log = get_logger(__name__)
 
 _CONFIG = "run_config.json"
+# Loop settings that do not change the trained run (FSDP and DDP train the same weights, tested):
+# a run made one way is reused the other way, and runs made before such a setting existed keep
+# their key.
+NOT_IN_KEY = frozenset({"fsdp"})
 
 
 def canonical(config: Mapping[str, Any]) -> dict[str, Any]:
@@ -72,6 +76,8 @@ def train_or_reuse(
     training budget, when there is one: a budget-cut run is another run), else record the key, set
     `recipe` up and train it (resuming its checkpoint) and return what its `save` wrote."""
     key = dict(key) if fit_budget_s is None else {**key, "fit_budget_s": fit_budget_s}
+    if isinstance(key.get("loop"), Mapping):  # how the ranks share the work is not what is trained
+        key["loop"] = {k: v for k, v in key["loop"].items() if k not in NOT_IN_KEY}
     distributed.init()  # under torchrun: join the group; else one process, rank 0 of 1
     if not force and (done := finished_run(cfg.out, key, outputs)) is not None:
         log.info("already trained", out=str(cfg.out))
