@@ -91,6 +91,17 @@ def prompts_for(tokenizer, tiny: bool, candidates: int, ks: list[int]) -> dict[i
     }
 
 
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo), else the machine type."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return platform.machine()
+
+
 def best_rate(fn, n: int, repeats: int = 3) -> tuple[float, np.ndarray]:  # noqa: ANN001
     fn()  # warm-up
     best, out = float("inf"), None
@@ -155,7 +166,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     finally:
         asyncio.run(backend.close())
-    device_name = torch.cuda.get_device_name(0) if cuda else platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name(0) if cuda else cpu_name()
     result = {
         "device": str(device),
         "device_name": device_name,
