@@ -230,6 +230,8 @@ def train_loop(
             with sync:
                 loss, decision = loss_fn(batch)
                 (loss * weight).backward()
+            if weight == 0.0:  # a padding repeat: not an example of this step, not in the logged loss
+                continue
             value, dvalue = loss.detach().item(), decision.item()  # this chunk's means
             loss_ema = value if loss_ema is None else 0.9 * loss_ema + 0.1 * value
             decision_ema = dvalue if decision_ema is None else 0.9 * decision_ema + 0.1 * dvalue
@@ -241,7 +243,8 @@ def train_loop(
         step += 1
         seen += n_step
         rate = seen / (time.perf_counter() - started - validating)
-        bar.set_postfix(loss=f"{loss_ema:.4f}", decision=f"{decision_ema:.4f}", samples_s=f"{rate:.2f}")
+        if loss_ema is not None:  # None on a rank that has had only padding repeats so far
+            bar.set_postfix(loss=f"{loss_ema:.4f}", decision=f"{decision_ema:.4f}", samples_s=f"{rate:.2f}")
         bar.update(1)
         fit_now = fit_before + (time.perf_counter() - started - validating)
         spent = fit_budget_s is not None and fit_now >= fit_budget_s and step < total_steps
