@@ -158,3 +158,34 @@ def test_train_crm_command_on_ml100k(tmp_path: Path) -> None:
         )
     np.testing.assert_array_equal(probs.numpy(), np.load(out / "test_probs.npy"))
     assert ctr_metrics(test.label, probs.numpy())["auc"] == pytest.approx(din["auc"], abs=1e-6)
+
+
+def test_holdout_leaves_the_llm_rows_out_of_dins_training(tmp_path: Path) -> None:
+    """The LLM's few-shot rows (every N asked for) are gone from DIN's train split and nothing else
+    is; an existing DIN trained on another hold-out is refused, not reused or overwritten."""
+    from training.crm import ensure_din, holdout_rows
+    from training.fewshot import fewshot_rows
+
+    recipe, full = CRMRecipe(), CRMRecipe()
+    recipe.setup(load_config(holdout_fewshot=(256, 1024), baselines=False))
+    full.setup(load_config(baselines=False))
+    held = holdout_rows(recipe.samples, (256, 1024))
+    expected = np.union1d(fewshot_rows(recipe.samples, 256), fewshot_rows(recipe.samples, 1024))
+    np.testing.assert_array_equal(held, expected)
+    kept = recipe.fields["train"].index
+    assert not np.isin(held, kept).any()
+    np.testing.assert_array_equal(kept, np.setdiff1d(full.fields["train"].index, held))
+    assert len(kept) == len(full.fields["train"]) - len(held) and 1024 <= len(held) <= 1280
+    i = int(np.searchsorted(full.fields["train"].index, kept[100]))  # columns stay aligned
+    assert recipe.fields["train"].item_id[100] == full.fields["train"].item_id[i]
+    assert recipe.fields["train"].label[100] == full.fields["train"].label[i]
+    # valid and test are untouched
+    np.testing.assert_array_equal(recipe.fields["test"].index, full.fields["test"].index)
+
+    out = tmp_path / "din"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"")
+    (out / "metrics.json").write_text(json.dumps({"config": {"holdout_fewshot": [256]}}))
+    assert ensure_din(out, holdout_fewshot=(256,))["config"]["holdout_fewshot"] == [256]
+    with pytest.raises(ValueError, match=r"held out the few-shot rows of N=\[256\], not N=\[\]"):
+        ensure_din(out)

@@ -123,6 +123,7 @@ def test_weights_over_the_limit_are_kept_in_fp16(tune: TuneConfig, monkeypatch: 
     import torch
     from safetensors.torch import load_file
 
+    import training.runs as runs_module
     import training.tune as tune_module
 
     run(tune)
@@ -130,13 +131,13 @@ def test_weights_over_the_limit_are_kept_in_fp16(tune: TuneConfig, monkeypatch: 
     assert tune_module.restore_weights(tune, trial)  # an earlier test may have emptied the runs
     full = load_file(tune.runs / trial.name / "stage2.safetensors")
     size = (tune.runs / trial.name / "stage2.safetensors").stat().st_size
-    monkeypatch.setattr(tune_module, "MAX_WEIGHTS_BYTES", size)  # the fp32 files no longer fit
+    monkeypatch.setattr(runs_module, "MAX_WEIGHTS_BYTES", size)  # the fp32 files no longer fit
     assert tune_module.keep_weights(tune, trial) == "float16"
     kept = load_file(tune.results / trial.name / "stage2.safetensors")
     assert kept.keys() == full.keys() and all(v.dtype == torch.float16 for v in kept.values())
     for k, v in full.items():
         torch.testing.assert_close(kept[k].float(), v, rtol=2**-11, atol=2**-24)
-    monkeypatch.setattr(tune_module, "MAX_WEIGHTS_BYTES", 64)
+    monkeypatch.setattr(runs_module, "MAX_WEIGHTS_BYTES", 64)
     with pytest.raises(ValueError, match="even in fp16"):
         tune_module.keep_weights(tune, trial)
     assert not (tune.results / trial.name).exists()  # nothing half-kept
@@ -146,7 +147,7 @@ def test_the_repositorys_kept_weights_are_whole() -> None:
     """Every trial folder committed under docs/results/tune holds the weights a later trial or the
     demo builds on (a folder with only its metrics, e.g. weights left out by .gitignore, is useless),
     each within the 10 MB a run may take."""
-    from training.tune import MAX_WEIGHTS_BYTES, WEIGHTS
+    from training.runs import MAX_WEIGHTS_BYTES, WEIGHTS
 
     root = Path(__file__).resolve().parents[1] / "docs" / "results" / "tune"
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):

@@ -43,6 +43,10 @@ class Fields:
     def __len__(self) -> int:
         return len(self.label)
 
+    def select(self, mask: np.ndarray) -> Fields:
+        """The rows where `mask` is true (or at the given positions), every column alike."""
+        return Fields(**{name: getattr(self, name)[mask] for name in self.__dataclass_fields__})
+
     def categorical(self) -> np.ndarray:
         """(n, 6) object array of the one-hot fields, for `OneHotEncoder`."""
         return np.column_stack([getattr(self, name).astype(str) for name in CATEGORICAL]).astype(object)

@@ -44,7 +44,7 @@ def best_study_run(folder: Path = STUDY_RUNS) -> tuple[str, dict] | None:
     """(name, record) of the committed ReLLaX trial (SPA + CFLoRA; not the "+ DIN's logit"
     variant, which a bundle does not serve) with the highest valid AUC whose weights, and those of
     the stage-1 trial under it, are all in `folder`; None when there is none."""
-    from training.tune import WEIGHTS
+    from training.runs import WEIGHTS
 
     best: tuple[str, dict] | None = None
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -64,7 +64,7 @@ def _restore_study_run(name: str, record: dict, runs: Path, folder: Path = STUDY
     """Copy the trial and its stage-1 trial into `runs`, pointing the copy at the local stage 1."""
     import shutil
 
-    from training.tune import WEIGHTS
+    from training.runs import WEIGHTS
 
     s1, s2 = runs / "study-stage1", runs / "study-stage2"
     for src, dst, stage in ((folder / str(record["trial"]["over"]), s1, 1), (folder / name, s2, 2)):

@@ -1,23 +1,34 @@
-"""`rellax experiment ml100k`: the quality study of issue 6, as resumable steps.
+"""`rellax experiment ml100k`: the quality study, as resumable steps (issue 16 §2).
 
-Every model is scored on the same fixed, seeded test rows. Each step writes one JSON file into the
-results folder (metrics, selection figures, training cost, and the per-row predictions, so paired
-bootstrap intervals and the report can be recomputed without the models) and is skipped when that
-file exists with the same inputs. LLM scoring is checkpointed every `chunk` rows and training
-through the stage loops' own checkpoints, so a killed run (or a session ending) loses minutes, not
-hours: run the same command again. `training.report` renders docs/results.md from the JSON files.
+Every model is scored on the same fixed, seeded test rows (2,000 of the test split: LLM scoring
+costs about 0.35 s a row on 2 cores, and every model, DIN and the baselines included, is scored
+on those same rows). Each step writes one JSON file into the results folder (metrics, selection
+figures, training cost, device and dtype, and the per-row predictions, so paired bootstrap
+intervals and the report can be recomputed without the models) and is skipped when that file
+exists with the same rows. LLM scoring is checkpointed every `chunk` rows and training through the
+stage loops' own checkpoints, so a killed run (or a session ending) loses minutes, not hours: run
+the same command again. A finished training step's trainable weights (LoRA, SPA, gates; at most
+10 MB, fp16 when larger) go beside its JSON in `results/<step>/`: a step that builds on it (the
+merged model, the two-stage variant) restores them on a machine whose cache is empty.
+
+The recipe is the tuning trials' (`rellax experiment tune`, docs/results.md): batch 8, lr 1e-3
+with warmup, one epoch over N = 1,024 rows, SUBR prompts only, K = 5, q/v LoRA, and stage 2 as
+the one-stage variant (LoRA A, B trained with the SPA projector and gates from step 0). Every step
+trains on the same 1,024 prompts, so an ablation differs from ReLLa in its modules only. Each step
+fits in about 90 minutes on a 2-core fp32 machine (about half that with native bf16).
 
 Steps, in order (a step needing an unfinished one waits for a later invocation). The order puts
-the answers the conclusions rest on first: a CPU runs this over many sessions, and the K sweep
-matters least.
-  baselines            DIN, LR on one-hot fields, user/item mean prior, LR on prompt features
-  zero-shot-recency    the base LLM, recency K prompts
-  rella-n{N}           stage 1 on N few-shot rows (x2 prompts), for each N
-  zero-shot-subr       the base LLM, SUBR K prompts (after the first N: a trained model says more)
-  rellax / spa / cflora          stage 2 over the best stage-1 run (by valid AUC)
-  rellax-random-init   stage 2 with the authors' random gate init
+the answers the conclusions rest on first.
+  baselines            DIN (and the hold-out DIN the LLM reads), LR one-hot, mean prior, LR on
+                       prompt features
+  zero-shot-subr       the base LLM on SUBR K prompts (zero-shot-recency too, if configured)
+  rellax               ReLLaX, one stage: LoRA + SPA + CFLoRA gates (identity init)
+  rella-n{N}           ReLLa: LoRA only (stage 1), the same prompts
+  spa / cflora         LoRA + SPA only / LoRA + gates only
+  rellax-random-init   ReLLaX with the authors' random gate init
   rellax-merged        the rellax run with CFLoRA folded in at the mean gate (what vLLM serves)
-  rella-k{K}           stage 1 at the best N with another K
+  rellax-two-stage     the paper's two stages: SPA + gates over the ReLLa run, A and B frozen
+  rellax-k{K}          ReLLaX at another K
 """
 
 from __future__ import annotations
@@ -25,7 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,41 +54,51 @@ from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
+from training.crm import ensure_din
 from training.fewshot import eval_rows
 from training.llm_data import Catalogue, LLMExample, build_examples
 from training.llm_loop import LoopConfig
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
 from training.metrics import ctr_metrics
+from training.runs import keep_weights, restore_weights
+from training.tune import DIN_HOLDOUT
 
 __all__ = ["ExperimentConfig", "plan", "progress", "run"]
 
 log = get_logger(__name__)
 
-STAGE2_STEPS = ("rellax", "spa", "cflora", "rellax-random-init")
+STAGE2_STEPS = ("rellax", "spa", "cflora", "rellax-random-init")  # the one-stage runs, over s1-init
+S1_INIT = "s1-init"  # a 0-step stage-1 run: the seeded LoRA init (B = 0) the one-stage runs start from
 
 
 @dataclass
 class ExperimentConfig:
-    """What the study runs. Defaults are the issue's plan; a GPU (`RELLAX_DEVICE`, auto = cuda when torch
-    sees one) or a patient CPU runs them all."""
+    """What the study runs. Defaults are the re-planned study (module docstring); a GPU
+    (`RELLAX_DEVICE`, auto = cuda when torch sees one) runs the same steps faster."""
 
     results: Path = Path("docs/results")
-    runs: Path = field(default_factory=lambda: cache_dir("runs") / "ml100k")
-    test_rows: int = 5000
+    runs: Path = field(default_factory=lambda: cache_dir("runs") / "ml100k-v2")
+    test_rows: int = 2000
     test_seed: int = 1234
-    k: int = 15
-    n_values: tuple[int, ...] = (1024, 4096)
-    k_sweep: tuple[int, ...] = (5, 30)
+    k: int = 5
+    n_values: tuple[int, ...] = (1024,)
+    k_sweep: tuple[int, ...] = (10,)
+    zero_shot: tuple[str, ...] = ("subr",)
     valid_rows: int = 512
     stage1_lr: float = 1e-3
-    stage2_lr: float = 3e-4
-    batch_size: int = 64
+    stage2_lr: float = 1e-3
+    batch_size: int = 8
     micro_batch: int = 8
-    evals_per_epoch: int = 4  # validation points per run: the learning curves' resolution
+    epochs: int = 1
+    prompts: str = "subr"  # training prompts of every LLM step: "subr", or "mixed" (ReLLa's)
+    evals_per_epoch: int = 3  # validation points per run (plus step 0): the learning curves
     chunk: int = 128  # LLM test rows scored between checkpoints
     only: tuple[str, ...] = ()  # run just these steps (names as in `plan`); the rest stay pending
     model_dir: Path | None = None
     din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    # The DIN the LLM steps read: one trained without their few-shot rows (`training.crm.holdout_rows`),
+    # so they learn from DIN outputs as good as on unseen rows, not its overconfident training-row ones.
+    din_holdout: bool = True
     index_dir: Path | None = None
     max_seconds: float | None = None  # stop starting new chunks/steps after this long
 
@@ -87,10 +108,10 @@ class ExperimentConfig:
 
 def plan(cfg: ExperimentConfig) -> list[str]:
     """Step names in run order."""
-    first, *more = [f"rella-n{n}" for n in cfg.n_values]
-    steps = ["baselines", "zero-shot-recency", first, "zero-shot-subr", *more]
-    steps += [*STAGE2_STEPS, "rellax-merged"]
-    return steps + [f"rella-k{k}" for k in cfg.k_sweep if k != cfg.k]
+    zero_shot = [f"zero-shot-{mode}" for mode in cfg.zero_shot]
+    steps = ["baselines", *zero_shot, "rellax", *(f"rella-n{n}" for n in cfg.n_values)]
+    steps += [s for s in STAGE2_STEPS if s != "rellax"] + ["rellax-merged", "rellax-two-stage"]
+    return steps + [f"rellax-k{k}" for k in cfg.k_sweep if k != cfg.k]
 
 
 def partial_scores_path(folder: Path, model_id: str, rows_hash: str) -> Path:
@@ -121,8 +142,14 @@ class _Context:
         self.rows_hash = hashlib.sha256(self.rows.astype(np.int64).tobytes()).hexdigest()[:16]
         self.model_dir = prepare_model(cfg.model_dir)
         self.index_dir = cfg.index_dir or default_index_dir()
+        self.din_dir = cfg.din_dir.parent / f"{cfg.din_dir.name}-holdout" if cfg.din_holdout else cfg.din_dir
         self.started = time.monotonic()
         cfg.results.mkdir(parents=True, exist_ok=True)
+        # Trained when missing (the hold-out one leaves out every N the study and the trials train
+        # on); a recorded one must be the DIN asked for; a bare model (made by hand) is taken as is.
+        for folder, held in ((cfg.din_dir, ()), (self.din_dir, DIN_HOLDOUT if cfg.din_holdout else ())):
+            if (folder / "metrics.json").exists() or not (folder / "model.safetensors").exists():
+                ensure_din(folder, holdout_fewshot=held)
 
     @property
     def deadline(self) -> float | None:
@@ -161,8 +188,36 @@ class _Context:
     def loop(self, lr: float) -> LoopConfig:
         cfg = self.cfg
         return LoopConfig(
-            lr=lr, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch, evals_per_epoch=cfg.evals_per_epoch
+            lr=lr,
+            epochs=cfg.epochs,
+            batch_size=cfg.batch_size,
+            micro_batch=min(cfg.micro_batch, cfg.batch_size),
+            evals_per_epoch=cfg.evals_per_epoch,
         )
+
+    def keep(self, name: str, stage: int) -> str:
+        """Commit-ready copy of a finished run's trainable weights in `results/<name>/`."""
+        return keep_weights(self.cfg.runs / name, self.cfg.results / name, stage)
+
+    def run_dir(self, name: str, stage: int) -> Path:
+        """A finished run's folder with its weights, copied back from `results/<name>/` when the
+        cache lost them (a fresh machine resuming the study)."""
+        folder = self.cfg.runs / name
+        if not restore_weights(folder, self.cfg.results / name, stage):
+            raise FileNotFoundError(f"{name}: no trained weights in {folder} or {self.cfg.results / name}")
+        return folder
+
+    def s1_init(self) -> Path:
+        """The 0-step stage-1 run (seeded LoRA init, B = 0) every one-stage run starts from: made in
+        seconds, so it is never committed."""
+        from training.stage1 import Stage1Config
+        from training.stage1 import main as train
+
+        cfg = self.cfg
+        out = cfg.runs / S1_INIT
+        loop = LoopConfig(lr=cfg.stage1_lr, epochs=0, batch_size=cfg.batch_size, micro_batch=cfg.micro_batch)
+        train(Stage1Config(out=out, model_dir=cfg.model_dir, index_dir=self.index_dir, k=cfg.k, loop=loop))
+        return out
 
     def examples(
         self, tok, index, din, k: int, mode: Mode, spa: bool, with_din: bool, desc: str
@@ -212,14 +267,17 @@ def _stage1(ctx: _Context, name: str, n: int, k: int) -> dict[str, Any]:
         n_rows=n,
         k=k,
         valid_rows=cfg.valid_rows,
+        prompts=cfg.prompts,  # type: ignore[arg-type]
         loop=ctx.loop(cfg.stage1_lr),
     )
     trained = train(s1cfg, deadline=ctx.deadline)
+    weights_dtype = ctx.keep(name, 1)
     lm, tok, index = ctx.base()
     model = stage1_model(lm, tok, s1cfg.out)
     examples = ctx.examples(tok, index, None, k, "subr", False, False, f"{name} prompts")
     p, seconds = ctx.score(name, model, examples, model_id=trained["run_id"])
-    return ctx.llm_payload(p, seconds, **_training_facts(trained), n_rows=n, k=k, run=str(s1cfg.out))
+    facts = _training_facts(trained)
+    return ctx.llm_payload(p, seconds, **facts, n_rows=n, k=k, run=name, weights_dtype=weights_dtype)
 
 
 def _training_facts(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -246,54 +304,65 @@ def _best_stage1(ctx: _Context) -> dict[str, Any] | None:
     return max(found, key=lambda f: f["valid_auc"])
 
 
-def _stage2(ctx: _Context, name: str, best: dict[str, Any]) -> dict[str, Any]:
-    from training.stage2 import Stage2Config, build_stage2_model, load_stage2_weights
+def _stage2(ctx: _Context, name: str, k: int, over: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A ReLLaX-family run and its test scores: one stage over s1-init (LoRA trained too), or, with
+    `over` (a finished stage-1 step), the paper's stage 2 over it with A and B frozen."""
+    from training.stage2 import Stage2Config
     from training.stage2 import main as train
 
     cfg = ctx.cfg
     mode = "rellax" if name.startswith("rellax") else name
+    stage1 = ctx.s1_init() if over is None else ctx.run_dir(over["step"], 1)
     s2cfg = Stage2Config(
-        stage1=Path(best["run"]),
+        stage1=stage1,
         out=cfg.runs / name,
-        din_dir=cfg.din_dir,
+        din_dir=ctx.din_dir,
         model_dir=cfg.model_dir,
         index_dir=ctx.index_dir,
         mode=mode,  # type: ignore[arg-type]
         gate_init="random" if name == "rellax-random-init" else "identity",
-        n_rows=best["n_rows"],
-        k=best["k"],
+        n_rows=max(cfg.n_values) if over is None else over["n_rows"],  # one stage: the largest N
+        k=k,
         valid_rows=cfg.valid_rows,
+        prompts=cfg.prompts,  # type: ignore[arg-type]
+        train_lora=over is None,
         loop=ctx.loop(cfg.stage2_lr),
     )
     trained = train(s2cfg, deadline=ctx.deadline)
-    model, tok, index, din = _load_stage2(ctx, s2cfg.out, build_stage2_model, load_stage2_weights)
-    examples = ctx.examples(
-        tok, index, din, best["k"], "subr", model.spa is not None, True, f"{name} prompts"
-    )
+    weights_dtype = ctx.keep(name, 2)
+    model, tok, index, din = _load_stage2(ctx, s2cfg.out)
+    examples = ctx.examples(tok, index, din, k, "subr", model.spa is not None, True, f"{name} prompts")
     p, seconds = ctx.score(name, model, examples, model_id=trained["run_id"])
     facts = _training_facts(trained)
-    return ctx.llm_payload(p, seconds, **facts, n_rows=best["n_rows"], k=best["k"], run=str(s2cfg.out))
+    extra = {"one_stage": over is None, "stage1": S1_INIT if over is None else over["step"]}
+    return ctx.llm_payload(
+        p, seconds, **facts, n_rows=s2cfg.n_rows, k=k, run=name, weights_dtype=weights_dtype, **extra
+    )
 
 
-def _load_stage2(ctx: _Context, folder: Path, build: Callable, load_weights: Callable) -> tuple:
+def _load_stage2(ctx: _Context, folder: Path) -> tuple:
+    """A finished stage-2 run as a scoring model. Its stage-1 run is found by name in this study's
+    runs (re-made or restored when missing), never by the path recorded on another machine."""
+    from training.stage2 import build_stage2_model, load_stage2_weights
+
     meta = json.loads((folder / "metrics.json").read_text())
+    stage1_name = Path(meta["config"]["stage1"]).name
+    stage1 = ctx.s1_init() if stage1_name == S1_INIT else ctx.run_dir(stage1_name, 1)
     lm, tok, index = ctx.base()
-    din = load_din(ctx.cfg.din_dir)
-    lora = load_file(Path(meta["config"]["stage1"]) / "adapter" / "adapter_model.safetensors")
-    model = build(lm, tok, lora, meta["stage1_config"], meta["stage"], din.config.embed_dim)
-    load_weights(model, folder)
+    din = load_din(ctx.din_dir)  # what every LLM step of this study trains over
+    lora = load_file(stage1 / "adapter" / "adapter_model.safetensors")
+    model = build_stage2_model(lm, tok, lora, meta["stage1_config"], meta["stage"], din.config.embed_dim)
+    load_stage2_weights(model, folder)
     return model, tok, index, din
 
 
 def _merged(ctx: _Context, exact: dict[str, Any]) -> dict[str, Any]:
     """The rellax run served the vLLM way: W0 + s·B·Ḡᵀ·A, gates off, on the same rows."""
-    from training.stage2 import build_stage2_model, load_stage2_weights
-
-    folder = Path(exact["run"])
-    model, tok, index, din = _load_stage2(ctx, folder, build_stage2_model, load_stage2_weights)
+    folder = ctx.run_dir(exact["step"], 2)
+    model, tok, index, din = _load_stage2(ctx, folder)
     g_bars = {k.removeprefix("lm."): v for k, v in load_file(folder / "gbar.safetensors").items()}
     for name, module in cflora_modules(model.lm).items():
-        module.merge(g_bars[name] if module.gate is not None else None)
+        module.merge(g_bars[name].float() if module.gate is not None else None)
     examples = ctx.examples(tok, index, din, exact["k"], "subr", True, True, "rellax-merged prompts")
     p, seconds = ctx.score("rellax-merged", model, examples, model_id=f"merged-{exact['run_id']}")
     keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run", "device")
@@ -319,19 +388,19 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
         return ctx.save(name, _zero_shot(ctx, name, name.removeprefix("zero-shot-")))  # type: ignore[arg-type]
     if name.startswith("rella-n"):
         return ctx.save(name, _stage1(ctx, name, int(name.removeprefix("rella-n")), cfg.k))
-    best = _best_stage1(ctx)
-    if best is None:
-        log.info("waiting for the stage-1 N sweep", step=name)
-        return None
-    if name.startswith("rella-k"):
-        return ctx.save(name, _stage1(ctx, name, best["n_rows"], int(name.removeprefix("rella-k"))))
     if name in STAGE2_STEPS:
-        return ctx.save(name, {**_stage2(ctx, name, best), "stage1_step": best["step"]})
+        return ctx.save(name, _stage2(ctx, name, cfg.k))
+    if name.startswith("rellax-k"):
+        return ctx.save(name, _stage2(ctx, name, int(name.removeprefix("rellax-k"))))
     if name == "rellax-merged":
         exact = ctx.result("rellax")
-        if exact is None:
+        return None if exact is None else ctx.save(name, _merged(ctx, exact))
+    if name == "rellax-two-stage":
+        best = _best_stage1(ctx)
+        if best is None:
+            log.info("waiting for the stage-1 run", step=name)
             return None
-        return ctx.save(name, _merged(ctx, exact))
+        return ctx.save(name, _stage2(ctx, name, cfg.k, over=best))
     raise ValueError(f"unknown step {name!r}")
 
 

@@ -212,14 +212,17 @@ def demo(
     typer.echo(build(n_rows=n_rows, eval_rows=eval_rows, valid_rows=valid_rows, train_here=train_here))
 
 
-experiment_app = typer.Typer(help="The quality study (issue 6): resumable runs and the report.")
+experiment_app = typer.Typer(help="The quality study: resumable runs and the report.")
 
 
 @experiment_app.command("ml100k")
 def experiment_ml100k(
-    test_rows: Annotated[int, typer.Option(help="Fixed seeded test rows every model is scored on.")] = 5000,
-    n: Annotated[list[int] | None, typer.Option(help="Stage-1 few-shot N (repeatable).")] = None,
-    k_sweep: Annotated[list[int] | None, typer.Option(help="Extra K values at the best N.")] = None,
+    test_rows: Annotated[int, typer.Option(help="Fixed seeded test rows every model is scored on.")] = 2000,
+    n: Annotated[list[int] | None, typer.Option(help="Few-shot N of the ReLLa runs (repeatable).")] = None,
+    k_sweep: Annotated[list[int] | None, typer.Option(help="Extra K values for ReLLaX.")] = None,
+    din_holdout: Annotated[
+        bool, typer.Option(help="LLM steps read a DIN trained without their few-shot rows.")
+    ] = True,
     valid_rows: int = 512,
     only: Annotated[list[str] | None, typer.Option(help="Run only these steps (repeatable).")] = None,
     results: Annotated[Path, typer.Option(help="Where each step's JSON goes.")] = Path("docs/results"),
@@ -230,7 +233,11 @@ def experiment_ml100k(
     from training.experiment import ExperimentConfig, plan, run
 
     cfg = ExperimentConfig(
-        results=results, test_rows=test_rows, valid_rows=valid_rows, only=tuple(only or ())
+        results=results,
+        test_rows=test_rows,
+        valid_rows=valid_rows,
+        only=tuple(only or ()),
+        din_holdout=din_holdout,
     )
     if n:
         cfg.n_values = tuple(n)

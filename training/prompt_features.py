@@ -60,25 +60,28 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
     from training.llm_setup import load_din
 
     samples, rows = ctx.samples, ctx.rows
-    din = load_din(ctx.cfg.din_dir)
     train, valid = samples.indices("train"), samples.indices("valid")
     n_train = len(train)
-    models: dict[str, dict[str, Any]] = {
-        "DIN": {
+    dins = {"DIN": ctx.cfg.din_dir}
+    if ctx.din_dir != ctx.cfg.din_dir:  # the LLM steps read a DIN that held their rows out: it too
+        dins["DIN (hold-out)"] = ctx.din_dir
+    models: dict[str, dict[str, Any]] = {}
+    for name, folder in dins.items():
+        din = load_din(folder)
+        models[name] = {
             "p": din_predictions(din, ctx.catalogue, samples, rows),
             "trainable_params": sum(p.numel() for p in din.parameters()),
         }
-    }
-    crm = ctx.cfg.din_dir / "metrics.json"
-    if crm.exists():  # what `rellax train crm` selected the DIN on, and what it cost
-        trained = json.loads(crm.read_text())
-        seen = n_train * int(trained["epochs"])  # epochs run
-        models["DIN"] |= {
-            "valid_auc": trained["din"]["valid"]["auc"],
-            "train_seconds": trained["train_seconds"],
-            "train_examples": seen,
-            "samples_per_s": round(seen / trained["train_seconds"], 1),  # validation included
-        }
+        crm = folder / "metrics.json"
+        if crm.exists():  # what `rellax train crm` selected the DIN on, and what it cost
+            trained = json.loads(crm.read_text())
+            seen = (n_train - int(trained.get("held_out_rows", 0))) * int(trained["epochs"])  # epochs run
+            models[name] |= {
+                "valid_auc": trained["din"]["valid"]["auc"],
+                "train_seconds": trained["train_seconds"],
+                "train_examples": seen,
+                "samples_per_s": round(seen / trained["train_seconds"], 1),  # validation included
+            }
 
     fields = {split: fields_for(ctx.data, samples, split) for split in ("train", "valid", "test")}
     at = {int(r): n for n, r in enumerate(fields["test"].index)}

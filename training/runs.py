@@ -16,7 +16,7 @@ from typing import Any
 from rellax.logs import get_logger
 from training import distributed
 
-__all__ = ["canonical", "finished_run", "start_run", "train_or_reuse"]
+__all__ = ["canonical", "finished_run", "keep_weights", "restore_weights", "start_run", "train_or_reuse"]
 
 log = get_logger(__name__)
 
@@ -91,3 +91,56 @@ def train_or_reuse(
     metrics = recipe.save(result) if distributed.is_main() else None
     distributed.barrier()  # the others return what rank 0 wrote
     return metrics if metrics is not None else json.loads((cfg.out / "metrics.json").read_text())
+
+
+# What a finished run's run folder must hold for another step (or the bundle) to build on it.
+WEIGHTS: dict[int, tuple[str, ...]] = {
+    1: ("metrics.json", "adapter/adapter_model.safetensors", "adapter/adapter_config.json"),
+    2: ("metrics.json", "stage2.safetensors", "gbar.safetensors"),
+}
+MAX_WEIGHTS_BYTES = 10 * 2**20  # the most a committed run's trainable weights may take
+
+
+def keep_weights(src: Path, dst: Path, stage: int) -> str:
+    """Copy a finished run's trainable weights from its folder `src` to `dst` (committed under
+    docs/results/, so later steps build on them on any machine); returns the dtype they are kept in.
+
+    fp32 when they fit in MAX_WEIGHTS_BYTES, else fp16 (half the bytes; 11 significant bits, a
+    relative rounding of at most 4.9e-4, where bf16 would round 8x coarser): stage 2 with its
+    CFLoRA gates on every q/v layer holds ~3.3M parameters, 13 MB in fp32. A restored run loads
+    them back into its fp32 modules.
+    """
+    from safetensors.torch import load_file, save_file
+
+    files = [name for name in WEIGHTS[stage] if (src / name).exists()]  # no gates: no gbar
+    size = sum((src / name).stat().st_size for name in files)
+    dtype = "float32" if size <= MAX_WEIGHTS_BYTES else "float16"
+    shutil.rmtree(dst, ignore_errors=True)
+    for name in files:
+        (dst / name).parent.mkdir(parents=True, exist_ok=True)
+        if dtype == "float16" and name.endswith(".safetensors"):
+            tensors = {k: v.half().contiguous() for k, v in load_file(src / name).items()}
+            save_file(tensors, dst / name)
+        else:
+            shutil.copy2(src / name, dst / name)
+    kept = sum(p.stat().st_size for p in dst.rglob("*") if p.is_file())
+    if kept > MAX_WEIGHTS_BYTES:
+        shutil.rmtree(dst)
+        raise ValueError(f"{src.name}: {kept / 2**20:.1f} MB of weights even in fp16 (10 MB kept)")
+    return dtype
+
+
+def restore_weights(run_dir: Path, kept: Path, stage: int) -> bool:
+    """Make `run_dir` hold a finished run's weights (copied back from `kept` when the cache lost
+    them); False when neither place has them."""
+    needed = WEIGHTS[stage][:2]
+    if all((run_dir / name).exists() for name in needed):
+        return True
+    if not all((kept / name).exists() for name in needed):
+        return False
+    for name in WEIGHTS[stage]:
+        if (kept / name).exists():
+            (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(kept / name, run_dir / name)
+    log.info("restored a run's weights", run=str(run_dir), source=str(kept))
+    return True

@@ -13,7 +13,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -48,6 +48,9 @@ class Stage1Config:
     # The paper's LoRA targets; ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
     # "down_proj") adapts every attention and MLP projection (a tuning trial, issue 16).
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+    # Training prompts: "mixed" = each row as a recency and a SUBR prompt (ReLLa's mix); "subr" = one
+    # SUBR prompt a row, the prompts stage 2 trains on (so an ablation differs in its modules only).
+    prompts: Literal["mixed", "subr"] = "mixed"
     loop: LoopConfig = field(default_factory=LoopConfig)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,13 +86,10 @@ class Stage1Recipe:
         yes, no = answer_token_ids(self.tokenizer)
         self.model = ScoringModel(self.peft_model.get_base_model(), yes, no)
         rows = fewshot_rows(self.samples, cfg.n_rows, seed=cfg.loop.seed)
-        self.examples = build_examples(
-            self.featurizer,
-            self.catalogue,
-            self.samples,
-            interleave_modes(rows, cfg.loop.seed),
-            with_din=False,
-        )
+        pairs = interleave_modes(rows, cfg.loop.seed)
+        if cfg.prompts == "subr":
+            pairs = [(row, mode) for row, mode in pairs if mode == "subr"]
+        self.examples = build_examples(self.featurizer, self.catalogue, self.samples, pairs, with_din=False)
         valid = eval_rows(self.samples, "valid", cfg.valid_rows)
         self.evaluate = make_validator(
             self.model, self.featurizer, self.catalogue, self.samples, valid, "subr", with_din=False
@@ -136,6 +136,8 @@ def main(
     (monotonic) training checkpoints and raises TimeoutError, and the same call resumes it. With
     `fit_budget_s` training ends after that many training seconds (`train_loop`), part of the run's key."""
     key = {k: v for k, v in cfg.to_json().items() if k != "out"}  # where it lives is not what it is
+    if key["prompts"] == "mixed":  # runs made before the option existed keep their key
+        del key["prompts"]
     return train_or_reuse(
         Stage1Recipe(), cfg, key, ["adapter"], ["adapter"],
         force=force, deadline=deadline, fit_budget_s=fit_budget_s,
