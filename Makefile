@@ -65,6 +65,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check rellax index training service tests benchmarks
 
 bench: setup
+	$(PY) benchmarks/prompt_tokens.py
 	$(PY) benchmarks/subr.py
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/precision.py
