@@ -15,9 +15,9 @@ from training.metrics import ctr_metrics
 
 @pytest.fixture(scope="module")
 def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path):  # noqa: ANN201
-    from training.experiment import ExperimentConfig
-
     import shutil
+
+    from training.experiment import ExperimentConfig
 
     root = tmp_path_factory.mktemp("study")
     shutil.copytree(din_dir, root / "din")
@@ -38,6 +38,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_di
         chunk=16,
         model_dir=tiny_model_dir,
         din_dir=root / "din",
+        din_holdout=True,  # the wiring under test: LLM steps read it, the baselines score it too
         index_dir=root / "index",
     )
 
@@ -107,7 +108,8 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
 
     labels = ml100k_samples.label[eval_rows(ml100k_samples, "test", 40, seed=1234)]
     base = _record(study, "baselines")["models"]
-    assert set(base) == {"DIN", "DIN (hold-out)", "LR one-hot", "user+item mean prior", "LR on prompt features"}
+    names = {"DIN", "DIN (hold-out)", "LR one-hot", "user+item mean prior", "LR on prompt features"}
+    assert set(base) == names
     assert base["LR on prompt features"]["test"]["auc"] > 0.55  # the prompt's own stars carry signal
     assert base["LR on prompt features"]["trainable_params"] == 4  # three features and a bias
     assert base["DIN"]["trainable_params"] > base["LR one-hot"]["trainable_params"] > 0
@@ -278,7 +280,8 @@ def test_a_fresh_cache_resumes_from_the_committed_weights(study, ran, tmp_path: 
     from training.experiment import run
     from training.runs import WEIGHTS
 
-    for name, stage in [("rella-n8", 1), ("rella-n16", 1), ("rellax", 2), ("spa", 2), ("rellax-two-stage", 2)]:
+    trained = [("rella-n8", 1), ("rella-n16", 1), ("rellax", 2), ("spa", 2), ("rellax-two-stage", 2)]
+    for name, stage in trained:
         assert all((study.results / name / f).exists() for f in WEIGHTS[stage][:2]), name
     results = tmp_path / "results"
     shutil.copytree(study.results, results)

@@ -222,7 +222,7 @@ def experiment_ml100k(
     k_sweep: Annotated[list[int] | None, typer.Option(help="Extra K values for ReLLaX.")] = None,
     din_holdout: Annotated[
         bool, typer.Option(help="LLM steps read a DIN trained without their few-shot rows.")
-    ] = True,
+    ] = False,
     valid_rows: int = 512,
     only: Annotated[list[str] | None, typer.Option(help="Run only these steps (repeatable).")] = None,
     results: Annotated[Path, typer.Option(help="Where each step's JSON goes.")] = Path("docs/results"),
