@@ -63,6 +63,26 @@ def train_crm(
     _print_crm_metrics(main(cfg))
 
 
+@train_app.command("sasrec")
+def train_sasrec(
+    out: Annotated[Path | None, typer.Option(help="Model folder (default: cache/sasrec/ml100k).")] = None,
+    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 60,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train SASRec, LLM-SRec's collaborative teacher; print its ranking metrics (1 positive vs 99)."""
+    from training.sasrec import SASRecTrainConfig, main
+
+    cfg = SASRecTrainConfig(max_epochs=epochs, seed=seed)
+    if out is not None:
+        cfg.out = out
+    result = main(cfg)
+    valid, test = result["valid"], result["test"]
+    typer.echo(
+        f"SASRec valid NDCG@10 {valid.get('ndcg@10', 0):.4f} (epoch {valid.get('epoch')}), "
+        f"test HR@10 {test['hr@10']:.4f} NDCG@10 {test['ndcg@10']:.4f} on {test['n']} users; {cfg.out}"
+    )
+
+
 def _print_crm_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table
