@@ -34,7 +34,15 @@ import numpy as np
 from rellax.entities import Item, Profile
 from rellax.tokens import HIST_TOKEN, TARGET_TOKEN, answer_sequences, render_chat
 
-__all__ = ["Prompt", "SubrSelector", "answer_ids", "build_prompt", "select_history"]
+__all__ = [
+    "Prompt",
+    "SubrSelector",
+    "answer_ids",
+    "build_item_prompt",
+    "build_prompt",
+    "build_user_prompt",
+    "select_history",
+]
 
 # subr(history_item_ids, candidate_id, k) -> chronological positions into the history.
 SubrSelector = Callable[[Sequence[int], int, int], np.ndarray]
@@ -287,3 +295,53 @@ def answer_ids(tokenizer, label: int) -> list[int]:  # noqa: ANN001
         raise ValueError(f"label must be 0 or 1, got {label!r}")
     yes, no = answer_sequences(tokenizer)
     return list(yes if label == 1 else no)
+
+
+# LLM-SRec (issue 17, DESIGN §11) reads two more prompts through the same placeholders: `[hist]` is
+# its [HistoryEmb] (a projected SASRec item embedding goes there) and `[target]` its [UserOut] /
+# [ItemOut] (a learned vector goes there, and the representation is read at that position). Plain
+# text, no chat template: nothing is generated, and the read-out token is the prompt's last.
+def _soft_prompt(tokenizer, text: str, hist_ids: list[int], target_id: int, n_hist: int) -> Prompt:  # noqa: ANN001
+    frame = _chat_frame(tokenizer, len(tokenizer))
+    if frame.hist_id is None or frame.target_id is None:
+        raise ValueError(
+            "LLM-SRec prompts need the soft tokens: call rellax.tokens.add_soft_tokens(tokenizer)"
+        )
+    input_ids = _encode(tokenizer, text)
+    hist = [i for i, t in enumerate(input_ids) if t == frame.hist_id]
+    target = [i for i, t in enumerate(input_ids) if t == frame.target_id]
+    if len(hist) != n_hist or target != [len(input_ids) - 1]:
+        found = f"{len(hist)} {HIST_TOKEN} / {len(target)} {TARGET_TOKEN}"
+        raise ValueError(
+            f"prompt has {found} tokens, expected {n_hist} / 1 at the end: a title with a placeholder?"
+        )
+    return Prompt(text, input_ids, hist, target[0], hist_ids, target_id, list(range(n_hist)))
+
+
+def build_user_prompt(tokenizer, history: Sequence[tuple[Item, int]], *, k: int = 10) -> Prompt:  # noqa: ANN001
+    """LLM-SRec's user prompt: the last k (item, unix time) entries, oldest first, each as its date,
+    title and a `[hist]` token, then `[target]` (the [UserOut] position). `target_item_id` is -1."""
+    import datetime
+
+    shown = list(history)[-k:] if k > 0 else []
+    lines = [
+        f"{datetime.datetime.fromtimestamp(int(ts), datetime.UTC).date()}: {item.title} {HIST_TOKEN}\n"
+        for item, ts in shown
+    ]
+    text = (
+        "A user watched these movies, oldest first:\n"
+        + "".join(lines)
+        + f"The movie this user will watch next is {TARGET_TOKEN}"
+    )
+    return _soft_prompt(tokenizer, text, [item.item_id for item, _ in shown], -1, len(shown))
+
+
+def build_item_prompt(tokenizer, item: Item) -> Prompt:  # noqa: ANN001
+    """LLM-SRec's item prompt: the item's title and genre, then `[target]` (the [ItemOut] position)."""
+    return _soft_prompt(
+        tokenizer,
+        f"The movie {item.title}, a {item.genre.lower()} film, is {TARGET_TOKEN}",
+        [],
+        item.item_id,
+        0,
+    )

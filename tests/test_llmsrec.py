@@ -1,0 +1,93 @@
+"""LLM-SRec's prompts and model on a tiny random Llama over the real tokenizer: read-out positions in
+padded batches, what trains and what stays frozen, and the loss terms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from rellax.entities import Item
+from rellax.llmsrec import LLMSRec, llmsrec_loss
+from rellax.prompt import build_item_prompt, build_user_prompt
+from rellax.tokens import HIST_TOKEN, TARGET_TOKEN, add_soft_tokens
+
+ITEMS = [
+    Item(i, t, g) for i, (t, g) in enumerate([("Heat", "Action"), ("Babe", "Comedy"), ("M*A*S*H", "War")], 1)
+]
+
+
+def test_user_and_item_prompts_place_one_soft_token_per_item_and_end_on_the_read_out(soft_tokenizer) -> None:  # noqa: ANN001
+    hist_id, target_id = add_soft_tokens(soft_tokenizer)
+    history = [(ITEMS[i % 3], 880000000 + 86400 * i) for i in range(14)]
+    user = build_user_prompt(soft_tokenizer, history, k=10)
+    assert user.hist_item_ids == [ITEMS[i % 3].item_id for i in range(4, 14)]  # the last 10, oldest first
+    assert [user.input_ids[p] for p in user.hist_positions] == [hist_id] * 10
+    assert user.target_position == len(user.input_ids) - 1 and user.input_ids[-1] == target_id
+    assert user.text.startswith("A user watched these movies, oldest first:\n1997-11-24: Babe [hist]\n")
+    assert "1997-12-03: Babe [hist]\n" in user.text and user.text.count(HIST_TOKEN) == 10
+    assert user.input_ids == soft_tokenizer(user.text, add_special_tokens=False)["input_ids"]
+    empty = build_user_prompt(soft_tokenizer, [], k=10)
+    assert empty.hist_positions == [] and empty.input_ids[-1] == target_id
+    item = build_item_prompt(soft_tokenizer, ITEMS[2])
+    assert item.target_item_id == 3 and item.input_ids[-1] == target_id and "M*A*S*H, a war film" in item.text
+    with pytest.raises(ValueError, match="placeholder"):
+        build_item_prompt(soft_tokenizer, Item(9, f"Evil {TARGET_TOKEN}", "Drama"))
+
+
+@pytest.fixture
+def model(soft_tokenizer, tiny_llama) -> LLMSRec:  # noqa: ANN001
+    add_soft_tokens(soft_tokenizer, tiny_llama)
+    torch.manual_seed(0)
+    return LLMSRec(tiny_llama, cf_dim=8, out_dim=16)
+
+
+def test_read_out_is_the_same_alone_and_in_a_padded_batch(model: LLMSRec, soft_tokenizer) -> None:  # noqa: ANN001
+    """Prompts of different lengths in one right-padded batch give each the vector it gets alone:
+    the read-out position is each row's own and the mask keeps padding out."""
+    histories = [[(ITEMS[i % 3], 880000000 + i) for i in range(n)] for n in (1, 6, 10)]
+    prompts = [build_user_prompt(soft_tokenizer, h) for h in histories]
+    assert len({len(p.input_ids) for p in prompts}) == 3
+    embs = [torch.randn(len(p.hist_positions), 8) for p in prompts]
+    with torch.no_grad():
+        together = model.user_vectors(prompts, embs)
+        alone = torch.cat([model.user_vectors([p], [e]) for p, e in zip(prompts, embs, strict=True)])
+        items = model.item_vectors([build_item_prompt(soft_tokenizer, it) for it in ITEMS])
+        items_alone = torch.cat([model.item_vectors([build_item_prompt(soft_tokenizer, it)]) for it in ITEMS])
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(items, items_alone, atol=1e-5, rtol=1e-4)
+    # The SASRec embeddings reach the vector: change one and the user's vector moves.
+    embs[2][0] += 1.0
+    with torch.no_grad():
+        moved = model.user_vectors(prompts[2:], embs[2:])
+    assert not torch.allclose(moved, together[2:])
+
+
+def test_only_the_small_modules_train_and_every_loss_term_pulls(model: LLMSRec, soft_tokenizer) -> None:  # noqa: ANN001
+    prompts = [
+        build_user_prompt(soft_tokenizer, [(ITEMS[i % 3], 880000000 + i) for i in range(n)]) for n in (2, 5)
+    ]
+    embs = [torch.randn(len(p.hist_positions), 8) for p in prompts]
+    user = model.user_vectors(prompts, embs)
+    items = model.item_vectors([build_item_prompt(soft_tokenizer, ITEMS[i % 3]) for i in range(8)]).view(
+        2, 4, -1
+    )
+    terms = llmsrec_loss(user, items, torch.randn(2, 8), model.f_cf)
+    assert set(terms) == {"loss", "retrieval", "distill", "uniform"}
+    torch.testing.assert_close(terms["loss"], terms["retrieval"] + terms["distill"] + terms["uniform"])
+    assert 0 <= terms["distill"] <= 4 and terms["uniform"] <= 0  # log of a mean of exp(-t d^2) <= 0
+    terms["loss"].backward()
+    assert all(p.grad is None for p in model.lm.parameters())  # the LLM is frozen
+    trained = model.trainable()
+    assert {n.split(".")[0] for n in trained} == {
+        "hist_proj",
+        "user_out",
+        "item_out",
+        "f_user",
+        "f_item",
+        "f_cf",
+    }
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained.values())
+    # Retrieval: a user vector equal to its positive's, negatives orthogonal, is a near-zero loss.
+    pos = torch.eye(16)[None, :4] * 20  # (1, 4, 16)
+    near = llmsrec_loss(pos[:, 0], pos, torch.zeros(1, 8), model.f_cf)["retrieval"]
+    assert near < 1e-6
