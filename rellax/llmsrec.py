@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from rellax import precision
 from rellax.prompt import Prompt
 from rellax.spa import inject_soft_tokens
 
@@ -64,7 +65,10 @@ class LLMSRec(nn.Module):
         embeds = self.lm.get_input_embeddings()(ids)
         positions = [[*p.hist_positions, p.target_position] for p in prompts]
         embeds = inject_soft_tokens(embeds, positions, [v.to(embeds.dtype) for v in soft])
-        hidden = self.lm.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False).last_hidden_state
+        with precision.compute(self.lm):  # the bf16 recipe where the base is bf16, as the scorer runs it
+            hidden = self.lm.model(
+                inputs_embeds=embeds, attention_mask=mask, use_cache=False
+            ).last_hidden_state
         at = torch.tensor([p.target_position for p in prompts], device=device)
         return hidden[torch.arange(len(prompts), device=device), at].float()
 

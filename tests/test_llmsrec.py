@@ -3,6 +3,8 @@ padded batches, what trains and what stays frozen, and the loss terms."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -91,3 +93,58 @@ def test_only_the_small_modules_train_and_every_loss_term_pulls(model: LLMSRec, 
     pos = torch.eye(16)[None, :4] * 20  # (1, 4, 16)
     near = llmsrec_loss(pos[:, 0], pos, torch.zeros(1, 8), model.f_cf)["retrieval"]
     assert near < 1e-6
+
+
+@pytest.fixture(scope="module")
+def sasrec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised SASRec over the real train-period items (the teacher's wiring, not its
+    quality, is under test here; tests/test_sasrec.py trains a real one)."""
+    import numpy as np
+
+    from rellax.sasrec import SASRec, SASRecConfig
+    from training.datasets import load_dataset
+    from training.sasrec import train_sequences
+
+    _, samples, _ = load_dataset()
+    items = SASRec.item_map(np.concatenate(train_sequences(samples)))
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("sasrec")
+    SASRec(SASRecConfig(len(items), dim=16), items).eval().save(folder)
+    return folder
+
+
+def test_training_runs_resumes_and_saves_the_catalogues_vectors(
+    tiny_model_dir: Path, sasrec_dir: Path, tmp_path: Path
+) -> None:
+    """`rellax train llmsrec`'s recipe on the tiny Llama: a run paused at its first evaluation and
+    resumed ends with the same weights as one that never stopped; the saved item vectors are the
+    selected model's, and the test scores rank real cases."""
+    import time
+
+    from safetensors.torch import load_file
+
+    from training.llmsrec import LLMSRecConfig, main
+
+    def cfg(out: str) -> LLMSRecConfig:
+        return LLMSRecConfig(
+            out=tmp_path / out, sasrec_dir=sasrec_dir, model_dir=tiny_model_dir, steps=4, batch_size=2,
+            eval_every=2, valid_users=12, out_dim=16,
+        )  # fmt: skip
+
+    straight = main(cfg("straight"))
+    with pytest.raises(TimeoutError, match="paused at step 2/4"):
+        main(cfg("paused"), deadline=time.monotonic())
+    assert (tmp_path / "paused" / "checkpoint.pt").exists()
+    resumed = main(cfg("paused"))
+    assert not (tmp_path / "paused" / "checkpoint.pt").exists()
+    assert [h["step"] for h in straight["history"]] == [0, 2, 4] == [h["step"] for h in resumed["history"]]
+    a, b = (
+        load_file(tmp_path / "straight" / "llmsrec.safetensors"),
+        load_file(tmp_path / "paused" / "llmsrec.safetensors"),
+    )
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert straight["test"] == resumed["test"] and straight["test"]["n"] > 100
+    vectors = load_file(tmp_path / "straight" / "item_vectors.safetensors")
+    assert vectors["vectors"].shape == (len(vectors["item_ids"]), 16) and len(vectors["item_ids"]) == 1682
+    assert (tmp_path / "straight" / "sasrec.safetensors").exists()  # the teacher travels with it
+    assert straight["examples"] == 8 and straight["trainable_params"] > 0

@@ -83,6 +83,41 @@ def train_sasrec(
     )
 
 
+@train_app.command("llmsrec")
+def train_llmsrec(
+    steps: Annotated[int, typer.Option(help="Optimizer steps (batch 8 users each).")] = 200,
+    sasrec_dir: Annotated[
+        Path | None, typer.Option(help="The trained teacher (rellax train sasrec).")
+    ] = None,
+    model_dir: Annotated[
+        Path | None, typer.Option(help="Base LLM folder (default: the bundled SmolLM2).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option(help="Output folder (default: cache/llmsrec/ml100k).")] = None,
+    hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
+) -> None:
+    """Train LLM-SRec over the frozen LLM, distilling SASRec; print its ranking metrics."""
+    import time
+
+    from training.llmsrec import LLMSRecConfig, main
+
+    cfg = LLMSRecConfig(steps=steps, model_dir=model_dir)
+    cfg.out = out or cfg.out
+    cfg.sasrec_dir = sasrec_dir or cfg.sasrec_dir
+    if not (cfg.sasrec_dir / "sasrec.safetensors").exists():
+        raise typer.BadParameter(
+            f"no SASRec in {cfg.sasrec_dir}: run `rellax train sasrec` first", param_hint="--sasrec-dir"
+        )
+    deadline = None if hours is None else time.monotonic() + hours * 3600
+    try:
+        result = main(cfg, deadline=deadline)
+    except TimeoutError as paused:
+        typer.echo(str(paused))
+        return
+    test = result["test"]
+    figures = f"HR@10 {test['hr@10']:.4f} NDCG@10 {test['ndcg@10']:.4f} on {test['n']} users"
+    typer.echo(f"LLM-SRec test {figures}; {cfg.out}")
+
+
 def _print_crm_metrics(metrics: dict) -> None:
     from rich.console import Console
     from rich.table import Table

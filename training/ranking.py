@@ -25,6 +25,7 @@ class RankingCase:
     user_id: int
     history: np.ndarray  # item ids, oldest first
     ratings: np.ndarray
+    times: np.ndarray  # unix seconds of the history entries
     candidates: np.ndarray  # the positive first, then the negatives
 
 
@@ -44,9 +45,10 @@ def ranking_cases(
         seen = samples.seq_item[samples.seq_ptr[row] : samples.seq_ptr[row + 1]]
         pool = np.setdiff1d(catalogue, seen, assume_unique=False)
         negatives = rng.choice(pool, size=min(n_neg, len(pool)), replace=False)
-        items, ratings, _ = samples.history(i)
+        items, ratings, times = samples.history(i)
         cand = np.concatenate([[samples.item_id[i]], negatives]).astype(np.int64)
-        cases.append(RankingCase(i, int(samples.user_ids[row]), items.copy(), ratings.copy(), cand))
+        user = int(samples.user_ids[row])
+        cases.append(RankingCase(i, user, items.copy(), ratings.copy(), times.copy(), cand))
     return cases
 
 

@@ -1,0 +1,245 @@
+"""`rellax train llmsrec`: LLM-SRec over the frozen SmolLM2, distilling a trained SASRec (issue 17).
+
+Examples: from each user's train-period sequence (`training.sasrec.train_sequences`), a seeded
+position t: the user prompt shows the 10 items before t (dates, titles, `[hist]` tokens carrying
+SASRec's item embeddings), the positive is item t, 3 negatives are items the user never touched,
+and the teacher's user vector is SASRec's over the items before t. A step takes `batch_size`
+examples; every item prompt of the step (positives and negatives) runs through the LLM too, since
+f_item and `[ItemOut]` train. Adam on the small modules only.
+
+Every `eval_every` steps (and at the end) the catalogue's item vectors are computed once and the
+validation cases (`training.ranking`) are ranked by user . item; the best NDCG@10 is kept. A
+checkpoint (trainable weights, optimizer, step, RNG state) is written at each evaluation, so a
+killed run resumes there. The output folder holds `llmsrec.safetensors` (trainable weights),
+`item_vectors.safetensors` (the whole catalogue, from the selected weights), the teacher's files
+(it feeds `[hist]` at serving time) and metrics.json.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rellax.entities import Item
+from rellax.llmsrec import LLMSRec, llmsrec_loss
+from rellax.logs import get_logger
+from rellax.paths import cache_dir
+from rellax.prompt import build_item_prompt, build_user_prompt
+from rellax.sasrec import SASRec
+from training.ranking import RankingCase, rank_metrics, ranking_cases
+from training.sasrec import train_sequences
+
+__all__ = ["LLMSRecConfig", "catalogue_vectors", "main", "user_vectors"]
+
+log = get_logger(__name__)
+WEIGHTS_FILE, ITEMS_FILE = "llmsrec.safetensors", "item_vectors.safetensors"
+
+
+@dataclass
+class LLMSRecConfig:
+    out: Path = field(default_factory=lambda: cache_dir("llmsrec") / "ml100k")
+    sasrec_dir: Path = field(default_factory=lambda: cache_dir("sasrec") / "ml100k")
+    model_dir: Path | None = None
+    seed: int = 0
+    steps: int = 200
+    batch_size: int = 8
+    negatives: int = 3
+    k: int = 10  # history items in the user prompt
+    lr: float = 5e-4
+    out_dim: int = 128
+    eval_every: int = 50
+    valid_users: int | None = None  # None: every validation case
+    eval_batch: int = 32
+
+
+def _history(items: dict[int, Item], ids: np.ndarray, times: np.ndarray, k: int) -> list[tuple[Item, int]]:
+    return [(items[int(i)], int(t)) for i, t in list(zip(ids, times, strict=True))[-k:] if int(i) in items]
+
+
+def user_vectors(
+    model: LLMSRec,
+    sasrec: SASRec,
+    tokenizer,
+    items: dict[int, Item],
+    cases: list[RankingCase],
+    k: int,
+    batch: int = 32,
+) -> torch.Tensor:  # noqa: ANN001
+    """(n, D) LLM-SRec user vectors of ranking cases (no grad), one LLM pass per user."""
+    out = []
+    with torch.no_grad():
+        for s in range(0, len(cases), batch):
+            chunk = cases[s : s + batch]
+            hists = [_history(items, c.history, c.times, k) for c in chunk]
+            prompts = [build_user_prompt(tokenizer, h, k=k) for h in hists]
+            embs = [
+                sasrec.item_vectors(torch.tensor(sasrec.rows([it.item_id for it, _ in h]), dtype=torch.long))
+                for h in hists
+            ]
+            out.append(model.user_vectors(prompts, embs))
+    return torch.cat(out)
+
+
+def catalogue_vectors(
+    model: LLMSRec, tokenizer, items: dict[int, Item], batch: int = 64
+) -> dict[int, torch.Tensor]:  # noqa: ANN001
+    """Item id -> (D,) vector for the whole catalogue: computed once, then any user ranks any list."""
+    ids = sorted(items)
+    out: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        for s in tqdm(range(0, len(ids), batch), desc="item vectors", unit="batch", leave=False):
+            chunk = ids[s : s + batch]
+            vecs = model.item_vectors([build_item_prompt(tokenizer, items[i]) for i in chunk])
+            out.update(zip(chunk, vecs, strict=True))
+    return out
+
+
+def rank_cases(
+    model: LLMSRec, sasrec: SASRec, tokenizer, items: dict[int, Item], cases: list[RankingCase], k: int
+) -> tuple[np.ndarray, dict[int, torch.Tensor]]:  # noqa: ANN001
+    """(n, candidates) scores of the cases, and the item vectors they came from (the candidates')."""
+    vectors = catalogue_vectors(model, tokenizer, items, only={int(i) for c in cases for i in c.candidates})
+    users = user_vectors(model, sasrec, tokenizer, items, cases, k)
+    zero = torch.zeros_like(next(iter(vectors.values())))
+    cand = torch.stack([torch.stack([vectors.get(int(i), zero) for i in c.candidates]) for c in cases])
+    return torch.einsum("bd,bcd->bc", users, cand).numpy(), vectors
+
+
+def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
+    """Train (resuming a checkpoint in `cfg.out`), select on valid NDCG@10, save; returns metrics.
+    Past `deadline` (`time.monotonic()`) it stops at the next evaluation, checkpoint kept, with
+    TimeoutError: the same call later goes on from there."""
+    from safetensors.torch import save_file
+
+    from rellax.assets import prepare_model
+    from training.datasets import load_dataset
+    from training.llm_data import Catalogue
+    from training.llm_setup import load_base_lm
+
+    data, samples, _ = load_dataset()
+    items = Catalogue.from_tables(data).items
+    catalogue = np.array(sorted(items))
+    sasrec = SASRec.load(cfg.sasrec_dir)
+    sasrec.requires_grad_(False)
+    lm, tokenizer = load_base_lm(prepare_model(cfg.model_dir))
+    torch.manual_seed(cfg.seed)
+    model = LLMSRec(lm, cf_dim=sasrec.config.dim, out_dim=cfg.out_dim)
+    params = model.trainable()
+    opt = torch.optim.Adam(params.values(), lr=cfg.lr)
+    rng = np.random.default_rng(cfg.seed)
+    seqs = train_sequences(samples)
+    users = [u for u, s in enumerate(seqs) if len(s) >= 2]
+    seen = [
+        set(samples.seq_item[samples.seq_ptr[u] : samples.seq_ptr[u + 1]].tolist()) for u in range(len(seqs))
+    ]
+    times = [samples.seq_ts[samples.seq_ptr[u] : samples.seq_ptr[u] + len(seqs[u])] for u in range(len(seqs))]
+    valid = ranking_cases(samples, "valid", catalogue, seed=cfg.seed)[: cfg.valid_users]
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    ckpt = cfg.out / "checkpoint.pt"
+    step, best, history, seconds = 0, -1.0, [], 0.0
+    best_state: dict[str, torch.Tensor] | None = None
+    if ckpt.exists():
+        state = torch.load(ckpt, weights_only=False)
+        model.load_state_dict(state["trainable"], strict=False)
+        opt.load_state_dict(state["optimizer"])
+        rng.bit_generator.state = state["rng"]
+        step, best, history, seconds, best_state = (
+            state[k] for k in ("step", "best", "history", "seconds", "best_state")
+        )
+        log.info("llmsrec.resumed", step=step)
+
+    def evaluate() -> None:
+        nonlocal best, best_state
+        model.eval()
+        scores, _ = rank_cases(model, sasrec, tokenizer, items, valid, cfg.k)
+        metrics = rank_metrics(scores)
+        history.append({"step": step, **metrics})
+        if metrics["ndcg@10"] > best:
+            best, best_state = metrics["ndcg@10"], {n: p.detach().clone() for n, p in params.items()}
+        log.info(
+            "llmsrec.eval", step=step, ndcg10=round(metrics["ndcg@10"], 4), hr10=round(metrics["hr@10"], 4)
+        )
+        torch.save(
+            {"trainable": {n: p.detach() for n, p in params.items()}, "optimizer": opt.state_dict(),
+             "rng": rng.bit_generator.state, "step": step, "best": best, "history": history,
+             "seconds": seconds, "best_state": best_state},
+            ckpt,
+        )  # fmt: skip
+
+    if step == 0 and not history:
+        evaluate()
+    bar = tqdm(total=cfg.steps, initial=step, desc="LLM-SRec", unit="step")
+    while step < cfg.steps:
+        model.train()
+        started = time.perf_counter()
+        picked = rng.choice(users, size=cfg.batch_size)
+        prompts, embs, cf, cands = [], [], [], []
+        for u in picked:
+            t = int(rng.integers(1, len(seqs[u])))
+            hist = _history(items, seqs[u][:t], times[u][:t], cfg.k)
+            prompts.append(build_user_prompt(tokenizer, hist, k=cfg.k))
+            embs.append(
+                sasrec.item_vectors(
+                    torch.tensor(sasrec.rows([it.item_id for it, _ in hist]), dtype=torch.long)
+                )
+            )
+            cf.append(sasrec.user_vector(sasrec.encode([seqs[u][:t]]))[0])
+            negs: list[int] = []
+            while len(negs) < cfg.negatives:
+                c = int(rng.choice(catalogue))
+                if c not in seen[u] and c not in negs:
+                    negs.append(c)
+            cands.append([int(seqs[u][t]), *negs])
+        user = model.user_vectors(prompts, embs)
+        flat = [build_item_prompt(tokenizer, items[i]) for row in cands for i in row]
+        item = model.item_vectors(flat).view(len(picked), 1 + cfg.negatives, -1)
+        terms = llmsrec_loss(user, item, torch.stack(cf), model.f_cf)
+        opt.zero_grad(set_to_none=True)
+        terms["loss"].backward()
+        opt.step()
+        step += 1
+        seconds += time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix({k: f"{v.item():.3f}" for k, v in terms.items()})
+        if step % cfg.eval_every == 0 or step == cfg.steps:
+            evaluate()
+            if deadline is not None and time.monotonic() > deadline and step < cfg.steps:
+                bar.close()
+                raise TimeoutError(f"LLM-SRec paused at step {step}/{cfg.steps}; run again to resume")
+    bar.close()
+    if best_state is not None:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(best_state[n])
+    model.eval()
+    test_cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)
+    scores, _ = rank_cases(model, sasrec, tokenizer, items, test_cases, cfg.k)
+    vectors = catalogue_vectors(model, tokenizer, items)  # all of it: candidate generation serves any
+    save_file({n: p.detach().contiguous() for n, p in params.items()}, cfg.out / WEIGHTS_FILE)
+    ids = sorted(vectors)
+    save_file({"item_ids": torch.tensor(ids), "vectors": torch.stack([vectors[i] for i in ids]).contiguous()},
+              cfg.out / ITEMS_FILE)  # fmt: skip
+    for name in ("sasrec.safetensors", "sasrec.json", "sasrec_items.json"):
+        shutil.copy2(cfg.sasrec_dir / name, cfg.out / name)
+    result = {
+        "valid": max(history, key=lambda h: h["ndcg@10"]),
+        "test": rank_metrics(scores),
+        "test_scores": scores.round(5).tolist(),
+        "history": history,
+        "train_seconds": round(seconds, 1),
+        "examples": step * cfg.batch_size,
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
+        "trainable_params": int(sum(p.numel() for p in params.values())),
+    }
+    (cfg.out / "metrics.json").write_text(json.dumps(result, indent=1))
+    ckpt.unlink(missing_ok=True)
+    log.info("llmsrec.done", out=str(cfg.out), test_ndcg10=round(result["test"]["ndcg@10"], 4))
+    return result
