@@ -114,7 +114,7 @@ def sasrec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_training_runs_resumes_and_saves_the_catalogues_vectors(
-    tiny_model_dir: Path, sasrec_dir: Path, tmp_path: Path
+    tiny_model_dir: Path, sasrec_dir: Path, din_dir: Path, tmp_path: Path
 ) -> None:
     """`rellax train llmsrec`'s recipe on the tiny Llama: a run paused at its first evaluation and
     resumed ends with the same weights as one that never stopped; the saved item vectors are the
@@ -148,3 +148,31 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     assert vectors["vectors"].shape == (len(vectors["item_ids"]), 16) and len(vectors["item_ids"]) == 1682
     assert (tmp_path / "straight" / "sasrec.safetensors").exists()  # the teacher travels with it
     assert straight["examples"] == 8 and straight["trainable_params"] > 0
+
+    # The rankers on the same cases: DIN, SASRec, this LLM-SRec; ranks kept for paired intervals.
+    import numpy as np
+
+    from training.ranking_eval import RankingConfig, run
+
+    out = tmp_path / "ranking.json"
+    cfg = RankingConfig(
+        out=out,
+        sasrec_dir=sasrec_dir,
+        llmsrec_dir=tmp_path / "straight",
+        din_dir=din_dir,
+        model_dir=tiny_model_dir,
+    )
+    result = run(cfg)
+    assert set(result["models"]) == {"DIN", "SASRec", "LLM-SRec"} and result["cases"] == straight["test"]["n"]
+    for name, m in result["models"].items():
+        r = np.array(m["ranks"])
+        assert len(r) == result["cases"] and m["ndcg@10"] == pytest.approx(
+            np.where(r < 10, 1 / np.log2(r + 2), 0).mean()
+        )
+        assert ("shuffle_drop" in m) == (name != "DIN")
+    assert result["models"]["LLM-SRec"]["ndcg@10"] == pytest.approx(
+        straight["test"]["ndcg@10"]
+    )  # the same scorer
+    assert set(result["ndcg10_diffs"]) == {"LLM-SRec - SASRec", "LLM-SRec - DIN", "SASRec - DIN"}
+    d = result["ndcg10_diffs"]["SASRec - DIN"]
+    assert d["lo"] <= d["diff"] <= d["hi"]

@@ -254,6 +254,20 @@ def experiment_ml100k(
         experiment_report(results=results, out=results.parent / "results.md")
 
 
+@experiment_app.command("ranking")
+def experiment_ranking(
+    out: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("docs/results/ranking.json"),
+) -> None:
+    """DIN, SASRec and LLM-SRec ranking the same test cases (1 liked vs 99 never-seen items per
+    user): HR/NDCG@10/20, paired intervals, and the history-shuffle diagnostic."""
+    from training.ranking_eval import RankingConfig, run
+
+    result = run(RankingConfig(out=out))
+    for name, m in result["models"].items():
+        drop = f", shuffled -{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else ""
+        typer.echo(f"{name:9s} NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}{drop}")
+
+
 @experiment_app.command("tune")
 def experiment_tune(
     budget_min: Annotated[float, typer.Option(help="Training minutes per trial (no validation).")] = 15,

@@ -89,10 +89,11 @@ def user_vectors(
 
 
 def catalogue_vectors(
-    model: LLMSRec, tokenizer, items: dict[int, Item], batch: int = 64
+    model: LLMSRec, tokenizer, items: dict[int, Item], only: set[int] | None = None, batch: int = 64
 ) -> dict[int, torch.Tensor]:  # noqa: ANN001
-    """Item id -> (D,) vector for the whole catalogue: computed once, then any user ranks any list."""
-    ids = sorted(items)
+    """Item id -> (D,) vector for the catalogue (or the `only` ids): computed once, then any user
+    ranks any list of them."""
+    ids = sorted(items if only is None else only & items.keys())
     out: dict[int, torch.Tensor] = {}
     with torch.no_grad():
         for s in tqdm(range(0, len(ids), batch), desc="item vectors", unit="batch", leave=False):
