@@ -128,7 +128,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     def cfg(out: str) -> LLMSRecConfig:
         return LLMSRecConfig(
             out=tmp_path / out, sasrec_dir=sasrec_dir, model_dir=tiny_model_dir, steps=4, batch_size=2,
-            eval_every=2, valid_users=12, out_dim=16,
+            eval_every=2, valid_users=12, test_users=20, out_dim=16,
         )  # fmt: skip
 
     straight = main(cfg("straight"))
@@ -143,13 +143,15 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
         load_file(tmp_path / "paused" / "llmsrec.safetensors"),
     )
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert straight["test"] == resumed["test"] and straight["test"]["n"] > 100
+    assert straight["test"] == resumed["test"] and straight["test"]["n"] == 20
     vectors = load_file(tmp_path / "straight" / "item_vectors.safetensors")
     assert vectors["vectors"].shape == (len(vectors["item_ids"]), 16) and len(vectors["item_ids"]) == 1682
     assert (tmp_path / "straight" / "sasrec.safetensors").exists()  # the teacher travels with it
     assert straight["examples"] == 8 and straight["trainable_params"] > 0
 
     # The rankers on the same cases: DIN, SASRec, this LLM-SRec; ranks kept for paired intervals.
+    from dataclasses import replace
+
     import numpy as np
 
     from training.ranking_eval import RankingConfig, run
@@ -161,6 +163,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
         llmsrec_dir=tmp_path / "straight",
         din_dir=din_dir,
         model_dir=tiny_model_dir,
+        users=20,
     )
     result = run(cfg)
     assert set(result["models"]) == {"DIN", "SASRec", "LLM-SRec"} and result["cases"] == straight["test"]["n"]
@@ -176,3 +179,21 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     assert set(result["ndcg10_diffs"]) == {"LLM-SRec - SASRec", "LLM-SRec - DIN", "SASRec - DIN"}
     d = result["ndcg10_diffs"]["SASRec - DIN"]
     assert d["lo"] <= d["diff"] <= d["hi"]
+
+    # With a ReLLaX bundle (a tiny one over ML-100K's item ids): ReLLaX ranks a subset of the cases,
+    # and the cascade re-scores LLM-SRec's top M of the same cases.
+    from rellax.bundle import make_tiny_bundle
+
+    bundle = make_tiny_bundle(tmp_path / "bundle", n_items=1682)
+    both = run(
+        replace(cfg, out=tmp_path / "ranking-cascade.json", bundle=bundle, rellax_users=3, cascade_m=(2, 5))
+    )
+    m = both["models"]
+    assert m["ReLLaX"]["cases"] == 3 and len(m["ReLLaX"]["ranks"]) == 3
+    assert len(m["cascade M=2"]["ranks"]) == len(m["cascade M=5"]["ranks"]) == 3
+    first = np.array(m["LLM-SRec"]["ranks"][:3])
+    for name, depth in (("cascade M=2", 2), ("cascade M=5", 5)):
+        r = np.array(m[name]["ranks"])
+        assert np.all((r < depth) == (first < depth))  # in the top M exactly when LLM-SRec put it there
+        assert np.all(r[first >= depth] == first[first >= depth])  # below it, LLM-SRec's own rank
+    assert {"cascade M=2 - ReLLaX", "cascade M=5 - ReLLaX"} <= set(both["ndcg10_diffs"])

@@ -117,3 +117,51 @@ def test_sasrec_learns_ml100k_next_items(tmp_path: Path) -> None:
     catalogue = data.items.item_id.to_numpy()
     again = rank_metrics(score_cases(model, ranking_cases(samples, "test", catalogue, seed=0)))
     assert again == pytest.approx(result["test"])
+
+
+def test_the_cascade_reorders_the_first_stages_top_m_only() -> None:
+    from training.ranking_eval import cascade_scores
+
+    first = np.array([[0.1, 0.9, 0.5, 0.7, 0.3]])  # first-stage order: 1, 3, 2, 4, 0
+    second = [np.array([0.2, 0.8, 0.6])]  # second stage's scores of items 1, 3, 2 (top-3 order)
+    out = cascade_scores(first, second, m=2)  # only items 1, 3 are re-scored: 3 beats 1
+    assert list(np.argsort(-out[0], kind="stable")) == [3, 1, 2, 4, 0]
+    out3 = cascade_scores(first, second, m=3)  # 3 (0.8), 2 (0.6), 1 (0.2), then 4, 0
+    assert list(np.argsort(-out3[0], kind="stable")) == [3, 2, 1, 4, 0]
+    assert ranks(out3)[0] == 4  # the positive (item 0) is last either way
+    # m = all: the second stage's order; m = 0: the first stage's
+    assert list(np.argsort(-cascade_scores(first, [np.array([5, 4, 3, 2, 1.0])], m=5)[0])) == [1, 3, 2, 4, 0]
+    assert list(np.argsort(-cascade_scores(first, [np.array([])], m=0)[0], kind="stable")) == [1, 3, 2, 4, 0]
+
+
+def test_rellax_ranks_the_candidates_the_service_would_score(tmp_path: Path) -> None:
+    """ReLLaX as a ranker goes through the bundle's own prepare + score path: each case's scores
+    equal scoring its candidates one by one, and the cascade's top-M call scores only those."""
+    from rellax.bundle import Bundle, make_tiny_bundle
+    from rellax.entities import HistoryEvent, Profile
+    from training.ranking import RankingCase
+    from training.ranking_eval import rellax_scores
+
+    bundle = Bundle.load(make_tiny_bundle(tmp_path / "bundle"))
+    rng = np.random.default_rng(0)
+    ids = np.arange(1, 121)
+    cases = [
+        RankingCase(0, u, rng.choice(ids, 12, replace=False), rng.integers(1, 6, 12).astype(float),
+                    np.arange(12) + 880_000_000, rng.choice(ids, 8, replace=False))
+        for u in (3, 7)
+    ]  # fmt: skip
+    profiles = {3: Profile("male", "25-34", "writer")}
+    scores = rellax_scores(bundle, profiles, cases)
+    assert [s.shape for s in scores] == [(8,), (8,)]
+    c = cases[0]
+    events = [
+        HistoryEvent(int(i), float(r), int(t)) for i, r, t in zip(c.history, c.ratings, c.times, strict=True)
+    ]
+    one = [
+        bundle.score_prepared(bundle.prepare(profiles[3], events, [int(x)], user_id=3))[0]
+        for x in c.candidates[:3]
+    ]
+    np.testing.assert_allclose(scores[0][:3], one, atol=1e-5)
+    top = rellax_scores(bundle, profiles, cases, [np.array([2, 0]), np.array([5])])
+    np.testing.assert_allclose(top[0], scores[0][[2, 0]], atol=1e-5)
+    assert top[1].shape == (1,)

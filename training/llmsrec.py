@@ -57,6 +57,7 @@ class LLMSRecConfig:
     out_dim: int = 128
     eval_every: int = 50
     valid_users: int | None = None  # None: every validation case
+    test_users: int | None = None  # None: every test case
     eval_batch: int = 32
 
 
@@ -221,7 +222,7 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
             for n, p in params.items():
                 p.copy_(best_state[n])
     model.eval()
-    test_cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)
+    test_cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)[: cfg.test_users]
     scores, _ = rank_cases(model, sasrec, tokenizer, items, test_cases, cfg.k)
     vectors = catalogue_vectors(model, tokenizer, items)  # all of it: candidate generation serves any
     save_file({n: p.detach().contiguous() for n, p in params.items()}, cfg.out / WEIGHTS_FILE)

@@ -22,7 +22,7 @@ from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from training.ranking import RankingCase, rank_metrics, ranking_cases, ranks
 
-__all__ = ["RankingConfig", "paired_ndcg_diff", "run"]
+__all__ = ["RankingConfig", "cascade_scores", "paired_ndcg_diff", "rellax_scores", "run"]
 
 log = get_logger(__name__)
 
@@ -34,6 +34,10 @@ class RankingConfig:
     llmsrec_dir: Path | None = field(default_factory=lambda: cache_dir("llmsrec") / "ml100k")
     din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
     model_dir: Path | None = None
+    bundle: Path | None = None  # a ReLLaX bundle: ReLLaX as a ranker and the cascade over LLM-SRec
+    rellax_users: int | None = None  # score only the first n cases with ReLLaX (100 LLM passes each)
+    users: int | None = None  # only the first n test cases for every model (None: all)
+    cascade_m: tuple[int, ...] = (5, 10, 20)
     seed: int = 0
     shuffle_seed: int = 1
 
@@ -52,6 +56,40 @@ def paired_ndcg_diff(ra: np.ndarray, rb: np.ndarray, n_boot: int = 1000, seed: i
         "lo": float(np.quantile(boots, 0.025)),
         "hi": float(np.quantile(boots, 0.975)),
     }
+
+
+def rellax_scores(
+    bundle, profiles: dict, cases: list[RankingCase], columns: list[np.ndarray] | None = None
+) -> list[np.ndarray]:  # noqa: ANN001
+    """P(click) from a ReLLaX bundle (what the service scores) for each case's candidates, or for the
+    candidate positions `columns[i]` of case i only (the cascade's top M)."""
+    from rellax.entities import HistoryEvent, Profile
+
+    out = []
+    for i, c in enumerate(cases):
+        cols = np.arange(len(c.candidates)) if columns is None else columns[i]
+        events = [
+            HistoryEvent(int(it), float(r), int(t))
+            for it, r, t in zip(c.history, c.ratings, c.times, strict=True)
+        ]
+        prepared = bundle.prepare(
+            profiles.get(c.user_id, Profile()), events, c.candidates[cols].tolist(), user_id=c.user_id
+        )
+        out.append(bundle.score_prepared(prepared))
+    return out
+
+
+def cascade_scores(first: np.ndarray, second_top: list[np.ndarray], m: int) -> np.ndarray:
+    """The cascade's order as scores: the first stage's top m (by `first`), re-ordered by the second
+    stage's scores of them (`second_top[i]`, in the first stage's top order, at least m long), all
+    above the rest, which keep the first stage's order. Ranks read off these as off any ranker's."""
+    out = np.empty_like(first, dtype=np.float64)
+    for i, row in enumerate(first):
+        order = np.argsort(-row, kind="stable")
+        top, rest = order[:m], order[m:]
+        out[i, rest] = -np.arange(1, len(rest) + 1, dtype=np.float64)  # below 0, first stage's order
+        out[i, top] = 1.0 + np.asarray(second_top[i][:m], dtype=np.float64)  # above 0, by the second stage
+    return out
 
 
 def _shuffled(cases: list[RankingCase], seed: int) -> list[RankingCase]:
@@ -94,7 +132,7 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
 
     data, samples, _ = load_dataset()
     catalogue = data.items.item_id.to_numpy()
-    cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)
+    cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)[: cfg.users]
     shuffled = _shuffled(cases, cfg.shuffle_seed)
     models: dict[str, dict[str, Any]] = {}
 
@@ -110,6 +148,8 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
             sh = rank_metrics(shuffled_scores)
             entry["shuffled"] = sh
             entry["shuffle_drop"] = (entry["ndcg@10"] - sh["ndcg@10"]) / max(entry["ndcg@10"], 1e-12)
+        if name == "LLM-SRec":
+            entry["_scores"] = scores  # the cascade's first stage; not written
         models[name] = entry
         log.info("ranking", model=name, ndcg10=round(entry["ndcg@10"], 4), hr10=round(entry["hr@10"], 4))
 
@@ -120,6 +160,24 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
     record("SASRec", score_cases(sasrec, cases), time.perf_counter() - started, score_cases(sasrec, shuffled))
     if cfg.llmsrec_dir is not None and (cfg.llmsrec_dir / "llmsrec.safetensors").exists():
         record("LLM-SRec", *_llmsrec_scores(cfg, sasrec, data, cases, shuffled))
+        llmsrec = models["LLM-SRec"].pop("_scores")
+    if cfg.bundle is not None:
+        from rellax.bundle import Bundle
+        from training.llm_data import Catalogue
+
+        bundle, profiles = Bundle.load(cfg.bundle), Catalogue.from_tables(data).profiles
+        n = len(cases) if cfg.rellax_users is None else min(cfg.rellax_users, len(cases))
+        started = time.perf_counter()
+        record("ReLLaX", np.stack(rellax_scores(bundle, profiles, cases[:n])), time.perf_counter() - started)
+        if "LLM-SRec" in models:
+            deepest = max(cfg.cascade_m)
+            tops = [np.argsort(-row, kind="stable")[:deepest] for row in llmsrec[:n]]
+            started = time.perf_counter()
+            second = rellax_scores(bundle, profiles, cases[:n], tops)
+            seconds = time.perf_counter() - started
+            for m in cfg.cascade_m:
+                record(f"cascade M={m}", cascade_scores(llmsrec[:n], second, m), seconds * m / deepest)
+        models["ReLLaX"]["cases"] = n
     comparisons = {
         f"{a} - {b}": paired_ndcg_diff(
             np.array(models[a]["ranks"]), np.array(models[b]["ranks"]), seed=cfg.seed
@@ -127,6 +185,10 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
         for a, b in (("LLM-SRec", "SASRec"), ("LLM-SRec", "DIN"), ("SASRec", "DIN"))
         if a in models and b in models
     }
+    for name in [n for n in models if n.startswith("cascade")]:  # on the ReLLaX subset of cases
+        n = models["ReLLaX"]["cases"]
+        ra, rb = np.array(models[name]["ranks"]), np.array(models["ReLLaX"]["ranks"])
+        comparisons[f"{name} - ReLLaX"] = paired_ndcg_diff(ra[:n], rb[:n], seed=cfg.seed)
     result = {
         "cases": len(cases),
         "negatives": 99,

@@ -78,6 +78,8 @@ def tune_section(folder: Path, out_dir: Path) -> list[str]:
         t = r["trial"]
         targets = "q,v" if t["target_modules"] == ["q_proj", "v_proj"] else "all"
         label = f"{name} (beyond the paper: + DIN's logit)" if t.get("din_residual") else name
+        if t.get("din", "din") != "din":
+            label += " (DIN trained without the few-shot rows)"
         lines.append(
             f"| {label} | {t['stage']} | {t['over'] or '-'} | {t['lr']:g} | {t['batch_size']} | "
             f"{t['epochs']} | {t['k']} | {targets} | {t['prompts'] if t['stage'] == 2 else 'mixed'} | "
