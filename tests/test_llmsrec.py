@@ -179,6 +179,14 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     assert set(result["ndcg10_diffs"]) == {"LLM-SRec - SASRec", "LLM-SRec - DIN", "SASRec - DIN"}
     d = result["ndcg10_diffs"]["SASRec - DIN"]
     assert d["lo"] <= d["diff"] <= d["hi"]
+    from training.report import ranking_section
+
+    text = "\n".join(ranking_section(out))
+    mine = result["models"]["LLM-SRec"]
+    row = f"| LLM-SRec | 20 | {mine['hr@10']:.4f} | {mine['ndcg@10']:.4f} |"
+    assert (
+        "## Ranking" in text and row in text and "| SASRec - DIN |" in text and "Not run yet: ReLLaX" in text
+    )
 
     # With a ReLLaX bundle (a tiny one over ML-100K's item ids): ReLLaX ranks a subset of the cases,
     # and the cascade re-scores LLM-SRec's top M of the same cases.

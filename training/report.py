@@ -270,6 +270,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
             "![validation AUC against training examples](learning_curves.png)",
         ]
     lines += tune_section(folder / "tune", out.parent)
+    lines += ranking_section(folder / "ranking.json")
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs, valid_rows, float(labels.mean()))
     lines += _progress_reading(progress, valid_rows, float(labels.mean()), len(labels))
@@ -280,6 +281,39 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     text = "\n".join(lines)
     out.write_text(text)
     return text
+
+
+def ranking_section(path: Path) -> list[str]:
+    """The rankers on the sampled-candidate protocol (`rellax experiment ranking`), if it has run."""
+    if not path.exists():
+        return []
+    r = json.loads(path.read_text())
+    lines = [
+        "",
+        "## Ranking (`rellax experiment ranking`)",
+        "",
+        f"Per test user, the first liked item against {r['negatives']} sampled items the user never "
+        f"interacted with (seed {r['seed']}), the same candidates for every model: {r['cases']} users. "
+        "Ties count against the positive. Shuffled = every history permuted at test time (relative "
+        "NDCG@10 drop).",
+        "",
+        "| model | users | HR@10 | NDCG@10 | HR@20 | NDCG@20 | shuffled NDCG@10 drop | seconds |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in r["models"].items():
+        drop = f"{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else "–"
+        lines.append(f"| {name} | {m['n']} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@20']:.4f} | "
+                     f"{m['ndcg@20']:.4f} | {drop} | {m['seconds']:.1f} |")  # fmt: skip
+    if r.get("ndcg10_diffs"):
+        lines += ["", "| NDCG@10 comparison (paired bootstrap) | diff | 95% interval |", "|---|---|---|"]
+        lines += [
+            f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |"
+            for k, v in r["ndcg10_diffs"].items()
+        ]
+    missing = [m for m in ("LLM-SRec", "ReLLaX") if m not in r["models"]]
+    if missing:
+        lines += ["", f"Not run yet: {', '.join(missing)} (train LLM-SRec, pass a bundle)."]
+    return lines
 
 
 def _reading(
