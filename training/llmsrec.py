@@ -149,7 +149,7 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
     step, best, history, seconds = 0, -1.0, [], 0.0
     best_state: dict[str, torch.Tensor] | None = None
     if ckpt.exists():
-        state = torch.load(ckpt, weights_only=False)
+        state = torch.load(ckpt, weights_only=True)  # tensors, numbers, strings: no pickled objects
         model.load_state_dict(state["trainable"], strict=False)
         opt.load_state_dict(state["optimizer"])
         rng.bit_generator.state = state["rng"]
