@@ -148,8 +148,6 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
             sh = rank_metrics(shuffled_scores)
             entry["shuffled"] = sh
             entry["shuffle_drop"] = (entry["ndcg@10"] - sh["ndcg@10"]) / max(entry["ndcg@10"], 1e-12)
-        if name == "LLM-SRec":
-            entry["_scores"] = scores  # the cascade's first stage; not written
         models[name] = entry
         log.info("ranking", model=name, ndcg10=round(entry["ndcg@10"], 4), hr10=round(entry["hr@10"], 4))
 
@@ -158,9 +156,10 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
     sasrec = SASRec.load(cfg.sasrec_dir)
     started = time.perf_counter()
     record("SASRec", score_cases(sasrec, cases), time.perf_counter() - started, score_cases(sasrec, shuffled))
+    llmsrec = None  # LLM-SRec's scores: the cascade's first stage
     if cfg.llmsrec_dir is not None and (cfg.llmsrec_dir / "llmsrec.safetensors").exists():
-        record("LLM-SRec", *_llmsrec_scores(cfg, sasrec, data, cases, shuffled))
-        llmsrec = models["LLM-SRec"].pop("_scores")
+        llmsrec, seconds, shuffled_scores = _llmsrec_scores(cfg, sasrec, data, cases, shuffled)
+        record("LLM-SRec", llmsrec, seconds, shuffled_scores)
     if cfg.bundle is not None:
         from rellax.bundle import Bundle
         from training.llm_data import Catalogue
@@ -169,7 +168,7 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
         n = len(cases) if cfg.rellax_users is None else min(cfg.rellax_users, len(cases))
         started = time.perf_counter()
         record("ReLLaX", np.stack(rellax_scores(bundle, profiles, cases[:n])), time.perf_counter() - started)
-        if "LLM-SRec" in models:
+        if llmsrec is not None:
             deepest = max(cfg.cascade_m)
             tops = [np.argsort(-row, kind="stable")[:deepest] for row in llmsrec[:n]]
             started = time.perf_counter()
