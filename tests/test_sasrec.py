@@ -108,7 +108,9 @@ def test_sasrec_learns_ml100k_next_items(tmp_path: Path) -> None:
         for i in samples.indices(split)[::500]:
             n_train = len(seqs[int(samples.user_row[i])])
             assert (int(samples.hist_len[i]) < n_train) == inside, (split, i)
-    cfg = SASRecTrainConfig(out=tmp_path / "sasrec", max_epochs=10, eval_every=5, max_len=50)  # 50: ~2x faster
+    cfg = SASRecTrainConfig(
+        out=tmp_path / "sasrec", max_epochs=10, eval_every=5, max_len=50
+    )  # 50: ~2x faster
     result = main(cfg)
     assert [h["epoch"] for h in result["history"]] == [5, 10]
     assert result["valid"]["ndcg@10"] == max(h["ndcg@10"] for h in result["history"]) > 0.15
