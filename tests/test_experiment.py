@@ -141,8 +141,23 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
     from training.report import render
 
     out = study.results.parent / "results.md"
-    text = render(study.results, out)
+    sasrec = {
+        "n": 2,
+        "hr@10": 0.5,
+        "ndcg@10": 0.25,
+        "hr@20": 1.0,
+        "ndcg@20": 0.4,
+        "seconds": 1.0,
+        "ranks": [0, 12],
+    }
+    ranking = {"cases": 2, "negatives": 99, "seed": 0, "ndcg10_diffs": {}, "models": {"SASRec": sasrec}}
+    (study.results / "ranking.json").write_text(json.dumps(ranking))  # `rellax experiment ranking`'s file
+    try:
+        text = render(study.results, out)
+    finally:
+        (study.results / "ranking.json").unlink()
     assert out.read_text() == text
+    assert "## Ranking" in text and "| SASRec | 2 | 0.5000 | 0.2500 |" in text  # its own section, no step
     for heading in ("## Main table", "## Ablation", "## K sweep", "## Paired bootstrap", "## Reading"):
         assert heading in text
     assert (study.results.parent / "learning_curves.png").stat().st_size > 1000

@@ -82,7 +82,7 @@ def load_results(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any
     )
     records: dict[str, dict[str, Any]] = {}
     for path in sorted(folder.glob("*.json")):
-        if path.name == "experiment.json":
+        if path.name in ("experiment.json", "ranking.json"):  # the status, and the rankers (own section)
             continue
         record = json.loads(path.read_text())
         if record["step"] == "baselines":
@@ -312,7 +312,7 @@ def ranking_section(path: Path) -> list[str]:
         ]
     missing = [m for m in ("LLM-SRec", "ReLLaX") if m not in r["models"]]
     if missing:
-        lines += ["", f"Not run yet: {', '.join(missing)} (train LLM-SRec, pass a bundle)."]
+        lines += ["", f"Rankers not run yet: {', '.join(missing)} (train LLM-SRec, pass a bundle)."]
     return lines
 
 
