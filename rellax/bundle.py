@@ -12,6 +12,9 @@ Layout (tensors in safetensors, nothing pickled):
     items.json             the catalogue: id, title, first genre
     index/                 item vectors and the hnswlib index (SUBR)
     merged/                optional: W0 + s·B·Ḡᵀ·A as a plain HF dir for vLLM (DESIGN §8)
+    llmsrec/               optional: LLM-SRec's small modules, the catalogue's item vectors, their
+                           hnswlib index and the SASRec teacher (`rellax.llmsrec.LLMSRecRanker`); it
+                           reads the base LLM above with the adapters off
 
 `Bundle.load` verifies every checksum before reading (a mismatch names the file) and builds the
 exact-mode runtime: `prepare` turns (profile, history, candidates) into model inputs through the same
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
+import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -40,6 +44,7 @@ from rellax.din import DIN
 from rellax.entities import HistoryEvent, Item, Profile
 from rellax.errors import BundleError
 from rellax.features import Featurizer, History, Mode
+from rellax.llmsrec import LLMSRecRanker
 from rellax.model_input import ModelInput
 from rellax.prompt import Prompt
 from rellax.scorer import Scorer, ScoringModel
@@ -177,8 +182,10 @@ def write_bundle(
     spa: SPAProjector | None = None,
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    llmsrec: Path | None = None,
 ) -> dict[str, Any]:
-    """Write a bundle for a CFLoRA-injected `lm`; returns the manifest."""
+    """Write a bundle for a CFLoRA-injected `lm` (and, from `llmsrec`, a folder written by
+    `LLMSRecRanker.write` over the same base LLM); returns the manifest."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tokenizer.save_pretrained(folder / "tokenizer")
@@ -196,6 +203,14 @@ def write_bundle(
         json.dumps([{"item_id": i.item_id, "title": i.title, "genre": i.genre} for i in items])
     )
     item_index.save(folder / "index")
+    if llmsrec is not None:
+        import shutil
+
+        (folder / "llmsrec").mkdir(exist_ok=True)
+        for name in LLMSRecRanker.FILES:
+            if not (Path(llmsrec) / name).exists():
+                raise BundleError(f"{llmsrec}: LLM-SRec file {name} is missing")
+            shutil.copy2(Path(llmsrec) / name, folder / "llmsrec" / name)
     files = sorted(
         p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST
     )
@@ -238,11 +253,19 @@ def write_merged(
 class Bundle:
     """A loaded bundle: catalogue, index, DIN, tokenizer and the exact-mode scorer."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], featurizer: Featurizer, scorer: Scorer) -> None:
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        featurizer: Featurizer,
+        scorer: Scorer,
+        llmsrec: LLMSRecRanker | None = None,
+    ) -> None:
         self.path, self.manifest = path, manifest
         self.config = BundleConfig.from_json(manifest["config"])
         self.featurizer, self.scorer = featurizer, scorer
         self.items: dict[int, Item] = dict(featurizer.items)
+        self.llmsrec = llmsrec  # None: the bundle has no LLM-SRec (re-ranking by ReLLaX only)
 
     @property
     def model_version(self) -> str:
@@ -291,7 +314,10 @@ class Bundle:
         model = ScoringModel(lm, yes, no, spa=spa).eval()
         scorer = Scorer(model, dtype=precision.resolve(dtype), pad_id=int(tokenizer.pad_token_id or 0))
         featurizer = Featurizer(tokenizer, items, index, din, k=config.k, spa=config.spa)
-        return cls(path, manifest, featurizer, scorer)
+        llmsrec = None
+        if (path / "llmsrec").is_dir():  # after Scorer: it reads the base in the dtype the scorer set
+            llmsrec = LLMSRecRanker.load(path / "llmsrec", lm, tokenizer, items)
+        return cls(path, manifest, featurizer, scorer, llmsrec)
 
     def prepare(
         self,
@@ -395,9 +421,12 @@ def _load_into(
         raise BundleError(f"{name} lacks tensors, e.g. {wanted[:3]}")
 
 
-def make_tiny_bundle(folder: Path, n_items: int = 120, n_users: int = 40, seed: int = 0) -> Path:
+def make_tiny_bundle(
+    folder: Path, n_items: int = 120, n_users: int = 40, seed: int = 0, llmsrec: bool = False
+) -> Path:
     """A complete bundle over a tiny random Llama (real tokenizer), a random DIN and a synthetic
-    catalogue: builds in seconds, for tests of everything downstream of the bundle format."""
+    catalogue: builds in seconds, for tests of everything downstream of the bundle format. With
+    `llmsrec`, a random LLM-SRec (and SASRec) over the same LLM rides along."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from index.item_index import build_item_index
@@ -421,6 +450,8 @@ def make_tiny_bundle(folder: Path, n_items: int = 120, n_users: int = 40, seed: 
     ]
     add_soft_tokens(tokenizer, lm)
     index = build_item_index(lm, tokenizer, items, dim=512, progress=False)  # from the base LM (DESIGN §4)
+    staging = tempfile.TemporaryDirectory(prefix="rellax-tiny-llmsrec-")
+    llmsrec_dir = _tiny_llmsrec(Path(staging.name), lm, tokenizer, items) if llmsrec else None
     config = BundleConfig(k=5)
     inject_cflora(lm, config.r, config.alpha, config.dropout, config.target_modules, config.gate_dim)
     with torch.no_grad():  # a non-trivial adapter and gate, so CFLoRA really changes the scores
@@ -432,5 +463,31 @@ def make_tiny_bundle(folder: Path, n_items: int = 120, n_users: int = 40, seed: 
     din = DIN(DINConfig(**vocab.sizes()), vocab).eval()
     spa = SPAProjector(din.config.embed_dim, lm.config.hidden_size)
     write_bundle(folder, lm=lm, tokenizer=tokenizer, din=din, items=items, item_index=index, config=config,
-                 spa=spa, extra={"base_model": {"name": "tiny-random-llama"}})  # fmt: skip
+                 spa=spa, extra={"base_model": {"name": "tiny-random-llama"}},
+                 llmsrec=llmsrec_dir)  # fmt: skip
+    staging.cleanup()
     return Path(folder)
+
+
+def _tiny_llmsrec(folder: Path, lm: torch.nn.Module, tokenizer, items: Sequence[Item]) -> Path:  # noqa: ANN001
+    """A random LLM-SRec over `lm` (before CFLoRA is injected) and a random SASRec over `items`."""
+
+    with torch.random.fork_rng():  # the rest of the tiny bundle is the same with or without it
+        torch.manual_seed(1)
+        return _tiny_llmsrec_seeded(folder, lm, tokenizer, items)
+
+
+def _tiny_llmsrec_seeded(folder: Path, lm: torch.nn.Module, tokenizer, items: Sequence[Item]) -> Path:  # noqa: ANN001
+    from rellax.llmsrec import LLMSRec
+    from rellax.prompt import build_item_prompt
+    from rellax.sasrec import SASRec, SASRecConfig
+
+    ids = [it.item_id for it in items]
+    sasrec = SASRec(SASRecConfig(len(ids), dim=16), SASRec.item_map(np.array(ids))).eval()
+    sasrec.save(folder / "sasrec")
+    model = LLMSRec(lm, cf_dim=16, out_dim=32).eval()
+    with torch.no_grad():
+        prompts = [build_item_prompt(tokenizer, it) for it in items]
+        vectors = torch.cat([model.item_vectors(prompts[s : s + 64]) for s in range(0, len(prompts), 64)])
+    LLMSRecRanker.write(folder, model, ids, vectors, folder / "sasrec", k=10)
+    return folder

@@ -36,6 +36,7 @@ __all__ = [
     "CFLoRALinear",
     "CFLoRAWarning",
     "adapter_params",
+    "adapters_disabled",
     "cflora_modules",
     "gate_context",
     "gate_matrices",
@@ -109,6 +110,7 @@ class CFLoRALinear(nn.Module):
         self.merged_G: torch.Tensor | None = None  # the G folded into base_layer.weight, if merged
         self._G: torch.Tensor | None = None  # set by gate_context: (B, r, r) or (r, r)
         self._M: torch.Tensor | None = None  # set by gate_context with h: G·Bᵀ, (B, r, d_out)
+        self._disabled = False  # set by adapters_disabled: the frozen base alone (peft's disable_adapter)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -140,7 +142,7 @@ class CFLoRALinear(nn.Module):
         used, and a gated module with neither raises rather than silently running with G = I.
         """
         result = self.base_layer(x)
-        if self.merged:
+        if self.merged or self._disabled:
             return result
         M = None
         if G is None:
@@ -267,6 +269,22 @@ def gate_context(
     finally:
         for name, m in modules.items():
             m._G, m._M = previous[name]
+
+
+@contextlib.contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """Run `model` as its frozen base inside the block (as peft's `disable_adapter`): LLM-SRec reads
+    the base SmolLM2 the bundle already holds, so the service keeps one copy of the weights."""
+    modules = list(cflora_modules(model).values())
+    if any(m.merged for m in modules):
+        raise ValueError("a merged CFLoRA layer cannot be disabled: its delta is in the base weight")
+    try:
+        for m in modules:
+            m._disabled = True
+        yield
+    finally:
+        for m in modules:
+            m._disabled = False
 
 
 def gate_matrices(model: nn.Module, h: torch.Tensor) -> dict[str, torch.Tensor]:

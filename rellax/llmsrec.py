@@ -17,17 +17,37 @@ own (`Prompt.target_position`), so padding never moves what is read.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import json
+import threading
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from rellax import precision
-from rellax.prompt import Prompt
+from rellax.cflora import adapters_disabled
+from rellax.entities import HistoryEvent, Item
+from rellax.errors import BundleError, UnknownItem
+from rellax.prompt import Prompt, build_user_prompt
+from rellax.sasrec import CONFIG_FILE, ITEMS_FILE, WEIGHTS_FILE, SASRec
 from rellax.spa import inject_soft_tokens
 
-__all__ = ["LLMSRec", "llmsrec_loss"]
+__all__ = ["LLMSRec", "LLMSRecRanker", "llmsrec_loss", "recent_history"]
+
+WEIGHTS, ITEM_VECTORS, HNSW = "llmsrec.safetensors", "item_vectors.safetensors", "items.hnsw"
+HNSW_EF = 200  # query beam: recall@10 1.0 on 20 users x 1,682 items (tests/test_llmsrec.py)
+SASREC_FILES = (WEIGHTS_FILE, CONFIG_FILE, ITEMS_FILE)
+
+
+def recent_history(
+    items: Mapping[int, Item], events: Iterable[tuple[int, int]], k: int
+) -> list[tuple[Item, int]]:
+    """The last k (item, unix time) of (item id, time) events the catalogue knows, oldest first:
+    what the user prompt shows, in training and serving alike."""
+    return [(items[int(i)], int(t)) for i, t in events if int(i) in items][-k:] if k > 0 else []
 
 
 def _mlp(d_in: int, d_out: int) -> nn.Sequential:
@@ -65,7 +85,8 @@ class LLMSRec(nn.Module):
         embeds = self.lm.get_input_embeddings()(ids)
         positions = [[*p.hist_positions, p.target_position] for p in prompts]
         embeds = inject_soft_tokens(embeds, positions, [v.to(embeds.dtype) for v in soft])
-        with precision.compute(self.lm):  # the bf16 recipe where the base is bf16, as the scorer runs it
+        # The frozen base alone: in a bundle the same LM carries ReLLaX's CFLoRA adapters.
+        with precision.compute(self.lm), adapters_disabled(self.lm):
             hidden = self.lm.model(
                 inputs_embeds=embeds, attention_mask=mask, use_cache=False
             ).last_hidden_state
@@ -104,3 +125,153 @@ def llmsrec_loss(
         "distill": distill,
         "uniform": uniform,
     }
+
+
+class LLMSRecRanker:
+    """LLM-SRec at serving time: one user pass, then dot products with the stored item vectors.
+
+    Folder layout (written by `LLMSRecRanker.write`, read by `load`; a bundle keeps it as `llmsrec/`):
+    `llmsrec.json` (k, widths), `llmsrec.safetensors` (the trained small modules),
+    `item_vectors.safetensors` (f_item of the whole catalogue), `items.hnsw` (hnswlib, inner
+    product search over those vectors, for candidate generation) and the SASRec teacher's files (its item
+    embeddings feed `[hist]`). The LLM is the caller's: a bundle passes the base it already holds
+    (its CFLoRA adapters are switched off for this pass), so the service keeps one copy of the weights.
+    """
+
+    FILES = ("llmsrec.json", WEIGHTS, ITEM_VECTORS, HNSW, *SASREC_FILES)
+
+    def __init__(
+        self,
+        model: LLMSRec,
+        sasrec: SASRec,
+        tokenizer,  # noqa: ANN001
+        items: Mapping[int, Item],
+        item_ids: np.ndarray,
+        vectors: np.ndarray,
+        hnsw,  # noqa: ANN001 - hnswlib.Index over `vectors` (labels = rows)
+        k: int,
+    ) -> None:
+        self.model, self.sasrec, self.tokenizer, self.items, self.k = (
+            model.eval(),
+            sasrec,
+            tokenizer,
+            items,
+            k,
+        )
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.rows = {int(i): r for r, i in enumerate(self.item_ids)}
+        self.hnsw = hnsw
+        # adapters_disabled flips module state on the shared LM: one pass at a time.
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def write(
+        folder: Path, model: LLMSRec, item_ids: Sequence[int], vectors: torch.Tensor, sasrec_dir: Path, k: int
+    ) -> None:
+        """Save a trained model's small modules, the catalogue's item vectors and their hnswlib index."""
+        import shutil
+
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(
+            {n: p.detach().float().contiguous() for n, p in model.trainable().items()}, folder / WEIGHTS
+        )
+        ids = torch.tensor(list(item_ids), dtype=torch.long)
+        save_file({"item_ids": ids, "vectors": vectors.float().contiguous()}, folder / ITEM_VECTORS)
+        _build_hnsw(vectors.float().numpy()).save_index(str(folder / HNSW))
+        for name in SASREC_FILES:
+            shutil.copy2(Path(sasrec_dir) / name, folder / name)
+        cf_dim, out_dim = model.f_cf[0].in_features, model.f_user[-1].out_features
+        (folder / "llmsrec.json").write_text(json.dumps({"k": k, "cf_dim": cf_dim, "out_dim": out_dim}))
+
+    @classmethod
+    def load(cls, folder: Path, lm: nn.Module, tokenizer, items: Mapping[int, Item]) -> LLMSRecRanker:  # noqa: ANN001
+        """Read a folder written by `write` over `lm`; BundleError naming a missing or mismatched part."""
+        import hnswlib
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        missing = [n for n in cls.FILES if not (folder / n).exists()]
+        if missing:
+            raise BundleError(f"{folder}: LLM-SRec file(s) missing: {missing}")
+        config = json.loads((folder / "llmsrec.json").read_text())
+        model = LLMSRec(lm, cf_dim=int(config["cf_dim"]), out_dim=int(config["out_dim"]))
+        result = model.load_state_dict(load_file(folder / WEIGHTS), strict=False)
+        lacking = [n for n in result.missing_keys if not n.startswith("lm.")]
+        if result.unexpected_keys or lacking:
+            raise BundleError(
+                f"{folder / WEIGHTS} does not fit LLM-SRec: {(result.unexpected_keys + lacking)[:3]}"
+            )
+        model.to(next(lm.parameters()).device)
+        stored = load_file(folder / ITEM_VECTORS)
+        ids, vectors = stored["item_ids"].numpy(), stored["vectors"].numpy()
+        if len(ids) != len(vectors) or vectors.shape[1] != int(config["out_dim"]):
+            raise BundleError(f"{folder / ITEM_VECTORS}: {len(ids)} ids for vectors {tuple(vectors.shape)}")
+        hnsw = hnswlib.Index(space="l2", dim=vectors.shape[1] + 1)  # see _augment
+        hnsw.load_index(str(folder / HNSW), max_elements=len(ids))
+        hnsw.set_ef(HNSW_EF)  # a saved index does not keep its beam: hnswlib loads with ef = 10
+        if hnsw.get_current_count() != len(ids):
+            raise BundleError(f"{folder / HNSW} holds {hnsw.get_current_count()} items, vectors {len(ids)}")
+        return cls(model, SASRec.load(folder), tokenizer, items, ids, vectors, hnsw, int(config["k"]))
+
+    @torch.no_grad()
+    def user_vector(self, history: Sequence[HistoryEvent]) -> np.ndarray:
+        """(D,) float32: the user prompt over the last k events (oldest first) through the LLM."""
+        shown = recent_history(self.items, ((e.item_id, e.timestamp) for e in history), self.k)
+        prompt = build_user_prompt(self.tokenizer, shown, k=self.k)
+        emb = self.sasrec.item_vectors(
+            torch.tensor(self.sasrec.rows([it.item_id for it, _ in shown]), dtype=torch.long)
+        )
+        with self._lock:
+            return self.model.user_vectors([prompt], [emb])[0].float().numpy()
+
+    def scores(self, user: np.ndarray, item_ids: Sequence[int]) -> np.ndarray:
+        """user . item for each id (float64, request order); an id without a vector raises UnknownItem."""
+        unknown = [int(i) for i in item_ids if int(i) not in self.rows]
+        if unknown:
+            raise UnknownItem(unknown)
+        rows = np.fromiter((self.rows[int(i)] for i in item_ids), dtype=np.int64, count=len(item_ids))
+        return (self.vectors[rows] @ user.astype(np.float32)).astype(np.float64)
+
+    def candidates(self, user: np.ndarray, n: int, exclude: Iterable[int] = ()) -> list[int]:
+        """The top n item ids by user . item, none of `exclude`, best first: from the hnswlib index,
+        or exactly (one small matrix product) when n is a large share of what may be returned, where
+        a filtered graph walk can run out of neighbours."""
+        banned = {self.rows[int(i)] for i in exclude if int(i) in self.rows}
+        n = min(n, len(self.item_ids) - len(banned))
+        if n <= 0:
+            return []
+        if 4 * n <= len(self.item_ids) - len(banned):
+            if self.hnsw.ef < 2 * n:
+                self.hnsw.set_ef(2 * n)
+            try:
+                query = np.append(user.astype(np.float32), np.float32(0))[None]  # see _augment
+                labels, _ = self.hnsw.knn_query(query, k=n, num_threads=1, filter=lambda r: r not in banned)
+                return [int(self.item_ids[r]) for r in labels[0]]
+            except RuntimeError:  # hnswlib found fewer than n under the filter
+                pass
+        scores = self.vectors @ user.astype(np.float32)
+        scores[list(banned)] = -np.inf
+        return [int(self.item_ids[r]) for r in np.argsort(-scores, kind="stable")[:n]]
+
+
+def _augment(vectors: np.ndarray) -> np.ndarray:
+    """Maximum inner product search as nearest neighbours (Bachrach et al., 2014): append
+    sqrt(R^2 - |v|^2), R the largest norm, so |q' - v'|^2 = |q|^2 + R^2 - 2 q.v for q' = (q, 0).
+    hnswlib's "ip" space over raw, unnormalised vectors is no metric and its graph misses top items."""
+    norms = np.linalg.norm(vectors, axis=1)
+    extra = np.sqrt(np.maximum(norms.max() ** 2 - norms**2, 0.0))
+    return np.hstack([vectors, extra[:, None]]).astype(np.float32)
+
+
+def _build_hnsw(vectors: np.ndarray, seed: int = 0):  # noqa: ANN202 - hnswlib.Index
+    """hnswlib (space "l2") over the augmented item vectors: the nearest are the top dot products."""
+    import hnswlib
+
+    index = hnswlib.Index(space="l2", dim=vectors.shape[1] + 1)
+    index.init_index(max_elements=len(vectors), ef_construction=200, M=16, random_seed=seed)
+    index.add_items(_augment(vectors), np.arange(len(vectors)), num_threads=1)  # one thread: reproducible
+    index.set_ef(HNSW_EF)
+    return index

@@ -15,8 +15,9 @@ from service.metrics import Metrics
 from service.pipeline import ScoringPipeline
 from service.settings import Settings
 from service.store import HistoryStore
+from service.strategies import Reranker
 
-__all__ = ["BatcherDep", "BundleDep", "MetricsDep", "PipelineDep", "SettingsDep", "StoreDep"]
+__all__ = ["BatcherDep", "BundleDep", "MetricsDep", "PipelineDep", "RerankerDep", "SettingsDep", "StoreDep"]
 
 
 def _state(name: str) -> Any:
@@ -33,3 +34,4 @@ BundleDep = Annotated[Any, Depends(_state("bundle"))]  # rellax.bundle.Bundle (i
 StoreDep = Annotated[HistoryStore, Depends(_state("store"))]
 BatcherDep = Annotated[MicroBatcher, Depends(_state("batcher"))]
 PipelineDep = Annotated[ScoringPipeline, Depends(_state("pipeline"))]
+RerankerDep = Annotated[Reranker, Depends(_state("reranker"))]

@@ -30,6 +30,7 @@ from service.schemas import ErrorDetail, ErrorResponse
 
 __all__ = [
     "DeadlineExceeded",
+    "InvalidRequest",
     "LimitExceeded",
     "Overloaded",
     "RateLimited",
@@ -53,6 +54,12 @@ class ServiceError(RellaxError):
         super().__init__(message)
         self.param = param
         self.retry_after = retry_after
+
+
+class InvalidRequest(ServiceError):
+    """A well-formed request this bundle or configuration cannot serve; `param` names the field."""
+
+    status, type, code = 422, "invalid_request_error", "invalid_value"
 
 
 class Overloaded(ServiceError):

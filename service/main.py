@@ -26,6 +26,7 @@ from service.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
 from service.pipeline import ScoringPipeline
 from service.settings import Settings
 from service.store import HistoryStore, connect
+from service.strategies import Reranker
 
 __all__ = ["build_backend", "create_app", "load_bundle", "warn_if_deadline_too_short"]
 
@@ -75,6 +76,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             bundle, store, batcher, app.state.metrics, k=s.k, deadline_s=s.deadline_ms / 1000,
             max_candidates=s.max_candidates, overload_mode=s.overload_mode, redis_down_mode=s.redis_down_mode,
         )  # fmt: skip
+        app.state.reranker = Reranker(
+            app.state.pipeline, cascade_m=s.cascade_m, cascade_m_max=s.cascade_m_max, generate_n=s.generate_n,
+            max_rank_candidates=s.max_rank_candidates,
+        )  # fmt: skip
         app.state.canary_ok = await app.state.pipeline.canary()
         app.state.candidates_per_s = await app.state.pipeline.measure_capacity(min(s.max_batch, 8))
         warn_if_deadline_too_short(s, app.state.candidates_per_s)
@@ -84,6 +89,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             backend=s.backend,
             dtype=getattr(backend, "compute_dtype", None),
             canary=app.state.canary_ok,
+            llmsrec=getattr(bundle, "llmsrec", None) is not None,
         )
         yield
 

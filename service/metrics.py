@@ -53,6 +53,14 @@ class Metrics:
             "rellax_rate_limited", "Requests refused with 429, by key id (anonymous with auth off).",
             ["key_id"], registry=r,
         )  # fmt: skip  # rellax_rate_limited_total; one series per configured key at most
+        self.rerank_duration = Histogram(
+            "rellax_rerank_duration_seconds", "/v1/rerank latency inside the service, by strategy.",
+            ["strategy"], buckets=LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.scored = Counter(
+            "rellax_candidates_scored", "Candidates scored, by model: rellax (the LLM), llmsrec (dot "
+            "products after one user pass), din (the degraded fallback).", ["model"], registry=r,
+        )  # fmt: skip  # rellax_candidates_scored_total
         self.cold_starts = Counter(
             "rellax_cold_starts", "Requests for users with no stored history.", registry=r
         )  # rellax_cold_starts_total

@@ -109,9 +109,16 @@ class ScoringPipeline:
                 max_candidates=max_candidates,
             )
 
-    async def score(self, user_id: str, item_ids: Sequence[int], endpoint: str) -> ScoreResult:
+    async def score(
+        self,
+        user_id: str,
+        item_ids: Sequence[int],
+        endpoint: str,
+        user: tuple[UserState, bool] | None = None,
+    ) -> ScoreResult:
         """Score `item_ids` for `user_id`; raises UnknownItem, LimitExceeded, HistoryStoreError,
-        Overloaded, DeadlineExceeded, BackendError (mapped to HTTP in service.errors)."""
+        Overloaded, DeadlineExceeded, BackendError (mapped to HTTP in service.errors). `user`: the
+        (state, store_down) `fetch_user` already returned for this request (no second Redis trip)."""
         start = time.perf_counter()
         deadline = time.monotonic() + self.deadline_s
         self._check(item_ids)
@@ -120,7 +127,7 @@ class ScoringPipeline:
         count = len(item_ids)
         admitted = self._admit(count)  # raises Overloaded, or False: degrade mode, DIN only
         try:
-            state, store_down = await self._user(user_id, stages)
+            state, store_down = user if user is not None else await self.fetch_user(user_id, stages)
             if state.cold_start and not store_down:
                 self.metrics.cold_starts.inc()
             if time.monotonic() >= deadline:
@@ -143,6 +150,7 @@ class ScoringPipeline:
                     raise
         if scores is None:  # degraded: DIN's own CTR, a 200 with degraded: true
             self.metrics.degraded.labels(endpoint=endpoint).inc()
+        self.metrics.scored.labels(model="din" if scores is None else "rellax").inc(len(prepared))
         items = [
             Scored(
                 item_id=int(p.item_id),
@@ -228,7 +236,9 @@ class ScoringPipeline:
         self.admitted += n
         return True
 
-    async def _user(self, user_id: str, stages: dict[str, float]) -> tuple[UserState, bool]:
+    async def fetch_user(self, user_id: str, stages: dict[str, float]) -> tuple[UserState, bool]:
+        """(history + profile, store_down): Redis once, timed into stages["redis"]; with
+        REDIS_DOWN_MODE=degrade a store outage is an empty state and store_down=True."""
         t = time.perf_counter()
         try:
             state = await self.store.fetch(user_id)

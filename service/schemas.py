@@ -119,8 +119,28 @@ class ScoreRequest(_Model):
 
 
 class RerankRequest(ScoreRequest):
-    """Score candidates for one user and return them best first."""
+    """Rank candidates (or, without item_ids, LLM-SRec's own retrieval) for one user, best first."""
 
+    item_ids: list[ItemId] | None = Field(  # type: ignore[assignment]
+        None,
+        min_length=1,
+        description="Candidate item ids, no duplicates. Omit them to rank LLM-SRec's top n_candidates "
+        "from the catalogue (items already in the history excluded). At most RELLAX_MAX_CANDIDATES "
+        "for strategy rellax, RELLAX_MAX_RANK_CANDIDATES for llmsrec and cascade.",
+        examples=[[50, 181, 258]],
+    )
+    strategy: Literal["rellax", "llmsrec", "cascade"] = Field(
+        "rellax",
+        description="rellax: ReLLaX scores every candidate. llmsrec: one LLM-SRec user pass, then a dot "
+        "product per candidate. cascade: LLM-SRec ranks all, ReLLaX re-scores its top m.",
+    )
+    m: int | None = Field(
+        None, ge=1, strict=True, description="Cascade only: how many to re-score (default RELLAX_CASCADE_M)."
+    )
+    n_candidates: int | None = Field(
+        None, ge=1, strict=True,
+        description="Without item_ids only: candidates to retrieve (default RELLAX_GENERATE_N).",
+    )  # fmt: skip
     top_k: int | None = Field(
         None,
         ge=1,
@@ -128,13 +148,13 @@ class RerankRequest(ScoreRequest):
         description="Return only the best top_k items (omit it for all; null is an error).",
     )
 
-    @field_validator("top_k", mode="before")
+    @field_validator("top_k", "m", "n_candidates", "item_ids", mode="before")
     @classmethod
-    def _no_null(cls, top_k: object) -> object:
-        # Omitted means all; an explicit null is a client bug that would silently return everything.
-        if top_k is None:
-            raise ValueError("must be a positive integer; omit top_k to return all items")
-        return top_k
+    def _no_null(cls, value: object) -> object:
+        # Omitted means the default; an explicit null is a client bug that would silently change it.
+        if value is None:
+            raise ValueError("must not be null; omit the field for its default")
+        return value
 
 
 class Timing(_Model):
@@ -171,20 +191,44 @@ class ScoreResponse(_Model):
     timing: Timing = Field(description="Latency breakdown.")
 
 
-class RerankedItem(ScoredItem):
-    """One candidate with its rank."""
+class RerankedItem(_Model):
+    """One candidate with its rank and the model whose score placed it."""
 
+    item_id: int = Field(description="The candidate item id.")
     rank: int = Field(ge=1, description="1 = most likely click.")
+    scored_by: Literal["rellax", "llmsrec", "din"] = Field(
+        description="Whose score set the rank: rellax (P(click) from the LLM), llmsrec (the user . item dot "
+        "product; with cascade, the candidates below the top m), din (the degraded fallback)."
+    )
+    p_click: float | None = Field(
+        ge=0,
+        le=1,
+        description="P(click) from ReLLaX (or DIN if degraded); null when LLM-SRec alone scored it.",
+    )
+    llmsrec_score: float | None = Field(
+        description="LLM-SRec's user . item dot product (strategies llmsrec and cascade); null otherwise."
+    )
+    retrieved: list[int] = Field(
+        description="History item ids shown to the model that scored it, in prompt order."
+    )
+    degraded: bool = Field(description="True when scored by the DIN fallback instead of the LLM.")
 
 
 class RerankResponse(_Model):
-    """Candidates sorted by p_click, best first."""
+    """Candidates best first."""
 
     user_id: str = Field(description="The user scored.")
     model_version: str = Field(description="Version of the bundle that scored.")
+    strategy: Literal["rellax", "llmsrec", "cascade"] = Field(description="The strategy that ranked.")
+    generated: bool = Field(
+        description="True when the candidates came from LLM-SRec's retrieval (no item_ids)."
+    )
     cold_start: bool = Field(description="True when the user has no stored history.")
     degraded: bool = Field(description="True when any score came from the DIN fallback.")
-    items: list[RerankedItem] = Field(description="Best first; ties keep request order.")
+    items: list[RerankedItem] = Field(
+        description="Best first (with cascade: the re-scored top m by p_click, then the rest by "
+        "llmsrec_score); ties keep request order."
+    )
     timing: Timing = Field(description="Latency breakdown.")
 
 

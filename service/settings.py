@@ -90,7 +90,20 @@ class Settings(BaseSettings):
     )
     history_cap: int = Field(1000, ge=1, description="Newest events kept per user in Redis.")
     max_candidates: int = Field(
-        200, ge=1, description="Most item ids in one /v1/score or /v1/rerank request."
+        200, ge=1, description="Most candidates ReLLaX scores in one request (/v1/score, /v1/rerank)."
+    )
+    max_rank_candidates: int = Field(
+        2000, ge=1,
+        description="Most item ids in one /v1/rerank request with strategy llmsrec or cascade.",
+    )  # fmt: skip
+    cascade_m: int = Field(
+        10, ge=1, description="Cascade: LLM-SRec's top M that ReLLaX re-scores (request `m`)."
+    )
+    cascade_m_max: int = Field(50, ge=1, description="Largest `m` a /v1/rerank request may ask for.")
+    generate_n: int = Field(
+        100,
+        ge=1,
+        description="/v1/rerank without item_ids: candidates LLM-SRec retrieves (request `n_candidates`).",
     )
     max_body_bytes: int = Field(1_048_576, ge=1024, description="Largest accepted request body (413 above).")
     overload_mode: Literal["reject", "degrade"] = Field(

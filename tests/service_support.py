@@ -54,10 +54,10 @@ def _bundle_api() -> Any:
 
 @functools.cache
 def tiny_bundle_path() -> Path:
-    """Built once per test process, removed at exit."""
+    """Built once per test process, removed at exit; carries a tiny LLM-SRec for /v1/rerank's strategies."""
     folder = Path(tempfile.mkdtemp(prefix="rellax-service-bundle-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    return Path(_bundle_api().make_tiny_bundle(folder))
+    return Path(_bundle_api().make_tiny_bundle(folder, llmsrec=True))
 
 
 @functools.cache

@@ -276,7 +276,7 @@ async def test_unknown_items_are_404_naming_them(redis_url: str) -> None:
         ("/v1/score", {"user_id": "u", "item_ids": [True, False]}, "item_ids.0", "must be an integer"),
         ("/v1/score", {"user_id": "u", "item_ids": [2.0]}, "item_ids.0", "must be an integer"),
         ("/v1/score", {"user_id": "u", "item_ids": ["7x"]}, "item_ids.0", "string of digits"),
-        ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": None}, "top_k", "omit top_k"),
+        ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": None}, "top_k", "omit the field"),
         ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": True}, "top_k", "integer"),
         ("/v1/rerank", {"user_id": "u", "item_ids": [1], "top_k": 2.0}, "top_k", "integer"),
         (

@@ -18,7 +18,6 @@ killed run resumes there. The output folder holds `llmsrec.safetensors` (trainab
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 from rellax.entities import Item
-from rellax.llmsrec import LLMSRec, llmsrec_loss
+from rellax.llmsrec import LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.prompt import build_item_prompt, build_user_prompt
@@ -40,7 +39,6 @@ from training.sasrec import train_sequences
 __all__ = ["LLMSRecConfig", "catalogue_vectors", "main", "user_vectors"]
 
 log = get_logger(__name__)
-WEIGHTS_FILE, ITEMS_FILE = "llmsrec.safetensors", "item_vectors.safetensors"
 
 
 @dataclass
@@ -62,7 +60,7 @@ class LLMSRecConfig:
 
 
 def _history(items: dict[int, Item], ids: np.ndarray, times: np.ndarray, k: int) -> list[tuple[Item, int]]:
-    return [(items[int(i)], int(t)) for i, t in list(zip(ids, times, strict=True))[-k:] if int(i) in items]
+    return recent_history(items, zip(ids.tolist(), times.tolist(), strict=True), k)
 
 
 def user_vectors(
@@ -119,8 +117,6 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
     """Train (resuming a checkpoint in `cfg.out`), select on valid NDCG@10, save; returns metrics.
     Past `deadline` (`time.monotonic()`) it stops at the next evaluation, checkpoint kept, with
     TimeoutError: the same call later goes on from there."""
-    from safetensors.torch import save_file
-
     from rellax.assets import prepare_model
     from training.datasets import load_dataset
     from training.llm_data import Catalogue
@@ -225,12 +221,8 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
     test_cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)[: cfg.test_users]
     scores, _ = rank_cases(model, sasrec, tokenizer, items, test_cases, cfg.k)
     vectors = catalogue_vectors(model, tokenizer, items)  # all of it: candidate generation serves any
-    save_file({n: p.detach().contiguous() for n, p in params.items()}, cfg.out / WEIGHTS_FILE)
     ids = sorted(vectors)
-    save_file({"item_ids": torch.tensor(ids), "vectors": torch.stack([vectors[i] for i in ids]).contiguous()},
-              cfg.out / ITEMS_FILE)  # fmt: skip
-    for name in ("sasrec.safetensors", "sasrec.json", "sasrec_items.json"):
-        shutil.copy2(cfg.sasrec_dir / name, cfg.out / name)
+    LLMSRecRanker.write(cfg.out, model, ids, torch.stack([vectors[i] for i in ids]), cfg.sasrec_dir, cfg.k)
     result = {
         "valid": max(history, key=lambda h: h["ndcg@10"]),
         "test": rank_metrics(scores),

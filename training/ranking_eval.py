@@ -203,23 +203,16 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
 def _llmsrec_scores(
     cfg: RankingConfig, sasrec, data, cases, shuffled
 ) -> tuple[np.ndarray, float, np.ndarray]:  # noqa: ANN001
-    from safetensors.torch import load_file
-
     from rellax.assets import prepare_model
-    from rellax.llmsrec import LLMSRec
+    from rellax.llmsrec import LLMSRecRanker
     from training.llm_data import Catalogue
     from training.llm_setup import load_base_lm
-    from training.llmsrec import WEIGHTS_FILE, rank_cases
+    from training.llmsrec import rank_cases
 
-    meta = json.loads((cfg.llmsrec_dir / "metrics.json").read_text())
     lm, tokenizer = load_base_lm(prepare_model(cfg.model_dir))
-    model = LLMSRec(lm, cf_dim=sasrec.config.dim, out_dim=int(meta["config"]["out_dim"]))
-    found = model.load_state_dict(load_file(cfg.llmsrec_dir / WEIGHTS_FILE), strict=False)
-    if found.unexpected_keys or any(not k.startswith("lm.") for k in found.missing_keys):
-        raise ValueError(f"{cfg.llmsrec_dir}: weights do not fit LLM-SRec ({found})")
-    model.eval()
     items = Catalogue.from_tables(data).items
-    k = int(meta["config"]["k"])
+    ranker = LLMSRecRanker.load(cfg.llmsrec_dir, lm, tokenizer, items)  # as the service loads it
+    model, k = ranker.model, ranker.k
     started = time.perf_counter()
     scores, _ = rank_cases(model, sasrec, tokenizer, items, cases, k)
     seconds = time.perf_counter() - started

@@ -7,13 +7,14 @@ from fastapi import APIRouter
 from service.deps import BundleDep, PipelineDep
 from service.pipeline import ScoreResult
 from service.schemas import ErrorResponse, ScoredItem, ScoreRequest, ScoreResponse, Timing
+from service.strategies import RerankResult
 
 __all__ = ["router", "timing"]
 
 router = APIRouter(tags=["scoring"])
 
 
-def timing(result: ScoreResult) -> Timing:
+def timing(result: ScoreResult | RerankResult) -> Timing:
     return Timing(
         total_ms=round(1000 * result.total_s, 3),
         stages_ms={name: round(1000 * s, 3) for name, s in result.stages.items()},
