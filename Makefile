@@ -73,6 +73,7 @@ bench: setup
 	$(PY) benchmarks/torch_rows.py
 	$(PY) benchmarks/concurrency.py
 	$(PY) benchmarks/soak.py
+	$(PY) benchmarks/rerank.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache

@@ -188,6 +188,7 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneCo
     s1, s2 = _restore_study_run(name, record, tmp_path / "runs", results)
     meta = json.loads((s2 / "metrics.json").read_text())
     assert meta["config"]["stage1"] == str(s1)  # points at the restored stage 1, not the trainer's cache
+    llmsrec = _random_llmsrec(tmp_path / "llmsrec", tune.model_dir)
     bundle = export(
         ExportConfig(
             stage2=s2,
@@ -196,11 +197,43 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneCo
             merged=False,
             model_dir=tune.model_dir,
             index_dir=tune.index_dir,
+            llmsrec=llmsrec,
         )  # fmt: skip
     )
     assert bundle["training"]["stage2_run_id"] == meta["run_id"]
+    assert bundle["training"]["llmsrec"]["test"] == {"ndcg@10": 0.5, "hr@10": 0.7, "n": 3}
+    assert "llmsrec/items.hnsw" in bundle["files"]  # checksummed like every other part
     loaded = Bundle.load(tmp_path / "bundle")
     assert loaded.config.k == record["trial"]["k"]
     item = sorted(loaded.items)[0]
     (p,) = loaded.score_prepared(loaded.prepare(Profile(), [], [item]))
     assert 0.0 < p < 1.0
+    # LLM-SRec rides along over the same base; its user pass leaves ReLLaX's adapters as they were.
+    from rellax.entities import HistoryEvent
+
+    user = loaded.llmsrec.user_vector([HistoryEvent(item, 4.0, 880_000_000)])
+    assert user.shape == (16,) and len(loaded.llmsrec.candidates(user, 5, exclude=[item])) == 5
+    (again,) = loaded.score_prepared(loaded.prepare(Profile(), [], [item]))
+    assert again == p
+
+
+def _random_llmsrec(folder: Path, model_dir: Path) -> Path:
+    """An untrained LLM-SRec folder over the tiny LLM, as `rellax train llmsrec` lays it out."""
+    import numpy as np
+    import torch
+
+    from rellax.llmsrec import LLMSRec, LLMSRecRanker
+    from rellax.sasrec import SASRec, SASRecConfig
+    from training.llm_setup import load_base_lm
+
+    lm, _ = load_base_lm(model_dir)
+    ids = list(range(1, 1683))
+    SASRec(SASRecConfig(len(ids), dim=8), SASRec.item_map(np.array(ids))).save(folder / "teacher")
+    torch.manual_seed(0)
+    model = LLMSRec(lm, cf_dim=8, out_dim=16)
+    LLMSRecRanker.write(folder, model, ids, torch.randn(len(ids), 16), folder / "teacher", k=10)
+    (folder / "metrics.json").write_text(json.dumps({
+        "config": {"steps": 0}, "valid": {}, "test": {"ndcg@10": 0.5, "hr@10": 0.7, "n": 3},
+        "train_seconds": 0.0, "examples": 0,
+    }))  # fmt: skip
+    return folder

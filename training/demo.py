@@ -1,5 +1,6 @@
 """The offline half of `make demo`: assets -> samples -> DIN -> item index -> stage 1 -> stage 2 ->
-eval -> bundle, each step cached so a second run only re-checks. Prints what it made and where.
+eval -> LLM-SRec (SASRec teacher + the frozen LLM's small modules) -> bundle, each step cached so
+a second run only re-checks. Prints what it made and where.
 
 In a clone of the repository the two LLM stages are not trained here: the demo builds its bundle
 from the best ReLLaX run of the recipe trials whose trainable weights are committed under
@@ -35,6 +36,10 @@ log = get_logger(__name__)
 DEMO_ROWS = 64
 DEMO_VALID_ROWS = 64
 DEMO_EVAL_ROWS = 128
+# LLM-SRec at demo size: a 20-epoch SASRec teacher and 30 steps of 8 users over the frozen SmolLM2
+# (the full recipe: `rellax train sasrec`, `rellax train llmsrec`; a finished full run is used instead).
+DEMO_SASREC_EPOCHS = 20
+DEMO_LLMSREC_STEPS = 30
 
 
 STUDY_RUNS = Path(__file__).resolve().parents[1] / "docs" / "results" / "tune"
@@ -86,8 +91,33 @@ def demo_paths() -> dict[str, Path]:
         "stage1": runs / "stage1",
         "stage2": runs / "stage2",
         "eval": runs / "eval",
+        "sasrec": runs / "sasrec",
+        "llmsrec": runs / "llmsrec",
         "bundle": cache_dir("bundles") / "demo",
     }
+
+
+def ensure_llmsrec(paths: dict[str, Path]) -> tuple[Path, dict]:
+    """A finished full `rellax train llmsrec` run when the cache has one, else a demo-size one
+    (teacher included) trained here once: (folder, its metrics)."""
+    from training.llmsrec import LLMSRecConfig
+    from training.llmsrec import main as train_llmsrec
+    from training.sasrec import SASRecTrainConfig
+    from training.sasrec import main as train_sasrec
+
+    full = LLMSRecConfig().out
+    if (full / "metrics.json").exists():
+        return full, json.loads((full / "metrics.json").read_text())
+    folder = paths["llmsrec"]
+    if (folder / "metrics.json").exists():
+        return folder, json.loads((folder / "metrics.json").read_text())
+    if not (paths["sasrec"] / "sasrec.safetensors").exists():
+        train_sasrec(SASRecTrainConfig(out=paths["sasrec"], max_epochs=DEMO_SASREC_EPOCHS))
+    cfg = LLMSRecConfig(
+        out=folder, sasrec_dir=paths["sasrec"], steps=DEMO_LLMSREC_STEPS, eval_every=DEMO_LLMSREC_STEPS,
+        valid_users=64, test_users=128,
+    )  # fmt: skip
+    return folder, train_llmsrec(cfg)
 
 
 def build(
@@ -169,12 +199,23 @@ def build(
         )
         report.update(scored)
         eval_json.write_text(json.dumps(report, indent=2))
+    llmsrec_dir, llmsrec = ensure_llmsrec(paths)
+    t = llmsrec["test"]
+    lines.append(
+        f"LLM-SRec       test NDCG@10 {t['ndcg@10']:.4f} HR@10 {t['hr@10']:.4f} on {t['n']} users "
+        f"(1 liked vs 99), {llmsrec['examples']} training examples  ({llmsrec_dir})"
+    )
     manifest_path = paths["bundle"] / "manifest.json"
     bundle = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
-    if bundle.get("training", {}).get("stage2_run_id") != s2.get("run_id"):
+    made = bundle.get("training", {})
+    if (
+        made.get("stage2_run_id") != s2.get("run_id")
+        or made.get("llmsrec", {}).get("config") != llmsrec["config"]
+    ):
         cfg = ExportConfig(
-            stage2=paths["stage2"], out=paths["bundle"], eval_json=eval_json, merged_valid_rows=valid_rows
-        )
+            stage2=paths["stage2"], out=paths["bundle"], eval_json=eval_json, merged_valid_rows=valid_rows,
+            llmsrec=llmsrec_dir,
+        )  # fmt: skip
         bundle = export(cfg)
     lines.append(f"bundle         {bundle['model_version']}  ({paths['bundle']})")
     lines.append(f"took           {time.perf_counter() - started:.0f} s")

@@ -45,6 +45,9 @@ class ExportConfig:
     merged_valid_rows: int = 256
     model_dir: Path | None = None
     index_dir: Path | None = None
+    llmsrec: Path | None = (
+        None  # a `rellax train llmsrec` output over the same base LLM: served beside ReLLaX
+    )
 
 
 def main(cfg: ExportConfig) -> dict[str, Any]:
@@ -98,6 +101,12 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
             "stage2_run_id": meta.get("run_id"),
         },
     }
+    if cfg.llmsrec is not None:
+        trained = json.loads((cfg.llmsrec / "metrics.json").read_text())
+        extra["training"]["llmsrec"] = {  # type: ignore[index]
+            "config": trained["config"], "valid": trained["valid"], "test": trained["test"],
+            "train_seconds": trained["train_seconds"], "examples": trained["examples"],
+        }  # fmt: skip
     if cfg.merged:
         merged_info = _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config)
         metrics.update(merged_info.pop("metrics"))
@@ -113,6 +122,7 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
         spa=model.spa,
         metrics=metrics,
         extra=extra,
+        llmsrec=cfg.llmsrec,
     )
     log.info("bundle written", out=str(cfg.out), model_version=manifest_out["model_version"])
     return manifest_out

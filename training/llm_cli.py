@@ -185,11 +185,14 @@ def export(
     out: Annotated[Path | None, typer.Option(help="Bundle dir [default: cache/bundles/demo].")] = None,
     eval_json: Annotated[Path | None, typer.Option(help="eval.json to record in the manifest.")] = None,
     merged: Annotated[bool, typer.Option(help="Also write merged/ for vLLM.")] = True,
+    llmsrec: Annotated[
+        Path | None, typer.Option(help="A `rellax train llmsrec` output dir to serve beside ReLLaX.")
+    ] = None,
 ) -> None:
     """Write the bundle (and the merged vLLM checkpoint) from a stage-2 run."""
     from training.export import ExportConfig, main
 
-    cfg = ExportConfig(eval_json=eval_json, merged=merged)
+    cfg = ExportConfig(eval_json=eval_json, merged=merged, llmsrec=llmsrec)
     if stage2:
         cfg.stage2 = stage2
     if out:
