@@ -208,6 +208,10 @@ def observe_contract(metrics: Any, prom: Prometheus, scrapes: int, max_rounds: i
         for stage in STAGES:
             metrics.stage_duration.labels(stage=stage).observe(0.001 * (n + 1))
         metrics.batch_size.observe(16)
+        for strategy in ("rellax", "llmsrec", "cascade"):
+            metrics.rerank_duration.labels(strategy=strategy).observe(0.003 * (n + 1))
+        for model in ("rellax", "llmsrec", "din"):
+            metrics.scored.labels(model=model).inc(8)
         metrics.errors.labels(reason="unknown_item").inc()
         metrics.cold_starts.inc()
         metrics.rate_limited.labels(key_id="0a1b2c3d").inc()
@@ -269,6 +273,7 @@ async def drive_load(
                 ("/v1/score", {"user_id": f"dash-cold-{n}", "item_ids": cands}),
                 ("/v1/score", {"user_id": "dash-user", "item_ids": [cands[0], 2_000_000_000]}),
                 ("/v1/rerank", {"user_id": "dash-user", "item_ids": big}),
+                ("/v1/rerank", {"user_id": "dash-user", "item_ids": big, "strategy": "cascade", "m": 2}),
             ]
             for path, body in calls:
                 r = await client.post(path, json=body)
