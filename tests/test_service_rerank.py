@@ -192,3 +192,18 @@ async def test_a_bundle_without_llmsrec_says_so(redis_url: str) -> None:
     assert "needs LLM-SRec, and this bundle has none" in strat.json()["error"]["message"]
     assert gen.status_code == 422 and gen.json()["error"]["param"] == "item_ids", gen.text
     assert ok.status_code == 200 and ok.json()["strategy"] == "rellax"
+
+
+async def test_a_cold_user_is_ranked_from_the_empty_prompt(redis_url: str) -> None:
+    cands = catalogue(10, offset=20)
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        r = await client.post("/v1/rerank", json={"user_id": f"cold{uuid.uuid4().hex[:8]}", "item_ids": cands,
+                                                  "strategy": "cascade", "m": 3})  # fmt: skip
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["cold_start"] is True and all(it["retrieved"] == [] for it in body["items"])
+    want = offline_scores([], cands)
+    tail = body["items"][3:]
+    np.testing.assert_allclose(
+        [it["llmsrec_score"] for it in tail], sorted(want, reverse=True)[3:], rtol=1e-5
+    )

@@ -85,7 +85,7 @@ def train_sasrec(
 
 @train_app.command("llmsrec")
 def train_llmsrec(
-    steps: Annotated[int, typer.Option(help="Optimizer steps (batch 8 users each).")] = 200,
+    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
     sasrec_dir: Annotated[
         Path | None, typer.Option(help="The trained teacher (rellax train sasrec).")
     ] = None,
@@ -94,13 +94,24 @@ def train_llmsrec(
     ] = None,
     out: Annotated[Path | None, typer.Option(help="Output folder (default: cache/llmsrec/ml100k).")] = None,
     hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
+    eval_every: Annotated[
+        int, typer.Option(help="Steps between validations (each ranks with a fresh catalogue pass).")
+    ] = 50,
+    valid_users: Annotated[int | None, typer.Option(help="Validation users (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Users per optimizer step.")] = 8,
 ) -> None:
     """Train LLM-SRec over the frozen LLM, distilling SASRec; print its ranking metrics."""
     import time
 
     from training.llmsrec import LLMSRecConfig, main
 
-    cfg = LLMSRecConfig(steps=steps, model_dir=model_dir)
+    cfg = LLMSRecConfig(
+        steps=steps,
+        model_dir=model_dir,
+        eval_every=eval_every,
+        valid_users=valid_users,
+        batch_size=batch_size,
+    )
     cfg.out = out or cfg.out
     cfg.sasrec_dir = sasrec_dir or cfg.sasrec_dir
     if not (cfg.sasrec_dir / "sasrec.safetensors").exists():

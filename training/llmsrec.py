@@ -103,10 +103,20 @@ def catalogue_vectors(
 
 
 def rank_cases(
-    model: LLMSRec, sasrec: SASRec, tokenizer, items: dict[int, Item], cases: list[RankingCase], k: int
-) -> tuple[np.ndarray, dict[int, torch.Tensor]]:  # noqa: ANN001
-    """(n, candidates) scores of the cases, and the item vectors they came from (the candidates')."""
-    vectors = catalogue_vectors(model, tokenizer, items, only={int(i) for c in cases for i in c.candidates})
+    model: LLMSRec,
+    sasrec: SASRec,
+    tokenizer,  # noqa: ANN001
+    items: dict[int, Item],
+    cases: list[RankingCase],
+    k: int,
+    vectors: dict[int, torch.Tensor] | None = None,
+) -> tuple[np.ndarray, dict[int, torch.Tensor]]:
+    """(n, candidates) scores of the cases, and the item vectors they came from (the candidates', or
+    the given `vectors`: one catalogue pass costs minutes on a CPU, so it is not repeated)."""
+    if vectors is None:
+        vectors = catalogue_vectors(
+            model, tokenizer, items, only={int(i) for c in cases for i in c.candidates}
+        )
     users = user_vectors(model, sasrec, tokenizer, items, cases, k)
     zero = torch.zeros_like(next(iter(vectors.values())))
     cand = torch.stack([torch.stack([vectors.get(int(i), zero) for i in c.candidates]) for c in cases])
@@ -219,8 +229,8 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
                 p.copy_(best_state[n])
     model.eval()
     test_cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)[: cfg.test_users]
-    scores, _ = rank_cases(model, sasrec, tokenizer, items, test_cases, cfg.k)
     vectors = catalogue_vectors(model, tokenizer, items)  # all of it: candidate generation serves any
+    scores, _ = rank_cases(model, sasrec, tokenizer, items, test_cases, cfg.k, vectors=vectors)
     ids = sorted(vectors)
     LLMSRecRanker.write(cfg.out, model, ids, torch.stack([vectors[i] for i in ids]), cfg.sasrec_dir, cfg.k)
     result = {
