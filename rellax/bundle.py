@@ -488,6 +488,8 @@ def _tiny_llmsrec_seeded(folder: Path, lm: torch.nn.Module, tokenizer, items: Se
     model = LLMSRec(lm, cf_dim=16, out_dim=32).eval()
     with torch.no_grad():
         prompts = [build_item_prompt(tokenizer, it) for it in items]
-        vectors = torch.cat([model.item_vectors(prompts[s : s + 64]) for s in range(0, len(prompts), 64)])
+        embs = sasrec.item_vectors(torch.tensor(sasrec.rows(ids)))
+        vectors = torch.cat([model.item_vectors(prompts[s : s + 64], embs[s : s + 64])
+                             for s in range(0, len(prompts), 64)])  # fmt: skip
     LLMSRecRanker.write(folder, model, ids, vectors, folder / "sasrec", k=10)
     return folder

@@ -1,10 +1,11 @@
 """LLM-SRec (DESIGN §11): a frozen LLM reads a user's sequence, small modules learn to use it.
 
 Trained: `hist_proj` (SASRec item embedding -> LLM width, written at each `[hist]` of the user
-prompt), the learned `[UserOut]` / `[ItemOut]` input vectors (written at the prompt's final
-`[target]`), and the heads f_user, f_item (LLM width -> 128) and f_CF (SASRec width -> 128). The
-LLM's last-layer hidden state at the read-out token, through f_user or f_item, is a user or item
-vector in one 128-d space; score = their dot product. Item vectors do not depend on the user, so a
+prompt and at the item's own `[hist]` in its item prompt), the learned `[UserOut]` / `[ItemOut]`
+input vectors (written at the prompt's final `[target]`), and the heads f_user, f_item (LLM
+width -> 128) and f_CF (SASRec width -> 128). The LLM's last-layer hidden state at the read-out
+token, through f_user or f_item, is a user or item vector in one 128-d space; score = their dot
+product. Item vectors do not depend on the user, so a
 catalogue's are computed once and one LLM pass per user ranks any number of candidates.
 
 Loss (the authors' code, weights 1:1:1): softmax retrieval over 1 positive + negatives
@@ -100,9 +101,11 @@ class LLMSRec(nn.Module):
         soft = [torch.cat([self.hist_proj(e.float()), self.user_out[None]]) for e in hist_embeddings]
         return self.f_user(self._read(prompts, soft))
 
-    def item_vectors(self, prompts: Sequence[Prompt]) -> torch.Tensor:
-        """(B, out_dim) from item prompts."""
-        return self.f_item(self._read(prompts, [self.item_out[None] for _ in prompts]))
+    def item_vectors(self, prompts: Sequence[Prompt], item_embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, out_dim) from item prompts and each item's (cf_dim,) SASRec embedding, (B, cf_dim):
+        the collaborative signal reaches the item side too, through the same projector as `[hist]`."""
+        soft = self.hist_proj(item_embeddings.float())
+        return self.f_item(self._read(prompts, [torch.stack([e, self.item_out]) for e in soft]))
 
 
 def _uniformity(x: torch.Tensor, t: float = 2.0) -> torch.Tensor:

@@ -337,11 +337,12 @@ def build_user_prompt(tokenizer, history: Sequence[tuple[Item, int]], *, k: int 
 
 
 def build_item_prompt(tokenizer, item: Item) -> Prompt:  # noqa: ANN001
-    """LLM-SRec's item prompt: the item's title and genre, then `[target]` (the [ItemOut] position)."""
+    """LLM-SRec's item prompt: the item's title and genre with one `[hist]` (the item's own SASRec
+    embedding, as the authors' item prompt carries its [HistoryEmb]), then `[target]` ([ItemOut])."""
     return _soft_prompt(
         tokenizer,
-        f"The movie {item.title}, a {item.genre.lower()} film, is {TARGET_TOKEN}",
-        [],
+        f"The movie {item.title} {HIST_TOKEN}, a {item.genre.lower()} film, is {TARGET_TOKEN}",
+        [item.item_id],
         item.item_id,
-        0,
+        1,
     )

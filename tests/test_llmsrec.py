@@ -31,7 +31,12 @@ def test_user_and_item_prompts_place_one_soft_token_per_item_and_end_on_the_read
     empty = build_user_prompt(soft_tokenizer, [], k=10)
     assert empty.hist_positions == [] and empty.input_ids[-1] == target_id
     item = build_item_prompt(soft_tokenizer, ITEMS[2])
-    assert item.target_item_id == 3 and item.input_ids[-1] == target_id and "M*A*S*H, a war film" in item.text
+    assert (
+        item.target_item_id == 3
+        and item.input_ids[-1] == target_id
+        and "M*A*S*H [hist], a war film" in item.text
+    )
+    assert item.hist_item_ids == [3] and [item.input_ids[p] for p in item.hist_positions] == [hist_id]
     with pytest.raises(ValueError, match="placeholder"):
         build_item_prompt(soft_tokenizer, Item(9, f"Evil {TARGET_TOKEN}", "Drama"))
 
@@ -53,8 +58,12 @@ def test_read_out_is_the_same_alone_and_in_a_padded_batch(model: LLMSRec, soft_t
     with torch.no_grad():
         together = model.user_vectors(prompts, embs)
         alone = torch.cat([model.user_vectors([p], [e]) for p, e in zip(prompts, embs, strict=True)])
-        items = model.item_vectors([build_item_prompt(soft_tokenizer, it) for it in ITEMS])
-        items_alone = torch.cat([model.item_vectors([build_item_prompt(soft_tokenizer, it)]) for it in ITEMS])
+        item_embs = torch.randn(len(ITEMS), 8)
+        items = model.item_vectors([build_item_prompt(soft_tokenizer, it) for it in ITEMS], item_embs)
+        prompts_1 = [[build_item_prompt(soft_tokenizer, it)] for it in ITEMS]
+        items_alone = torch.cat(
+            [model.item_vectors(p, item_embs[n : n + 1]) for n, p in enumerate(prompts_1)]
+        )
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(items, items_alone, atol=1e-5, rtol=1e-4)
     # The SASRec embeddings reach the vector: change one and the user's vector moves.
@@ -70,9 +79,9 @@ def test_only_the_small_modules_train_and_every_loss_term_pulls(model: LLMSRec, 
     ]
     embs = [torch.randn(len(p.hist_positions), 8) for p in prompts]
     user = model.user_vectors(prompts, embs)
-    items = model.item_vectors([build_item_prompt(soft_tokenizer, ITEMS[i % 3]) for i in range(8)]).view(
-        2, 4, -1
-    )
+    items = model.item_vectors(
+        [build_item_prompt(soft_tokenizer, ITEMS[i % 3]) for i in range(8)], torch.randn(8, 8)
+    ).view(2, 4, -1)
     terms = llmsrec_loss(user, items, torch.randn(2, 8), model.f_cf)
     assert set(terms) == {"loss", "retrieval", "distill", "uniform"}
     torch.testing.assert_close(terms["loss"], terms["retrieval"] + terms["distill"] + terms["uniform"])

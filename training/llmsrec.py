@@ -87,9 +87,19 @@ def user_vectors(
     return torch.cat(out)
 
 
+def item_embeddings(sasrec: SASRec, item_ids: list[int]) -> torch.Tensor:
+    """(n, cf_dim) SASRec item embeddings (an item SASRec never saw: its zero padding row)."""
+    return sasrec.item_vectors(torch.tensor(sasrec.rows(item_ids), dtype=torch.long))
+
+
 def catalogue_vectors(
-    model: LLMSRec, tokenizer, items: dict[int, Item], only: set[int] | None = None, batch: int = 64
-) -> dict[int, torch.Tensor]:  # noqa: ANN001
+    model: LLMSRec,
+    sasrec: SASRec,
+    tokenizer,  # noqa: ANN001
+    items: dict[int, Item],
+    only: set[int] | None = None,
+    batch: int = 64,
+) -> dict[int, torch.Tensor]:
     """Item id -> (D,) vector for the catalogue (or the `only` ids): computed once, then any user
     ranks any list of them."""
     ids = sorted(items if only is None else only & items.keys())
@@ -97,7 +107,9 @@ def catalogue_vectors(
     with torch.no_grad():
         for s in tqdm(range(0, len(ids), batch), desc="item vectors", unit="batch", leave=False):
             chunk = ids[s : s + batch]
-            vecs = model.item_vectors([build_item_prompt(tokenizer, items[i]) for i in chunk])
+            vecs = model.item_vectors(
+                [build_item_prompt(tokenizer, items[i]) for i in chunk], item_embeddings(sasrec, chunk)
+            )
             out.update(zip(chunk, vecs, strict=True))
     return out
 
@@ -115,7 +127,7 @@ def rank_cases(
     the given `vectors`: one catalogue pass costs minutes on a CPU, so it is not repeated)."""
     if vectors is None:
         vectors = catalogue_vectors(
-            model, tokenizer, items, only={int(i) for c in cases for i in c.candidates}
+            model, sasrec, tokenizer, items, only={int(i) for c in cases for i in c.candidates}
         )
     users = user_vectors(model, sasrec, tokenizer, items, cases, k)
     zero = torch.zeros_like(next(iter(vectors.values())))
@@ -207,8 +219,11 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
                     negs.append(c)
             cands.append([int(seqs[u][t]), *negs])
         user = model.user_vectors(prompts, embs)
-        flat = [build_item_prompt(tokenizer, items[i]) for row in cands for i in row]
-        item = model.item_vectors(flat).view(len(picked), 1 + cfg.negatives, -1)
+        flat_ids = [i for row in cands for i in row]
+        flat = [build_item_prompt(tokenizer, items[i]) for i in flat_ids]
+        item = model.item_vectors(flat, item_embeddings(sasrec, flat_ids)).view(
+            len(picked), 1 + cfg.negatives, -1
+        )
         terms = llmsrec_loss(user, item, torch.stack(cf), model.f_cf)
         opt.zero_grad(set_to_none=True)
         terms["loss"].backward()
@@ -229,7 +244,7 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
                 p.copy_(best_state[n])
     model.eval()
     test_cases = ranking_cases(samples, "test", catalogue, seed=cfg.seed)[: cfg.test_users]
-    vectors = catalogue_vectors(model, tokenizer, items)  # all of it: candidate generation serves any
+    vectors = catalogue_vectors(model, sasrec, tokenizer, items)  # all of it: candidate generation serves any
     scores, _ = rank_cases(model, sasrec, tokenizer, items, test_cases, cfg.k, vectors=vectors)
     ids = sorted(vectors)
     LLMSRecRanker.write(cfg.out, model, ids, torch.stack([vectors[i] for i in ids]), cfg.sasrec_dir, cfg.k)
