@@ -260,12 +260,19 @@ def experiment_ml100k(
 @experiment_app.command("ranking")
 def experiment_ranking(
     out: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("docs/results/ranking.json"),
+    bundle: Annotated[
+        Path | None, typer.Option(help="A ReLLaX bundle: ReLLaX as a ranker, and the cascade over LLM-SRec.")
+    ] = None,
+    rellax_users: Annotated[
+        int | None, typer.Option(help="Only the first n cases for ReLLaX (100 LLM prompts each).")
+    ] = None,
 ) -> None:
-    """DIN, SASRec and LLM-SRec ranking the same test cases (1 liked vs 99 never-seen items per
-    user): HR/NDCG@10/20, paired intervals, and the history-shuffle diagnostic."""
+    """DIN, SASRec and LLM-SRec (and with --bundle ReLLaX and the cascade at M 5/10/20) ranking the
+    same test cases (1 liked vs 99 never-seen items per user): HR/NDCG@10/20, paired intervals, and
+    the history-shuffle diagnostic."""
     from training.ranking_eval import RankingConfig, run
 
-    result = run(RankingConfig(out=out))
+    result = run(RankingConfig(out=out, bundle=bundle, rellax_users=rellax_users))
     for name, m in result["models"].items():
         drop = f", shuffled -{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else ""
         typer.echo(f"{name:9s} NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}{drop}")
