@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import save  # noqa: E402
-from benchmarks.service import load_redis, start_server, workload  # noqa: E402
-from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from benchmarks.service import served, workload  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
 
 TARGET = 0.85
@@ -130,33 +128,24 @@ def main() -> None:
     env = dict(e.split("=", 1) for e in args.env)
     sizes, clients = [int(c) for c in args.candidates.split(",")], [int(c) for c in args.clients.split(",")]
     results = []
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persist=False) as redis:
-        load_redis(redis.url)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(args.bundle, redis.url, port, Path(tmp) / "server.log", env)
-        try:
-            version = httpx.get(f"{url}/readyz").json()["model_version"]
-            for size in sizes:
-                requests = workload(64, size, seed=size)
-                levels = []
-                for c in clients:
-                    lv = asyncio.run(level(url, requests, c, args.warmup_s, args.window_s))
-                    print(json.dumps({"candidates": size, **lv}), flush=True)
-                    levels.append(lv)
-                base = levels[0]["candidates_per_s"]
-                for lv in levels:
-                    lv["share_of_one_client"] = round(lv["candidates_per_s"] / base, 3) if base else 0.0
-                results.append(
-                    {
-                        "candidates": size,
-                        "levels": levels,
-                        "target_met": levels[-1]["share_of_one_client"] >= TARGET,
-                    }
-                )
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+    with served(args.bundle, env) as (url, version):
+        for size in sizes:
+            requests = workload(64, size, seed=size)
+            levels = []
+            for c in clients:
+                lv = asyncio.run(level(url, requests, c, args.warmup_s, args.window_s))
+                print(json.dumps({"candidates": size, **lv}), flush=True)
+                levels.append(lv)
+            base = levels[0]["candidates_per_s"]
+            for lv in levels:
+                lv["share_of_one_client"] = round(lv["candidates_per_s"] / base, 3) if base else 0.0
+            results.append(
+                {
+                    "candidates": size,
+                    "levels": levels,
+                    "target_met": levels[-1]["share_of_one_client"] >= TARGET,
+                }
+            )
     result = {
         "bundle": str(args.bundle),
         "bundle_version": version,

@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,8 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import save  # noqa: E402
-from benchmarks.service import load_redis, start_server  # noqa: E402
-from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
+from benchmarks.service import served  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
 
 STRATEGIES = ("rellax", "llmsrec", "cascade")
@@ -124,28 +122,19 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")]
     env = {"RELLAX_DTYPE": args.dtype, "RELLAX_MAX_CANDIDATES": str(max(sizes)), "RELLAX_MAX_BATCH": "8"}
     rows = []
-    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persist=False) as redis:
-        load_redis(redis.url)
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        server = start_server(args.bundle, redis.url, port, Path(tmp) / "server.log", env)
-        try:
-            version = httpx.get(f"{url}/readyz").json()["model_version"]
-            warm = workload(1, 20, seed=99)
+    with served(args.bundle, env) as (url, version):
+        warm = workload(1, 20, seed=99)
+        for strategy in STRATEGIES:
+            asyncio.run(drive(url, warm, strategy, args.m))
+        for size in sizes:
+            requests = workload(args.requests, size)
+            base = None
             for strategy in STRATEGIES:
-                asyncio.run(drive(url, warm, strategy, args.m))
-            for size in sizes:
-                requests = workload(args.requests, size)
-                base = None
-                for strategy in STRATEGIES:
-                    row = asyncio.run(drive(url, requests, strategy, args.m))
-                    base = base or row["latency_s"]["mean"]
-                    row["speedup_vs_rellax"] = round(base / row["latency_s"]["mean"], 2)
-                    print(json.dumps(row), flush=True)
-                    rows.append(row)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
+                row = asyncio.run(drive(url, requests, strategy, args.m))
+                base = base or row["latency_s"]["mean"]
+                row["speedup_vs_rellax"] = round(base / row["latency_s"]["mean"], 2)
+                print(json.dumps(row), flush=True)
+                rows.append(row)
     result = {
         "bundle": str(args.bundle),
         "bundle_version": version,

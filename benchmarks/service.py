@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -100,6 +102,22 @@ def start_server(
         time.sleep(0.5)
     proc.terminate()
     raise RuntimeError(f"server not ready within 600 s; see {log}")
+
+
+@contextlib.contextmanager
+def served(bundle: Path, env_extra: dict[str, str]) -> Iterator[tuple[str, str]]:
+    """A private redis-server with ML-100K's histories and `rellax serve` on the bundle over it:
+    (base url, model version) for the benchmarks that drive the real service over HTTP."""
+    with tempfile.TemporaryDirectory() as tmp, EmbeddedRedis(Path(tmp) / "redis", persist=False) as redis:
+        load_redis(redis.url)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        server = start_server(bundle, redis.url, port, Path(tmp) / "server.log", env_extra)
+        try:
+            yield url, httpx.get(f"{url}/readyz").json()["model_version"]
+        finally:
+            server.terminate()
+            server.wait(timeout=60)
 
 
 def scrape(url: str) -> dict[str, tuple[float, float]]:

@@ -217,8 +217,8 @@ def _llmsrec_scores(
     ranker = LLMSRecRanker.load(cfg.llmsrec_dir, lm, tokenizer, items)  # as the service loads it
     model, k = ranker.model, ranker.k
     started = time.perf_counter()
-    scores, _ = rank_cases(model, sasrec, tokenizer, items, cases, k)
+    scores, vectors = rank_cases(model, sasrec, tokenizer, items, cases, k)
     seconds = time.perf_counter() - started
-    with torch.no_grad():
-        shuffled_scores, _ = rank_cases(model, sasrec, tokenizer, items, shuffled, k)
+    with torch.no_grad():  # the same candidates: their item vectors do not depend on the history
+        shuffled_scores, _ = rank_cases(model, sasrec, tokenizer, items, shuffled, k, vectors=vectors)
     return scores, seconds, shuffled_scores
