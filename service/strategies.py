@@ -187,9 +187,13 @@ class Reranker:
             stages["user_pass"] = time.perf_counter() - t
 
     def _shown(self, history_ids: list[int]) -> list[int]:
-        """The history items LLM-SRec's user prompt showed (the newest k the catalogue knows)."""
-        known = [i for i in history_ids if i in self.ranker.items]
-        return known[-self.ranker.k :] if self.ranker.k > 0 else []
+        """The history items LLM-SRec's user prompt showed (`recent_history`, as `user_vector` picks)."""
+        from rellax.llmsrec import recent_history  # loaded with the bundle already; torch stays lazy here
+
+        return [
+            it.item_id
+            for it, _ in recent_history(self.ranker.items, ((i, 0) for i in history_ids), self.ranker.k)
+        ]
 
     @staticmethod
     def _by_p_click(items: Sequence, llm: dict[int, float] | None = None) -> list[Ranked]:
