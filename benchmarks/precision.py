@@ -32,11 +32,11 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from data.loading import load_dataset  # noqa: E402
 from rellax.bundle import Bundle  # noqa: E402
 from rellax.entities import HistoryEvent  # noqa: E402
 from rellax.paths import cache_dir  # noqa: E402
 from rellax.precision import cpu_supports_bf16  # noqa: E402
-from training.datasets import load_dataset  # noqa: E402
 from training.fewshot import eval_rows  # noqa: E402
 from training.llm_data import Catalogue  # noqa: E402
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff  # noqa: E402

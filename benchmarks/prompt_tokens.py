@@ -21,10 +21,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import save  # noqa: E402
+from data.loading import load_dataset  # noqa: E402
 from rellax.assets import prepare_model  # noqa: E402
 from rellax.entities import Profile  # noqa: E402
 from rellax.prompt import build_prompt  # noqa: E402
-from training.datasets import load_dataset  # noqa: E402
 from training.llm_data import Catalogue  # noqa: E402
 
 CAPS = (8, 12, 16)

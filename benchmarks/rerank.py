@@ -39,7 +39,7 @@ STRATEGIES = ("rellax", "llmsrec", "cascade")
 
 def workload(n_requests: int, size: int, seed: int = 0) -> list[tuple[str, list[int]]]:
     """(user id, `size` candidates outside the user's train+valid history), seeded."""
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     _, samples, _ = load_dataset()
     test = samples.indices("test")

@@ -93,7 +93,7 @@ def workload(
     tokenizer, n_candidates: int, ks: list[int], seed: int = 0
 ) -> tuple[dict, dict[int, list[Prompt]]]:  # noqa: ANN001
     """One user's profile and history, candidates, and the recency prompts for each K."""
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     data, samples, _ = load_dataset()
     items = {item.item_id: item for item in data.item_records()}

@@ -49,7 +49,7 @@ from service.settings import default_bundle_path  # noqa: E402
 
 def workload(n_requests: int, n_candidates: int, seed: int = 0) -> list[tuple[str, list[int]]]:
     """(user id, candidates): users with enough test-split items; their own test items as candidates."""
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     _, samples, _ = load_dataset()
     test = samples.indices("test")

@@ -52,9 +52,9 @@ def ml100k_index() -> tuple[ItemIndex, str]:
     from safetensors import safe_open
     from transformers import AutoTokenizer
 
+    from data.loading import load_dataset
     from index.embed import item_text
     from rellax.assets import prepare_model
-    from training.datasets import load_dataset
 
     items = load_dataset()[0].item_records()
     tokenizer = AutoTokenizer.from_pretrained(prepare_model())
@@ -132,7 +132,7 @@ def latency(index: ItemIndex, n: int, k: int, calls: int, seed: int) -> dict:
 
 
 def real_history_recall(index: ItemIndex, pairs: int = 400) -> dict[str, float]:
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     _, samples, _ = load_dataset()
     test = samples.indices("test")
@@ -155,9 +155,9 @@ def embedding_throughput(n_items: int) -> dict[str, float]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from data.loading import load_dataset
     from index.embed import cpu_supports_bf16, embed_texts, item_text
     from rellax.assets import prepare_model
-    from training.datasets import load_dataset
 
     texts = [item_text(it) for it in load_dataset()[0].item_records()[:n_items]]
     model = AutoModelForCausalLM.from_pretrained(prepare_model()).eval()

@@ -30,12 +30,12 @@ def build(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from data.loading import load_dataset
     from index.embed import resolve_dtype
     from index.item_index import build_item_index
     from rellax.assets import prepare_model
     from rellax.device import resolve_device
     from rellax.paths import cache_dir
-    from training.datasets import load_dataset
 
     model_dir = prepare_model(source=model_dir)
     out = out or cache_dir("index") / ("ml1m" if ml1m else "ml100k")

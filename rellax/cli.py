@@ -41,7 +41,7 @@ def data_prepare(
     """Build (or reuse) the CTR samples and print their manifest."""
     import json
 
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     _, _, manifest = load_dataset(ml1m)
     typer.echo(json.dumps(manifest, indent=2))

@@ -94,10 +94,10 @@ def history_records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[An
     """
     import numpy as np
 
+    from data.loading import load_dataset
+    from data.samples import SPLITS
     from rellax.entities import HistoryEvent, Profile
     from service.store import UserRecord
-    from training.datasets import load_dataset
-    from training.samples import SPLITS
 
     data, samples, _ = load_dataset(ml1m)
     later = np.flatnonzero(samples.split > max(SPLITS.index(s) for s in splits))

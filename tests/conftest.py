@@ -80,15 +80,15 @@ def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def ml100k():  # noqa: ANN201
     """The bundled MovieLens-100K tables."""
+    from data.movielens import load_ml100k
     from rellax.assets import movielens_100k_dir
-    from training.movielens import load_ml100k
 
     return load_ml100k(movielens_100k_dir())
 
 
 @pytest.fixture(scope="session")
 def ml100k_samples(ml100k, tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
-    from training.samples import load_or_build_samples
+    from data.samples import load_or_build_samples
 
     samples, _ = load_or_build_samples(ml100k, tmp_path_factory.mktemp("samples"))
     return samples

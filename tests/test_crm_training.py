@@ -140,7 +140,7 @@ def test_train_crm_command_on_ml100k(tmp_path: Path) -> None:
 
     # The saved model, reloaded and fed through encode_batch from raw ids, predicts the same.
     model = DIN.load(out)
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     data, samples, _ = load_dataset()
     test = fields_for(data, samples, "test")

@@ -48,7 +48,7 @@ def ran(study):  # noqa: ANN001, ANN201
     # A paused zero-shot-subr scoring: its first chunk already on disk, with a sentinel value.
     import hashlib
 
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
     from training.experiment import partial_scores_path, plan, run
     from training.fewshot import eval_rows
 

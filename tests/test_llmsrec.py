@@ -110,8 +110,8 @@ def sasrec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     quality, is under test here; tests/test_sasrec.py trains a real one)."""
     import numpy as np
 
+    from data.loading import load_dataset
     from rellax.sasrec import SASRec, SASRecConfig
-    from training.datasets import load_dataset
     from training.sasrec import train_sequences
 
     _, samples, _ = load_dataset()
@@ -162,10 +162,10 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     # the training run's own evaluation did (same history, same candidates).
     import numpy as np
 
+    from data.loading import load_dataset
     from rellax.assets import prepare_model
     from rellax.entities import HistoryEvent
     from rellax.llmsrec import LLMSRecRanker
-    from training.datasets import load_dataset
     from training.llm_data import Catalogue
     from training.llm_setup import load_base_lm
     from training.ranking import ranking_cases

@@ -8,9 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from data.movielens import MovieLens, load_ml1m, load_ml100k, ml100k_age_bucket
+from data.samples import build_samples, load_or_build_samples
 from rellax.errors import DataError
-from training.movielens import MovieLens, load_ml1m, load_ml100k, ml100k_age_bucket
-from training.samples import build_samples, load_or_build_samples
 
 
 def _log(rows: list[tuple[int, int, float, int]]) -> MovieLens:

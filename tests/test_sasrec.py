@@ -96,7 +96,7 @@ def test_sasrec_learns_ml100k_next_items(tmp_path: Path) -> None:
     """Ten epochs on the train period: valid NDCG@10 far above a random ranker's (~0.045 for 1 in
     100; its standard error on ~190 users is ~0.02), the best evaluation kept, and the saved model
     reproduces the recorded test figures. ~1 min on two cores (sequences cut to the newest 50)."""
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
     from training.sasrec import SASRecTrainConfig, main, score_cases, train_sequences
 
     data, samples, _ = load_dataset()

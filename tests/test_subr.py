@@ -168,9 +168,9 @@ def ml100k_index(tokenizer) -> ItemIndex:  # noqa: ANN001
     """
     from safetensors import safe_open
 
+    from data.loading import load_dataset
     from index.embed import item_text
     from rellax.assets import prepare_model
-    from training.datasets import load_dataset
 
     data, _, _ = load_dataset()
     items = data.item_records()
@@ -185,7 +185,7 @@ def ml100k_index(tokenizer) -> ItemIndex:  # noqa: ANN001
 @pytest.fixture(scope="module")
 def ml100k_pairs() -> list[tuple[np.ndarray, int]]:
     """400 (history, candidate) test-split samples, with a share of long histories."""
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
 
     _, samples, _ = load_dataset()
     rng = np.random.default_rng(0)

@@ -17,9 +17,9 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
+from data.movielens import MovieLens
+from data.samples import Samples
 from training.metrics import ctr_metrics
-from training.movielens import MovieLens
-from training.samples import Samples
 
 __all__ = ["Fields", "LogisticBaseline", "RatingPrior", "fields_for", "run_baselines"]
 

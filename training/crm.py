@@ -26,14 +26,14 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
+from data.loading import load_dataset
+from data.samples import Samples
 from rellax.din import DIN, DINBatch, DINConfig, DINVocab, encode_batch
 from rellax.entities import Profile
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from training.baselines import Fields, fields_for, run_baselines
-from training.datasets import load_dataset
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
-from training.samples import Samples
 
 __all__ = ["CONFIG_PATH", "CRMConfig", "CRMRecipe", "ensure_din", "load_config", "main"]
 

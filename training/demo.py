@@ -131,9 +131,9 @@ def build(
     Each step is reused only when its inputs are the same: a stage run by its config (training.runs),
     the eval by its rows and the run ids it scored, the bundle by the stage-2 run id it came from.
     """
+    from data.loading import load_dataset
     from rellax.assets import prepare_model
     from training.crm import ensure_din
-    from training.datasets import load_dataset
     from training.evaluate import EvalConfig, markdown_table
     from training.evaluate import main as evaluate
     from training.export import ExportConfig

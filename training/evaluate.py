@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from data.loading import load_dataset
 from rellax import precision
 from rellax.assets import prepare_model
 from rellax.cflora import inject_cflora, load_lora_weights
@@ -27,7 +28,6 @@ from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
-from training.datasets import load_dataset
 from training.fewshot import eval_rows
 from training.llm_data import Catalogue, build_examples
 from training.llm_setup import (

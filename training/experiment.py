@@ -133,7 +133,7 @@ class _Context:
     """What every step shares: data, fixed rows, the base model factory, and the results folder."""
 
     def __init__(self, cfg: ExperimentConfig) -> None:
-        from training.datasets import load_dataset
+        from data.loading import load_dataset
 
         self.cfg = cfg
         self.data, self.samples, self.manifest = load_dataset()

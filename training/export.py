@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file, save_file
 
+from data.loading import load_dataset
 from rellax import precision
 from rellax.assets import DEFAULT_MODEL_NAME, file_sha256, prepare_model
 from rellax.bundle import BundleConfig, write_bundle, write_merged
@@ -22,7 +23,6 @@ from rellax.cflora import cflora_modules
 from rellax.features import Featurizer
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
-from training.datasets import load_dataset
 from training.fewshot import eval_rows
 from training.llm_data import Catalogue, build_examples
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from training.samples import Samples
+from data.samples import Samples
 
 __all__ = ["eval_rows", "fewshot_rows", "interleave_modes"]
 

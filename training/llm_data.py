@@ -14,11 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.movielens import MovieLens
+from data.samples import Samples
 from rellax.entities import Item, Profile
 from rellax.features import Featurizer, History, Mode
 from rellax.prompt import Prompt, answer_ids
-from training.movielens import MovieLens
-from training.samples import Samples
 
 __all__ = ["Catalogue", "LLMExample", "build_examples", "collate"]
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.samples import Samples
 from index.item_index import ItemIndex, build_item_index
 from rellax import precision
 from rellax.device import resolve_device
@@ -20,7 +21,6 @@ from rellax.scorer import Scorer, ScoringModel
 from rellax.tokens import add_soft_tokens
 from training.llm_data import Catalogue, LLMExample, build_examples
 from training.metrics import ctr_metrics
-from training.samples import Samples
 
 __all__ = [
     "default_index_dir",

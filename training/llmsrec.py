@@ -139,8 +139,8 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
     """Train (resuming a checkpoint in `cfg.out`), select on valid NDCG@10, save; returns metrics.
     Past `deadline` (`time.monotonic()`) it stops at the next evaluation, checkpoint kept, with
     TimeoutError: the same call later goes on from there."""
+    from data.loading import load_dataset
     from rellax.assets import prepare_model
-    from training.datasets import load_dataset
     from training.llm_data import Catalogue
     from training.llm_setup import load_base_lm
 

@@ -16,11 +16,11 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
+from data.samples import Samples
 from index.item_index import ItemIndex
 from index.subr import subr_positions
 from training.baselines import fields_for, run_baselines
 from training.metrics import ctr_metrics
-from training.samples import Samples
 
 __all__ = ["baseline_predictions", "prompt_features"]
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from training.samples import SPLITS, Samples
+from data.samples import SPLITS, Samples
 
 __all__ = ["RankingCase", "rank_metrics", "ranking_cases", "ranks"]
 

@@ -128,8 +128,8 @@ def _din_scores(din_dir: Path, samples, data, cases: list[RankingCase]) -> np.nd
 
 def run(cfg: RankingConfig) -> dict[str, Any]:
     """Score the test cases with every ranker there is a model for; write and return the JSON."""
+    from data.loading import load_dataset
     from rellax.sasrec import SASRec
-    from training.datasets import load_dataset
     from training.sasrec import score_cases
 
     data, samples, _ = load_dataset()

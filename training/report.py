@@ -100,7 +100,7 @@ def load_results(folder: Path) -> tuple[dict[str, dict[str, Any]], dict[str, Any
 
 
 def _labels(folder: Path) -> np.ndarray | None:
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
     from training.fewshot import eval_rows
 
     status = json.loads((folder / "experiment.json").read_text())

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.samples import Samples
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.sasrec import SASRec, SASRecConfig
 from training.ranking import RankingCase, rank_metrics, ranking_cases
-from training.samples import Samples
 
 __all__ = ["SASRecTrainConfig", "main", "score_cases", "train_sequences"]
 
@@ -104,7 +104,7 @@ def main(
 ) -> dict[str, Any]:
     """Train, select on validation NDCG@10, save the model and metrics.json into `cfg.out`."""
     if samples is None or catalogue is None:
-        from training.datasets import load_dataset
+        from data.loading import load_dataset
 
         data, samples, _ = load_dataset()
         catalogue = data.items.item_id.to_numpy()

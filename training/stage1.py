@@ -17,12 +17,12 @@ from typing import Any, Literal
 
 import torch
 
+from data.loading import load_dataset
 from rellax.assets import prepare_model
 from rellax.features import Featurizer
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
-from training.datasets import load_dataset
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop

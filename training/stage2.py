@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
+from data.loading import load_dataset
 from rellax.assets import prepare_model
 from rellax.cflora import (
     adapter_params,
@@ -35,7 +36,6 @@ from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.spa import SPAProjector
 from rellax.tokens import answer_token_ids
-from training.datasets import load_dataset
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
 from training.llm_data import Catalogue, build_examples
 from training.llm_loop import LoopConfig, TrainResult, train_loop

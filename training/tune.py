@@ -248,7 +248,7 @@ def _record(cfg: TuneConfig, trial: Trial, metrics: dict[str, Any]) -> dict[str,
 
 def din_valid_auc(cfg: TuneConfig) -> float:
     """The frozen DIN's AUC on the trials' validation rows: the line stage 2 is to reach."""
-    from training.datasets import load_dataset
+    from data.loading import load_dataset
     from training.evaluate import din_predictions
     from training.fewshot import eval_rows
     from training.llm_data import Catalogue

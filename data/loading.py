@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.movielens import MovieLens, load_ml1m, load_ml100k
+from data.samples import Samples, load_or_build_samples
 from rellax.assets import movielens_100k_dir
 from rellax.paths import cache_dir
-from training.movielens import MovieLens, load_ml1m, load_ml100k
-from training.samples import Samples, load_or_build_samples
 
 __all__ = ["load_dataset"]
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from training.movielens import MovieLens
+from data.movielens import MovieLens
 
 __all__ = ["SPLITS", "Samples", "build_samples", "load_or_build_samples"]
 
