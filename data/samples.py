@@ -16,7 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data.movielens import MovieLens
+from data.config import ML100K
+from data.dataset import Dataset
+from rellax.errors import DataError
 
 __all__ = ["SPLITS", "Samples", "build_samples", "load_or_build_samples"]
 
@@ -86,8 +88,12 @@ class Samples:
             return cls(**{name: data[name] for name in _ARRAYS})
 
 
-def build_samples(data: MovieLens, min_history: int = 5, ratios: tuple[int, int, int] = (8, 1, 1)) -> Samples:
-    """Apply the protocol to a data set's interactions. Deterministic."""
+def build_samples(data: Dataset, min_history: int = 5, ratios: tuple[int, int, int] = (8, 1, 1)) -> Samples:
+    """Apply the protocol to a data set's interactions. Deterministic.
+
+    With a `split` column (the data's own split, `split_field`) each sample keeps its row's split
+    instead of the global 8:1:1 cut in time order.
+    """
     x = data.interactions.sort_values(["timestamp", "user_id", "item_id"], kind="mergesort")
     users = np.asarray(x.user_id, dtype=np.int64)
     items = np.asarray(x.item_id, dtype=np.int64)
@@ -108,9 +114,12 @@ def build_samples(data: MovieLens, min_history: int = 5, ratios: tuple[int, int,
     n = int(keep.sum())
     n_train = n * ratios[0] // sum(ratios)
     n_valid = n * ratios[1] // sum(ratios)
-    split = np.full(n, 2, dtype=np.int8)
-    split[:n_train] = 0
-    split[n_train : n_train + n_valid] = 1
+    if "split" in x.columns:
+        split = np.asarray(x.split, dtype=np.int8)[keep]
+    else:
+        split = np.full(n, 2, dtype=np.int8)
+        split[:n_train] = 0
+        split[n_train : n_train + n_valid] = 1
     return Samples(
         user_ids=user_ids,
         seq_ptr=seq_ptr,
@@ -120,29 +129,49 @@ def build_samples(data: MovieLens, min_history: int = 5, ratios: tuple[int, int,
         user_row=user_row_all[keep].astype(np.int64),
         item_id=items[keep],
         rating=ratings[keep],
-        label=(ratings[keep] > 3).astype(np.int8),
+        label=(ratings[keep] > getattr(data, "label_threshold", 3.0)).astype(np.int8),
         timestamp=stamps[keep],
         hist_len=hist_len_all[keep],
         split=split,
     )
 
 
-def _source_hash(data: MovieLens, min_history: int) -> str:
+def _source_hash(data: Dataset, min_history: int) -> str:
     digest = hashlib.sha256(f"v1:min_history={min_history}".encode())
+    if data.config != ML100K:  # the bundled config keeps the key its cached samples have always had
+        digest.update(data.config.fingerprint().encode())
     for path in data.sources:
         digest.update(path.name.encode())
         digest.update(Path(path).read_bytes())
     return digest.hexdigest()
 
 
-def load_or_build_samples(data: MovieLens, cache: Path, min_history: int = 5) -> tuple[Samples, dict]:
-    """Samples from `cache/<source hash>/` when present, else built and saved with a manifest."""
+def _check_splits(data: Dataset, samples: Samples, min_history: int) -> None:
+    """Refuse (before anything is written) a split the protocol cannot train or score on."""
+    where = data.sources[0] if data.sources else "the data set"
+    for name in SPLITS:
+        idx = samples.indices(name)
+        if len(idx) == 0:
+            raise DataError(
+                f"{where}: the {name} split has no samples (a sample needs >= {min_history} earlier items)"
+            )
+        if not samples.label[idx].any():
+            raise DataError(f"{where}: the {name} split has no positives (label = rating > threshold)")
+
+
+def load_or_build_samples(data: Dataset, cache: Path, min_history: int | None = None) -> tuple[Samples, dict]:
+    """Samples from `cache/<source hash>/` when present, else built and saved with a manifest.
+
+    `min_history` defaults to the data set's config (5, the protocol's).
+    """
+    min_history = data.config.min_history if min_history is None else min_history
     source_hash = _source_hash(data, min_history)
     folder = cache / source_hash[:16]
     path, manifest_path = folder / "samples.npz", folder / "manifest.json"
     if path.exists() and manifest_path.exists():
         return Samples.load(path), json.loads(manifest_path.read_text())
     samples = build_samples(data, min_history=min_history)
+    _check_splits(data, samples, min_history)
     folder.mkdir(parents=True, exist_ok=True)
     samples.save(path)
     manifest = {
@@ -151,7 +180,10 @@ def load_or_build_samples(data: MovieLens, cache: Path, min_history: int = 5) ->
         "min_history": min_history,
         "samples_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
         "users": len(samples.user_ids),
-        "items": int(len(data.items)),
+        "items": int(len(data.items)),  # kept for older readers: the catalogue's size
+        "catalogue_items": int(len(data.items)),
+        "items_with_interactions": int(data.interactions.item_id.nunique()),
+        "dataset": getattr(data, "name", None),
         "interactions": int(len(data.interactions)),
         "splits": {
             name: {

@@ -31,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 
+from rellax.domain import MOVIES, Domain
 from rellax.entities import Item, Profile
 from rellax.tokens import HIST_TOKEN, TARGET_TOKEN, answer_sequences, render_chat
 
@@ -93,39 +94,66 @@ def _stars(rating: float) -> str:
     return f"{stars} star" if stars == 1 else f"{stars} stars"
 
 
+def _rating_text(rating: float, domain: Domain) -> str:
+    if domain.rating == "stars":
+        return f" ({_stars(rating)})"
+    if domain.rating == "label":
+        return " (liked)" if float(rating) > 3 else " (disliked)"  # label data: ratings 5 / 1
+    return ""
+
+
 def _body_pieces(
-    profile: Profile, shown: Sequence[tuple[Item, float]], candidate: Item, *, spa: bool
+    profile: Profile,
+    shown: Sequence[tuple[Item, float]],
+    candidate: Item,
+    *,
+    spa: bool,
+    domain: Domain = MOVIES,
 ) -> list[str]:
     """The DESIGN §5 user-turn text, cut into pieces that tokenise independently.
 
     Pieces: the profile header, one piece per history entry (its list punctuation included: `['..',`
     then ` '..',` ... ` '..']`, written exactly as Python prints a list of strings) and the question.
     Every cut sits between the same characters whatever the titles are, which is why cutting there
-    is safe once checked on a probe (see `_chat_frame`).
+    is safe once checked on a probe (see `_chat_frame`). `domain` supplies the words; its defaults
+    are the MovieLens prompt.
     """
     gender = profile.gender.lower()
-    if gender in ("male", "female"):
+    if "gender" not in domain.profile:
+        subject, possessive, has, intro = "The user", "The user's", "has", ""
+    elif gender in ("male", "female"):
         subject, possessive, has = ("He", "His", "has") if gender == "male" else ("She", "Her", "has")
         intro = f"The user is a {gender}."
     else:
         subject, possessive, has = "They", "Their", "have"
         intro = "The user's gender is unknown."
+    facts = [intro] if intro else []
+    if "job" in domain.profile:
+        facts.append(f"{possessive} job is {profile.job}.")
+    if "age" in domain.profile:
+        facts.append(f"{possessive} age is {profile.age}.")
+    rated = ", and rated them" if domain.rating != "none" else ""
     hist_mark, target_mark = (f" {HIST_TOKEN}", f" {TARGET_TOKEN}") if spa else ("", "")
     header = (
-        f"{intro} {possessive} job is {profile.job}. {possessive} age is {profile.age}.\n"
-        f"{subject} watched the following movies in order in the past, and rated them:\n"
-    )
+        " ".join(facts) + "\n" if facts else ""
+    ) + f"{subject} {domain.verb} the following {domain.plural} in order in the past{rated}:\n"
     last = len(shown) - 1
     entries = [
         ("[" if i == 0 else " ")
-        + repr(f"{i}. {item.title} ({_stars(r)}){hist_mark}")
+        + repr(f"{i}. {item.title}{_rating_text(r, domain)}{hist_mark}")
         + ("]" if i == last else ",")
         for i, (item, r) in enumerate(shown)
     ]
+    who = "the user" if subject == "The user" else subject.lower()
+    note = (
+        f"Note that more stars the user rated the {domain.noun}, the more the user liked the {domain.noun}.\n"
+        if domain.rating == "stars"
+        else ""
+    )
     question = (
-        f"\nBased on the movies {subject.lower()} {has} watched, deduce if {subject.lower()} will like "
-        f"the movie ***{candidate.title}***{target_mark}.\n"
-        "Note that more stars the user rated the movie, the more the user liked the movie.\n"
+        f"\nBased on the {domain.plural} {who} {has} {domain.verb}, deduce if {who} will like "
+        f"the {domain.noun} ***{candidate.title}***{target_mark}.\n"
+        f"{note}"
         "You should ONLY tell me yes or no."
     )
     return [header, *(entries or ["[]"]), question]
@@ -188,14 +216,14 @@ def _encode(tokenizer, text: str) -> list[int]:  # noqa: ANN001
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def _probe_bodies() -> list[list[str]]:
+def _probe_bodies(domain: Domain) -> list[list[str]]:
     """Bodies with every kind of cut: both quote styles, 0/1/many entries, 2-digit numbers, SPA on/off."""
     items = [
         Item(i, title, "Drama") for i, title in enumerate(["Heat", "Schindler's List", "M*A*S*H", "Babe"])
     ]
     history = [(items[i % 4], float(1 + i % 5)) for i in range(12)]
     return [
-        _body_pieces(profile, history[:n], items[3], spa=spa)
+        _body_pieces(profile, history[:n], items[3], spa=spa, domain=domain)
         for profile in (Profile("male", "25-34", "writer"), Profile())
         for n in (0, 1, 12)
         for spa in (False, True)
@@ -203,7 +231,7 @@ def _probe_bodies() -> list[list[str]]:
 
 
 @functools.lru_cache(maxsize=16)
-def _chat_frame(tokenizer, vocab_size: int) -> _ChatFrame:  # noqa: ANN001
+def _chat_frame(tokenizer, vocab_size: int, domain: Domain = MOVIES) -> _ChatFrame:  # noqa: ANN001
     del vocab_size  # cache key only: adding the soft tokens changes tokenisation
     prefix, marker, suffix = render_chat(tokenizer, _BODY_MARKER).partition(_BODY_MARKER)
     if not marker:
@@ -215,7 +243,7 @@ def _chat_frame(tokenizer, vocab_size: int) -> _ChatFrame:  # noqa: ANN001
     exact = all(
         [*prefix_ids, *(t for piece in pieces for t in encode_piece(piece)), *suffix_ids]
         == _encode(tokenizer, prefix + "".join(pieces) + suffix)
-        for pieces in _probe_bodies()
+        for pieces in _probe_bodies(domain)
     )
     added = tokenizer.get_added_vocab()
     return _ChatFrame(
@@ -240,6 +268,7 @@ def build_prompt(
     mode: Literal["recency", "subr"],
     spa: bool,
     subr: SubrSelector | None = None,
+    domain: Domain = MOVIES,
 ) -> Prompt:
     """Select up to k history entries, render the prompt and tokenise it.
 
@@ -253,6 +282,7 @@ def build_prompt(
         mode: "recency" shows the last k; "subr" shows `subr(history_item_ids, candidate_id, k)`.
         spa: write the `[hist]`/`[target]` placeholders for SPA vectors.
         subr: the SUBR selector, needed for mode="subr".
+        domain: the data set's wording (item noun, rating display, profile fields).
 
     Raises:
         ValueError: bad k/mode/subr output, soft tokens missing, or an item title that itself
@@ -261,10 +291,10 @@ def build_prompt(
     item_ids = [item.item_id for item, _ in history]
     selected = select_history(item_ids, candidate.item_id, k=k, mode=mode, subr=subr)
     shown = [history[p] for p in selected]
-    frame = _chat_frame(tokenizer, len(tokenizer))
+    frame = _chat_frame(tokenizer, len(tokenizer), domain)
     if spa and (frame.hist_id is None or frame.target_id is None):
         raise ValueError("spa=True needs the soft tokens: call rellax.tokens.add_soft_tokens(tokenizer)")
-    pieces = _body_pieces(profile, shown, candidate, spa=spa)
+    pieces = _body_pieces(profile, shown, candidate, spa=spa, domain=domain)
     input_ids = frame.encode(tokenizer, pieces)
     hist_positions = [i for i, t in enumerate(input_ids) if t == frame.hist_id]
     target_positions = [i for i, t in enumerate(input_ids) if t == frame.target_id]
@@ -318,7 +348,13 @@ def _soft_prompt(tokenizer, text: str, hist_ids: list[int], target_id: int, n_hi
     return Prompt(text, input_ids, hist, target[0], hist_ids, target_id, list(range(n_hist)))
 
 
-def build_user_prompt(tokenizer, history: Sequence[tuple[Item, int]], *, k: int = 10) -> Prompt:  # noqa: ANN001
+def build_user_prompt(
+    tokenizer,  # noqa: ANN001
+    history: Sequence[tuple[Item, int]],
+    *,
+    k: int = 10,
+    domain: Domain = MOVIES,
+) -> Prompt:
     """LLM-SRec's user prompt: the last k (item, unix time) entries, oldest first, each as its date,
     title and a `[hist]` token, then `[target]` (the [UserOut] position). `target_item_id` is -1."""
     import datetime
@@ -329,19 +365,20 @@ def build_user_prompt(tokenizer, history: Sequence[tuple[Item, int]], *, k: int 
         for item, ts in shown
     ]
     text = (
-        "A user watched these movies, oldest first:\n"
+        f"A user {domain.verb} these {domain.plural}, oldest first:\n"
         + "".join(lines)
-        + f"The movie this user will watch next is {TARGET_TOKEN}"
+        + f"The {domain.noun} this user will {domain.verb_next} next is {TARGET_TOKEN}"
     )
     return _soft_prompt(tokenizer, text, [item.item_id for item, _ in shown], -1, len(shown))
 
 
-def build_item_prompt(tokenizer, item: Item) -> Prompt:  # noqa: ANN001
+def build_item_prompt(tokenizer, item: Item, domain: Domain = MOVIES) -> Prompt:  # noqa: ANN001
     """LLM-SRec's item prompt: the item's title and genre with one `[hist]` (the item's own SASRec
     embedding, as the authors' item prompt carries its [HistoryEmb]), then `[target]` ([ItemOut])."""
     return _soft_prompt(
         tokenizer,
-        f"The movie {item.title} {HIST_TOKEN}, a {item.genre.lower()} film, is {TARGET_TOKEN}",
+        f"The {domain.noun} {item.title} {HIST_TOKEN}, a {item.genre.lower()} {domain.kind}, "
+        f"is {TARGET_TOKEN}",
         [item.item_id],
         item.item_id,
         1,

@@ -8,14 +8,16 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from data.movielens import MovieLens, load_ml1m, load_ml100k, ml100k_age_bucket
+from data.config import load_config
+from data.dataset import Dataset, ml100k_age_bucket, read_dataset
+from data.movielens import convert_ml1m, load_ml100k
 from data.samples import build_samples, load_or_build_samples
 from rellax.errors import DataError
 
 
-def _log(rows: list[tuple[int, int, float, int]]) -> MovieLens:
+def _log(rows: list[tuple[int, int, float, int]]) -> Dataset:
     inter = pd.DataFrame(rows, columns=["user_id", "item_id", "rating", "timestamp"])
-    return MovieLens(pd.DataFrame(), pd.DataFrame(), inter, ())
+    return Dataset(pd.DataFrame(), pd.DataFrame(), inter, ())
 
 
 def test_hand_made_log_gives_exact_samples_and_split() -> None:
@@ -42,7 +44,7 @@ def test_split_sizes_follow_floor_rule() -> None:
     assert [len(s.indices(x)) for x in ("train", "valid", "test")] == [36, 4, 5]
 
 
-def test_ml100k_protocol(ml100k: MovieLens, ml100k_samples) -> None:  # noqa: ANN001
+def test_ml100k_protocol(ml100k: Dataset, ml100k_samples) -> None:  # noqa: ANN001
     s = ml100k_samples
     assert len(s) == 95285
     assert [len(s.indices(x)) for x in ("train", "valid", "test")] == [76228, 9528, 9529]
@@ -58,7 +60,7 @@ def test_ml100k_protocol(ml100k: MovieLens, ml100k_samples) -> None:  # noqa: AN
     assert s.timestamp[s.indices("valid")].min() >= s.timestamp[s.indices("train")].max()
 
 
-def test_ml100k_tables(ml100k: MovieLens) -> None:
+def test_ml100k_tables(ml100k: Dataset) -> None:
     assert len(ml100k.users) == 943 and len(ml100k.items) == 1682 and len(ml100k.interactions) == 100000
     toy = ml100k.items.set_index("item_id").loc[1]
     assert (toy.title, toy.genre) == ("Toy Story", "Animation")
@@ -69,12 +71,18 @@ def test_ml100k_tables(ml100k: MovieLens) -> None:
     ]  # fmt: skip
 
 
-def test_samples_cache_round_trip(ml100k: MovieLens, tmp_path: Path) -> None:
+def test_samples_cache_round_trip(ml100k: Dataset, tmp_path: Path) -> None:
     a, manifest = load_or_build_samples(ml100k, tmp_path)
     b, manifest2 = load_or_build_samples(ml100k, tmp_path)
     assert manifest == manifest2
     assert manifest["splits"]["train"]["count"] == 76228
     assert np.array_equal(a.item_id, b.item_id) and np.array_equal(a.seq_item, b.seq_item)
+
+
+def _ml1m(folder: Path) -> Dataset:
+    """ML-1M .dat files through the importer (to atomic files) and the one atomic reader."""
+    target = convert_ml1m(folder, folder / "atomic")
+    return read_dataset(target, load_config(target))
 
 
 def test_ml1m_layout(tmp_path: Path) -> None:
@@ -83,7 +91,7 @@ def test_ml1m_layout(tmp_path: Path) -> None:
         "1::Toy Story (1995)::Animation|Children's|Comedy\n2::Café (1999)::Drama\n", encoding="latin-1"
     )
     (tmp_path / "ratings.dat").write_text("1::1::5::978300760\n2::2::3::978300761\n", encoding="latin-1")
-    data = load_ml1m(tmp_path)
+    data = _ml1m(tmp_path)
     assert data.users.to_dict("records")[0] == {
         "user_id": 1,
         "gender": "female",
@@ -94,7 +102,7 @@ def test_ml1m_layout(tmp_path: Path) -> None:
     assert data.items.genre.tolist() == ["Animation", "Drama"]
     (tmp_path / "ratings.dat").write_text("1::1::5\n", encoding="latin-1")
     with pytest.raises(DataError, match="ratings.dat: line 1"):
-        load_ml1m(tmp_path)
+        _ml1m(tmp_path)
 
 
 def test_missing_files_are_clear_errors(tmp_path: Path) -> None:

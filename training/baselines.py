@@ -17,7 +17,7 @@ import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import OneHotEncoder
 
-from data.movielens import MovieLens
+from data.dataset import Dataset
 from data.samples import Samples
 from training.metrics import ctr_metrics
 
@@ -52,7 +52,7 @@ class Fields:
         return np.column_stack([getattr(self, name).astype(str) for name in CATEGORICAL]).astype(object)
 
 
-def fields_for(data: MovieLens, samples: Samples, split: str) -> Fields:
+def fields_for(data: Dataset, samples: Samples, split: str) -> Fields:
     """Join samples of `split` with the users and items tables (unknown user/item -> "unknown")."""
     idx = samples.indices(split)
     user_ids = samples.user_ids[samples.user_row[idx]]

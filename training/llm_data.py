@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.movielens import MovieLens
+from data.dataset import Dataset
 from data.samples import Samples
 from rellax.entities import Item, Profile
 from rellax.features import Featurizer, History, Mode
@@ -31,7 +31,7 @@ class Catalogue:
     items: dict[int, Item]
 
     @classmethod
-    def from_tables(cls, data: MovieLens) -> Catalogue:
+    def from_tables(cls, data: Dataset) -> Catalogue:
         profiles = {
             int(r.user_id): Profile(gender=str(r.gender), age=str(r.age), job=str(r.job))
             for r in data.users.itertuples()
