@@ -32,7 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data.loading import load_dataset  # noqa: E402
+from data.loading import artefact_dir, load_dataset  # noqa: E402
 from rellax.bundle import Bundle  # noqa: E402
 from rellax.entities import HistoryEvent  # noqa: E402
 from rellax.paths import cache_dir  # noqa: E402
@@ -98,7 +98,7 @@ def score_resumable(bundle: Bundle, inputs: list, store: Path, chunk: int) -> tu
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--bundle", type=Path, default=cache_dir("bundles") / "demo")
+    parser.add_argument("--bundle", type=Path, default=artefact_dir("bundles", "demo"))
     parser.add_argument("--rows", type=int, default=2000)
     parser.add_argument("--ks", type=int, nargs="+", default=[15])
     parser.add_argument("--chunk", type=int, default=250)

@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from data.loading import artefact_dir
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -46,7 +48,7 @@ MANY = 32
 
 def ml100k_index() -> tuple[ItemIndex, str]:
     """The built index, or the token-embedding stand-in when `rellax index build` has not run."""
-    folder = cache_dir("index") / "ml100k"
+    folder = artefact_dir("index", "ml100k")
     if (folder / "meta.json").exists():
         return ItemIndex.load(folder), f"SmolLM2 final layer ({folder})"
     from safetensors import safe_open

@@ -7,7 +7,9 @@ every artefact built from it is keyed by `dataset_key` so two data sets never sh
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -21,7 +23,16 @@ from rellax.assets import movielens_100k_dir
 from rellax.errors import DataError
 from rellax.paths import cache_dir
 
-__all__ = ["BUNDLED_KEY", "dataset_key", "dataset_source", "load_dataset", "read_source"]
+__all__ = [
+    "BUNDLED_KEY",
+    "artefact_dir",
+    "check_same_data",
+    "current_key",
+    "dataset_key",
+    "dataset_source",
+    "load_dataset",
+    "read_source",
+]
 
 BUNDLED_KEY = "ml100k"  # the bundled data set's key: the cache layout it has always had
 log = structlog.get_logger(__name__)
@@ -65,6 +76,47 @@ def dataset_key(data: Dataset) -> str:
     if data.sources and data.sources[0].parent == movielens_100k_dir() and data.name == "ml-100k":
         return BUNDLED_KEY
     return f"{data.name}-{_digest(list(data.sources))[:12]}"
+
+
+@functools.lru_cache(maxsize=8)
+def _key_of(source: str | None) -> str:
+    return dataset_key(read_source(source))
+
+
+def current_key() -> str:
+    """The key of the data set in use (`RELLAX_DATASET` or the bundled ML-100K)."""
+    source = dataset_source()
+    return _key_of(str(source) if source else None)
+
+
+def artefact_dir(kind: str, bundled: str, key: str | None = None) -> Path:
+    """Where an artefact of the data set in use lives: `cache/<kind>/<bundled>` for the bundled
+    ML-100K (the layout it has always had), `cache/<kind>/<key>` for any other data set."""
+    key = key or current_key()
+    return cache_dir(kind) / (bundled if key == BUNDLED_KEY else key)
+
+
+def check_same_data(what: str, path: Path, recorded: dict | None, manifest: dict) -> None:
+    """Refuse to build on an artefact made from other data: compare its recorded source hash."""
+    if not recorded or not recorded.get("source_hash"):
+        return  # older artefacts recorded none: nothing to compare
+    if recorded["source_hash"] != manifest["source_hash"]:
+        raise DataError(
+            f"{what} at {path} was built from another data set "
+            f"({recorded.get('dataset', 'unknown')}, source {recorded['source_hash'][:12]}) than the one in "
+            f"use ({manifest.get('dataset')}, source {manifest['source_hash'][:12]}): rebuild it for this "
+            "data set or point RELLAX_DATASET / --dataset at the data it came from"
+        )
+
+
+def recorded_data(path: Path) -> dict | None:
+    """The `data` record of an artefact's metrics.json / meta.json, when it has one."""
+    for name in ("metrics.json", "meta.json", "run.json"):
+        if (path / name).exists():
+            data = json.loads((path / name).read_text()).get("data")
+            if isinstance(data, dict):
+                return data
+    return None
 
 
 def load_dataset(source: Path | str | None = None) -> tuple[Dataset, Samples, dict]:

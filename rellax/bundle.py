@@ -9,7 +9,9 @@ Layout (tensors in safetensors, nothing pickled):
     adapters.safetensors   CFLoRA A, B and gate weights, by module name
     spa.safetensors        the SPA projector (when SPA is on)
     din/                   the frozen DIN (weights, config, vocab)
-    items.json             the catalogue: id, title, first genre
+    items.json             the catalogue: id, title, category (first genre), and the data's own id
+                           ("key") where it is not the integer id
+    domain.json            the data set's prompt wording (`rellax.domain.Domain`; absent: MovieLens)
     index/                 item vectors and the hnswlib index (SUBR)
     merged/                optional: W0 + s·B·Ḡᵀ·A as a plain HF dir for vLLM (DESIGN §8)
     llmsrec/               optional: LLM-SRec's small modules, the catalogue's item vectors, their
@@ -41,6 +43,7 @@ from index.item_index import ItemIndex
 from rellax import precision
 from rellax.cflora import inject_cflora, merge_cflora_state_dict
 from rellax.din import DIN
+from rellax.domain import MOVIES, Domain
 from rellax.entities import HistoryEvent, Item, Profile
 from rellax.errors import BundleError
 from rellax.features import Featurizer, History, Mode
@@ -183,6 +186,8 @@ def write_bundle(
     metrics: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     llmsrec: Path | None = None,
+    domain: Domain = MOVIES,
+    item_keys: Mapping[int, str] | None = None,
 ) -> dict[str, Any]:
     """Write a bundle for a CFLoRA-injected `lm` (and, from `llmsrec`, a folder written by
     `LLMSRecRanker.write` over the same base LLM); returns the manifest."""
@@ -199,9 +204,17 @@ def write_bundle(
             folder / "spa.safetensors",
         )
     din.save(folder / "din")
+    keys = dict(item_keys or {})
     (folder / "items.json").write_text(
-        json.dumps([{"item_id": i.item_id, "title": i.title, "genre": i.genre} for i in items])
+        json.dumps(
+            [
+                {"item_id": i.item_id, "title": i.title, "genre": i.genre}
+                | ({"key": keys[i.item_id]} if i.item_id in keys else {})
+                for i in items
+            ]
+        )
     )
+    (folder / "domain.json").write_text(domain.dumps())
     item_index.save(folder / "index")
     if llmsrec is not None:
         import shutil
@@ -313,10 +326,15 @@ class Bundle:
         yes, no = answer_token_ids(tokenizer)
         model = ScoringModel(lm, yes, no, spa=spa).eval()
         scorer = Scorer(model, dtype=precision.resolve(dtype), pad_id=int(tokenizer.pad_token_id or 0))
-        featurizer = Featurizer(tokenizer, items, index, din, k=config.k, spa=config.spa)
+        domain = (
+            Domain.from_json(json.loads((path / "domain.json").read_text()))
+            if (path / "domain.json").exists()
+            else MOVIES
+        )
+        featurizer = Featurizer(tokenizer, items, index, din, k=config.k, spa=config.spa, domain=domain)
         llmsrec = None
         if (path / "llmsrec").is_dir():  # after Scorer: it reads the base in the dtype the scorer set
-            llmsrec = LLMSRecRanker.load(path / "llmsrec", lm, tokenizer, items)
+            llmsrec = LLMSRecRanker.load(path / "llmsrec", lm, tokenizer, items, domain)
         return cls(path, manifest, featurizer, scorer, llmsrec)
 
     def prepare(

@@ -22,6 +22,7 @@ import torch
 from index.item_index import ItemIndex
 from index.subr import subr_positions_many
 from rellax.din import DIN, DINBatch, encode_batch
+from rellax.domain import MOVIES, Domain
 from rellax.entities import Item, Profile
 from rellax.errors import UnknownItem
 from rellax.prompt import Prompt, build_prompt
@@ -59,6 +60,7 @@ class Featurizer:
         din: the frozen DIN (vocab attached), or None for text-only use.
         k: history items shown per prompt.
         spa: write `[hist]`/`[target]` placeholders.
+        domain: the data set's prompt wording (MovieLens's by default).
     """
 
     def __init__(
@@ -70,9 +72,10 @@ class Featurizer:
         *,
         k: int,
         spa: bool,
+        domain: Domain = MOVIES,
     ) -> None:
         self.tokenizer, self.items, self.item_index, self.din = tokenizer, items, item_index, din
-        self.k, self.spa = k, spa
+        self.k, self.spa, self.domain = k, spa, domain
 
     def known_history(self, history: History) -> History:
         """The entries whose item is in the catalogue, order kept."""
@@ -136,6 +139,7 @@ class Featurizer:
                 mode=mode,
                 spa=spa,
                 subr=subr,
+                domain=self.domain,
             )
             for c in candidate_ids
         ]

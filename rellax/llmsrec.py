@@ -30,6 +30,7 @@ from torch import nn
 
 from rellax import precision
 from rellax.cflora import adapters_disabled
+from rellax.domain import MOVIES, Domain
 from rellax.entities import HistoryEvent, Item
 from rellax.errors import BundleError, UnknownItem
 from rellax.prompt import Prompt, build_user_prompt
@@ -153,7 +154,9 @@ class LLMSRecRanker:
         vectors: np.ndarray,
         hnsw,  # noqa: ANN001 - hnswlib.Index over `vectors` (labels = rows)
         k: int,
+        domain: Domain = MOVIES,
     ) -> None:
+        self.domain = domain
         self.model, self.sasrec, self.tokenizer, self.items, self.k = (
             model.eval(),
             sasrec,
@@ -190,7 +193,14 @@ class LLMSRecRanker:
         (folder / "llmsrec.json").write_text(json.dumps({"k": k, "cf_dim": cf_dim, "out_dim": out_dim}))
 
     @classmethod
-    def load(cls, folder: Path, lm: nn.Module, tokenizer, items: Mapping[int, Item]) -> LLMSRecRanker:  # noqa: ANN001
+    def load(
+        cls,
+        folder: Path,
+        lm: nn.Module,
+        tokenizer,  # noqa: ANN001
+        items: Mapping[int, Item],
+        domain: Domain = MOVIES,
+    ) -> LLMSRecRanker:
         """Read a folder written by `write` over `lm`; BundleError naming a missing or mismatched part."""
         import hnswlib
         from safetensors.torch import load_file
@@ -217,13 +227,13 @@ class LLMSRecRanker:
         hnsw.set_ef(HNSW_EF)  # a saved index does not keep its beam: hnswlib loads with ef = 10
         if hnsw.get_current_count() != len(ids):
             raise BundleError(f"{folder / HNSW} holds {hnsw.get_current_count()} items, vectors {len(ids)}")
-        return cls(model, SASRec.load(folder), tokenizer, items, ids, vectors, hnsw, int(config["k"]))
+        return cls(model, SASRec.load(folder), tokenizer, items, ids, vectors, hnsw, int(config["k"]), domain)
 
     @torch.no_grad()
     def user_vector(self, history: Sequence[HistoryEvent]) -> np.ndarray:
         """(D,) float32: the user prompt over the last k events (oldest first) through the LLM."""
         shown = recent_history(self.items, ((e.item_id, e.timestamp) for e in history), self.k)
-        prompt = build_user_prompt(self.tokenizer, shown, k=self.k)
+        prompt = build_user_prompt(self.tokenizer, shown, k=self.k, domain=self.domain)
         emb = self.sasrec.item_vectors(
             torch.tensor(self.sasrec.rows([it.item_id for it, _ in shown]), dtype=torch.long)
         )

@@ -26,12 +26,11 @@ import yaml
 from torch import nn
 from tqdm import tqdm
 
-from data.loading import load_dataset
+from data.loading import artefact_dir, load_dataset
 from data.samples import Samples
 from rellax.din import DIN, DINBatch, DINConfig, DINVocab, encode_batch
 from rellax.entities import Profile
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from training.baselines import Fields, fields_for, run_baselines
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
 
@@ -58,7 +57,7 @@ class CRMConfig:
     dropout: float = 0.1
     max_history: int = 30
     baselines: bool = True
-    out: str | None = None  # default: cache_dir("crm") / "din"
+    out: str | None = None  # default: artefact_dir("crm", "din")
     ml1m: str | None = None  # folder with ML-1M .dat files; default is the bundled ML-100K
     # Leave the LLM's few-shot rows for these N out of DIN's training (see `holdout_rows`).
     holdout_fewshot: tuple[int, ...] = ()
@@ -261,7 +260,7 @@ def main(cfg: CRMConfig) -> dict:
     recipe.train()
     valid, _ = recipe.evaluate("valid")
     test, test_probs = recipe.evaluate("test")
-    out = Path(cfg.out) if cfg.out else cache_dir("crm") / "din"
+    out = Path(cfg.out) if cfg.out else artefact_dir("crm", "din")
     files = recipe.save(out)
     np.save(out / "test_probs.npy", test_probs.astype(np.float32))
     metrics: dict[str, Any] = {
@@ -273,7 +272,10 @@ def main(cfg: CRMConfig) -> dict:
         "history": recipe.history,
         "config": asdict(cfg),
         "held_out_rows": int(len(recipe.held_out)),
-        "data": {k: recipe.manifest[k] for k in ("source_hash", "users", "items", "interactions", "splits")},
+        "data": {
+            k: recipe.manifest.get(k)
+            for k in ("dataset", "dataset_key", "source_hash", "users", "items", "interactions", "splits")
+        },
         "files": files,
         "out": str(out),
     }

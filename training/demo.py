@@ -15,8 +15,8 @@ import json
 import time
 from pathlib import Path
 
+from data.loading import artefact_dir
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 
 __all__ = [
     "DEMO_EVAL_ROWS",
@@ -84,16 +84,16 @@ def _restore_study_run(name: str, record: dict, runs: Path, folder: Path = STUDY
 
 
 def demo_paths() -> dict[str, Path]:
-    runs = cache_dir("runs") / "demo"
+    runs = artefact_dir("runs", "demo")
     return {
-        "din": cache_dir("crm") / "din",
-        "index": cache_dir("index") / "ml100k",
+        "din": artefact_dir("crm", "din"),
+        "index": artefact_dir("index", "ml100k"),
         "stage1": runs / "stage1",
         "stage2": runs / "stage2",
         "eval": runs / "eval",
         "sasrec": runs / "sasrec",
         "llmsrec": runs / "llmsrec",
-        "bundle": cache_dir("bundles") / "demo",
+        "bundle": artefact_dir("bundles", "demo"),
     }
 
 

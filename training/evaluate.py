@@ -19,13 +19,12 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from data.loading import load_dataset
+from data.loading import artefact_dir, load_dataset
 from rellax import precision
 from rellax.assets import prepare_model
 from rellax.cflora import inject_cflora, load_lora_weights
 from rellax.features import Featurizer, Mode
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows
@@ -51,10 +50,10 @@ class EvalConfig:
     n: int | None = 2000  # None = every row of the split
     seed: int = 1234
     k: int = 15
-    stage1: Path | None = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage1")
+    stage1: Path | None = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage1")
     stage2: dict[str, Path] = field(default_factory=dict)  # mode -> run dir
-    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
-    out: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "eval")
+    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
+    out: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "eval")
     zero_shot: bool = True
     model_dir: Path | None = None
     index_dir: Path | None = None
@@ -82,7 +81,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     rows = eval_rows(samples, cfg.split, cfg.n, seed=cfg.seed)
     labels = samples.label[rows].astype(np.int64)
     model_dir = prepare_model(cfg.model_dir)
-    din = load_din(cfg.din_dir)
+    din = load_din(cfg.din_dir, manifest)
     dtype = precision.resolve(cfg.dtype)
     results: dict[str, dict[str, Any]] = {}
     preds: dict[str, np.ndarray] = {}
@@ -97,7 +96,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         residual: bool = False,
     ) -> None:  # fmt: skip
         t = time.perf_counter()
-        featurizer = Featurizer(tok, catalogue.items, index, din, k=cfg.k, spa=spa)
+        featurizer = Featurizer(tok, catalogue.items, index, din, k=cfg.k, spa=spa, domain=catalogue.domain)
         examples = build_examples(
             featurizer,
             catalogue,

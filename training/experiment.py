@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from data.loading import artefact_dir
 from index.item_index import ItemIndex
 from rellax.assets import prepare_model
 from rellax.cflora import cflora_modules
@@ -95,7 +96,7 @@ class ExperimentConfig:
     chunk: int = 128  # LLM test rows scored between checkpoints
     only: tuple[str, ...] = ()  # run just these steps (names as in `plan`); the rest stay pending
     model_dir: Path | None = None
-    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
     # True: the LLM steps read a DIN trained without their few-shot rows (`training.crm.holdout_rows`),
     # so they learn from DIN outputs as good as on unseen rows. Off by default: the tuning trial with
     # it (one-stage-b8-lr1e-3-subr-holdout) reached no higher valid AUC than the shared DIN.
@@ -223,7 +224,9 @@ class _Context:
     def examples(
         self, tok, index, din, k: int, mode: Mode, spa: bool, with_din: bool, desc: str
     ) -> list[LLMExample]:  # noqa: ANN001
-        featurizer = Featurizer(tok, self.catalogue.items, index, din, k=k, spa=spa)
+        featurizer = Featurizer(
+            tok, self.catalogue.items, index, din, k=k, spa=spa, domain=self.catalogue.domain
+        )
         pairs = [(int(r), mode) for r in self.rows]
         return build_examples(featurizer, self.catalogue, self.samples, pairs, with_din=with_din, desc=desc)
 

@@ -15,14 +15,13 @@ from typing import Any
 import numpy as np
 from safetensors.torch import load_file, save_file
 
-from data.loading import load_dataset
+from data.loading import artefact_dir, check_same_data, load_dataset
 from rellax import precision
 from rellax.assets import DEFAULT_MODEL_NAME, file_sha256, prepare_model
 from rellax.bundle import BundleConfig, write_bundle, write_merged
 from rellax.cflora import cflora_modules
 from rellax.features import Featurizer
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from training.fewshot import eval_rows
 from training.llm_data import Catalogue, build_examples
 from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
@@ -37,9 +36,9 @@ log = get_logger(__name__)
 
 @dataclass
 class ExportConfig:
-    stage2: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage2")
-    out: Path = field(default_factory=lambda: cache_dir("bundles") / "demo")
-    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    stage2: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage2")
+    out: Path = field(default_factory=lambda: artefact_dir("bundles", "demo"))
+    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
     eval_json: Path | None = None
     merged: bool = True
     merged_valid_rows: int = 256
@@ -59,11 +58,12 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
             "beyond the paper; bundles serve ReLLaX itself"
         )
     data, samples, manifest = load_dataset()
+    check_same_data("the stage-2 run", cfg.stage2, meta.get("data"), manifest)
     catalogue = Catalogue.from_tables(data)
     model_dir = prepare_model(cfg.model_dir)
     lm, tokenizer = load_base_lm(model_dir, bf16=False, device="cpu")  # a bundle is written from the CPU
     index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tokenizer, catalogue)
-    din = load_din(cfg.din_dir)
+    din = load_din(cfg.din_dir, manifest)
     lora = load_file(Path(s2cfg["stage1"]) / "adapter" / "adapter_model.safetensors")
     model = build_stage2_model(lm, tokenizer, lora, s1cfg, mode, din.config.embed_dim)
     load_stage2_weights(model, cfg.stage2)
@@ -123,6 +123,8 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
         metrics=metrics,
         extra=extra,
         llmsrec=cfg.llmsrec,
+        domain=catalogue.domain,
+        item_keys=data.item_keys,
     )
     log.info("bundle written", out=str(cfg.out), model_version=manifest_out["model_version"])
     return manifest_out
@@ -153,7 +155,9 @@ def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config
         save_file(spa_state, out / "rellax" / "spa.safetensors")
         extras["spa"] = "rellax/spa.safetensors"
     (out / "rellax_merged.json").write_text(json.dumps(extras))
-    featurizer = Featurizer(tokenizer, catalogue.items, index, din, k=config.k, spa=config.spa)
+    featurizer = Featurizer(
+        tokenizer, catalogue.items, index, din, k=config.k, spa=config.spa, domain=catalogue.domain
+    )
     rows = eval_rows(samples, "valid", cfg.merged_valid_rows)
     examples = build_examples(
         featurizer,

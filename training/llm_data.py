@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from data.dataset import Dataset
 from data.samples import Samples
+from rellax.domain import MOVIES, Domain
 from rellax.entities import Item, Profile
 from rellax.features import Featurizer, History, Mode
 from rellax.prompt import Prompt, answer_ids
@@ -25,10 +26,11 @@ __all__ = ["Catalogue", "LLMExample", "build_examples", "collate"]
 
 @dataclass(frozen=True)
 class Catalogue:
-    """Profiles and items by id, read once from the tables."""
+    """Profiles and items by id, read once from the tables, and the data set's prompt wording."""
 
     profiles: dict[int, Profile]
     items: dict[int, Item]
+    domain: Domain = MOVIES
 
     @classmethod
     def from_tables(cls, data: Dataset) -> Catalogue:
@@ -36,7 +38,7 @@ class Catalogue:
             int(r.user_id): Profile(gender=str(r.gender), age=str(r.age), job=str(r.job))
             for r in data.users.itertuples()
         }
-        return cls(profiles, {item.item_id: item for item in data.item_records()})
+        return cls(profiles, {item.item_id: item for item in data.item_records()}, data.domain)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.loading import artefact_dir, check_same_data, recorded_data
 from data.samples import Samples
 from index.item_index import ItemIndex, build_item_index
 from rellax import precision
@@ -16,7 +17,6 @@ from rellax.device import resolve_device
 from rellax.din import DIN
 from rellax.features import Featurizer, Mode
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from rellax.scorer import Scorer, ScoringModel
 from rellax.tokens import add_soft_tokens
 from training.llm_data import Catalogue, LLMExample, build_examples
@@ -35,7 +35,7 @@ log = get_logger(__name__)
 
 
 def default_index_dir() -> Path:
-    return cache_dir("index") / "ml100k"
+    return artefact_dir("index", "ml100k")
 
 
 def load_base_lm(model_dir: Path, bf16: bool | None = None, device: str | None = None):  # noqa: ANN201 - (model, tokenizer)
@@ -65,10 +65,13 @@ def load_or_build_index(folder: Path, lm, tokenizer, catalogue: Catalogue) -> It
     return index
 
 
-def load_din(folder: Path) -> DIN:
-    """The frozen DIN from `rellax train crm`."""
+def load_din(folder: Path, manifest: dict | None = None) -> DIN:
+    """The frozen DIN from `rellax train crm`; with the samples' `manifest`, refuses a DIN trained
+    on another data set."""
     if not (folder / "model.safetensors").exists():
         raise FileNotFoundError(f"no DIN at {folder}: run `rellax train crm` first")
+    if manifest is not None:
+        check_same_data("the DIN", folder, recorded_data(folder), manifest)
     din = DIN.load(folder).eval()
     din.requires_grad_(False)
     return din

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.loading import artefact_dir
 from rellax.entities import Item
 from rellax.llmsrec import LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from rellax.prompt import build_item_prompt, build_user_prompt
 from rellax.sasrec import SASRec
 from training.ranking import RankingCase, rank_metrics, ranking_cases
@@ -43,8 +43,8 @@ log = get_logger(__name__)
 
 @dataclass
 class LLMSRecConfig:
-    out: Path = field(default_factory=lambda: cache_dir("llmsrec") / "ml100k")
-    sasrec_dir: Path = field(default_factory=lambda: cache_dir("sasrec") / "ml100k")
+    out: Path = field(default_factory=lambda: artefact_dir("llmsrec", "ml100k"))
+    sasrec_dir: Path = field(default_factory=lambda: artefact_dir("sasrec", "ml100k"))
     model_dir: Path | None = None
     seed: int = 0
     steps: int = 200

@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from data.loading import artefact_dir
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from training.ranking import RankingCase, rank_metrics, ranking_cases, ranks
 
 __all__ = ["RankingConfig", "cascade_scores", "paired_ndcg_diff", "rellax_scores", "run"]
@@ -30,9 +30,9 @@ log = get_logger(__name__)
 @dataclass
 class RankingConfig:
     out: Path = Path("docs/results/ranking.json")
-    sasrec_dir: Path = field(default_factory=lambda: cache_dir("sasrec") / "ml100k")
-    llmsrec_dir: Path | None = field(default_factory=lambda: cache_dir("llmsrec") / "ml100k")
-    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    sasrec_dir: Path = field(default_factory=lambda: artefact_dir("sasrec", "ml100k"))
+    llmsrec_dir: Path | None = field(default_factory=lambda: artefact_dir("llmsrec", "ml100k"))
+    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
     model_dir: Path | None = None
     bundle: Path | None = None  # a ReLLaX bundle: ReLLaX as a ranker and the cascade over LLM-SRec
     rellax_users: int | None = None  # score only the first n cases with ReLLaX (100 LLM passes each)

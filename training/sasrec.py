@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from data.loading import artefact_dir
 from data.samples import Samples
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from rellax.sasrec import SASRec, SASRecConfig
 from training.ranking import RankingCase, rank_metrics, ranking_cases
 
@@ -35,7 +35,7 @@ log = get_logger(__name__)
 
 @dataclass
 class SASRecTrainConfig:
-    out: Path = field(default_factory=lambda: cache_dir("sasrec") / "ml100k")
+    out: Path = field(default_factory=lambda: artefact_dir("sasrec", "ml100k"))
     seed: int = 0
     dim: int = 64
     blocks: int = 2

@@ -17,10 +17,9 @@ from typing import Any, Literal
 
 import torch
 
-from data.loading import load_dataset
+from data.loading import artefact_dir, load_dataset
 from rellax.assets import prepare_model
 from rellax.features import Featurizer
-from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
@@ -36,7 +35,7 @@ __all__ = ["Stage1Config", "lora_targets", "main"]
 class Stage1Config:
     """Stage-1 settings; defaults are sized for the demo on a 2-core CPU."""
 
-    out: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage1")
+    out: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage1")
     model_dir: Path | None = None
     index_dir: Path | None = None
     n_rows: int = 256  # few-shot rows; each gives two prompts
@@ -74,7 +73,15 @@ class Stage1Recipe:
         model_dir = prepare_model(cfg.model_dir)
         lm, self.tokenizer = load_base_lm(model_dir, bf16=cfg.loop.bf16)
         index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, self.tokenizer, self.catalogue)
-        self.featurizer = Featurizer(self.tokenizer, self.catalogue.items, index, None, k=cfg.k, spa=False)
+        self.featurizer = Featurizer(
+            self.tokenizer,
+            self.catalogue.items,
+            index,
+            None,
+            k=cfg.k,
+            spa=False,
+            domain=self.catalogue.domain,
+        )
         lora = LoraConfig(
             r=cfg.r,
             lora_alpha=cfg.alpha,
@@ -118,7 +125,7 @@ class Stage1Recipe:
             "result": result.to_json(),
             "config": self.cfg.to_json(),
             "trainable_params": sum(p.numel() for p in self.peft_model.parameters() if p.requires_grad),
-            "data": {"source_hash": self.data_manifest["source_hash"]},
+            "data": {k: self.data_manifest.get(k) for k in ("source_hash", "dataset", "dataset_key")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "run_id": uuid.uuid4().hex,  # stage-2 runs over this one record it
         }

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.loading import load_dataset
+from data.loading import artefact_dir, check_same_data, load_dataset
 from rellax.assets import prepare_model
 from rellax.cflora import (
     adapter_params,
@@ -32,7 +32,6 @@ from rellax.cflora import (
     set_trainable,
 )
 from rellax.features import Featurizer
-from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.spa import SPAProjector
 from rellax.tokens import answer_token_ids
@@ -52,9 +51,9 @@ Stage2Mode = Literal["spa", "cflora", "rellax"]
 class Stage2Config:
     """Stage-2 settings; defaults are sized for the demo on a 2-core CPU."""
 
-    stage1: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage1")
-    out: Path = field(default_factory=lambda: cache_dir("runs") / "demo" / "stage2")
-    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    stage1: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage1")
+    out: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage2")
+    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
     model_dir: Path | None = None
     index_dir: Path | None = None
     mode: Stage2Mode = "rellax"
@@ -131,8 +130,9 @@ class Stage2Recipe:
         self.catalogue = Catalogue.from_tables(data)
         lm, self.tokenizer = load_base_lm(prepare_model(cfg.model_dir), bf16=cfg.loop.bf16)
         index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, self.tokenizer, self.catalogue)
-        self.din = load_din(cfg.din_dir)
+        self.din = load_din(cfg.din_dir, self.data_manifest)
         stage1_metrics = json.loads((cfg.stage1 / "metrics.json").read_text())
+        check_same_data("the stage-1 run", cfg.stage1, stage1_metrics.get("data"), self.data_manifest)
         self.stage1_cfg = stage1_metrics["config"]
         self.stage1_run_id = stage1_metrics.get("run_id")
         lora_state = load_file(cfg.stage1 / "adapter" / "adapter_model.safetensors")
@@ -143,7 +143,13 @@ class Stage2Recipe:
             _randomise_gates(self.model, cfg.loop.seed)
         spa_on = self.model.spa is not None
         self.featurizer = Featurizer(
-            self.tokenizer, self.catalogue.items, index, self.din, k=cfg.k, spa=spa_on
+            self.tokenizer,
+            self.catalogue.items,
+            index,
+            self.din,
+            k=cfg.k,
+            spa=spa_on,
+            domain=self.catalogue.domain,
         )
         rows = fewshot_rows(self.samples, cfg.n_rows, seed=cfg.loop.seed)
         pairs = interleave_modes(rows, cfg.loop.seed)
@@ -202,7 +208,7 @@ class Stage2Recipe:
             "stage1_run_id": self.stage1_run_id,
             "run_id": uuid.uuid4().hex,  # the bundle and eval made from this run record it
             "trainable_params": sum(p.numel() for p in self.params.values()),
-            "data": {"source_hash": self.data_manifest["source_hash"]},
+            "data": {k: self.data_manifest.get(k) for k in ("source_hash", "dataset", "dataset_key")},
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         }
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from data.loading import artefact_dir
 from rellax.device import resolve_device
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
@@ -172,7 +173,7 @@ class TuneConfig:
     only: tuple[str, ...] = ()
     max_seconds: float | None = None  # stop starting new trials after this long (a session's end)
     model_dir: Path | None = None
-    din_dir: Path = field(default_factory=lambda: cache_dir("crm") / "din")
+    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
     index_dir: Path | None = None
 
 
