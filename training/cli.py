@@ -37,7 +37,10 @@ def train_crm(
     lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
     batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
     patience: Annotated[int | None, typer.Option(help="Epochs without a better valid AUC.")] = None,
-    ml1m: Annotated[Path | None, typer.Option(help="Folder with ML-1M .dat files (default ML-100K).")] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Data set folder: RecBole atomic files or ML-1M .dat (default: RELLAX_DATASET / ML-100K)."),
+    ] = None,
     baselines: Annotated[
         bool | None, typer.Option(help="Also fit the LR and rating-prior baselines.")
     ] = None,
@@ -55,7 +58,7 @@ def train_crm(
             lr=lr,
             batch_size=batch_size,
             patience=patience,
-            ml1m=str(ml1m) if ml1m else None,
+            dataset=str(dataset) if dataset else None,
             baselines=baselines,
         )
     except ValueError as exc:

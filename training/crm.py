@@ -58,7 +58,7 @@ class CRMConfig:
     max_history: int = 30
     baselines: bool = True
     out: str | None = None  # default: artefact_dir("crm", "din")
-    ml1m: str | None = None  # folder with ML-1M .dat files; default is the bundled ML-100K
+    dataset: str | None = None  # atomic files (or ML-1M .dat); default: RELLAX_DATASET, else ML-100K
     # Leave the LLM's few-shot rows for these N out of DIN's training (see `holdout_rows`).
     holdout_fewshot: tuple[int, ...] = ()
 
@@ -146,7 +146,7 @@ class CRMRecipe:
         self.cfg = cfg
         torch.manual_seed(cfg.seed)
         self._rng = torch.Generator().manual_seed(cfg.seed)
-        self.data, self.samples, self.manifest = load_dataset(Path(cfg.ml1m) if cfg.ml1m else None)
+        self.data, self.samples, self.manifest = load_dataset(cfg.dataset)
         self.fields = {s: fields_for(self.data, self.samples, s) for s in ("train", "valid", "test")}
         self.held_out = holdout_rows(self.samples, cfg.holdout_fewshot)
         if len(self.held_out):
