@@ -10,11 +10,12 @@ import numpy as np
 import torch
 
 from data.samples import Samples
-from index.item_index import ItemIndex, build_item_index
+from index.build import build_item_index
 from rellax import precision
 from rellax.device import resolve_device
 from rellax.din import DIN
 from rellax.features import Featurizer, Mode
+from rellax.item_index import ItemIndex
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import Scorer, ScoringModel
