@@ -61,8 +61,8 @@ test-vllm: setup $(VLLM_STAMP)
 	else $(VLLM_PY) -m pytest -q -rs tests/vllm; fi
 
 lint: setup
-	$(VENV)/bin/ruff check rellax index training service tests benchmarks
-	$(VENV)/bin/ruff format --check rellax index training service tests benchmarks
+	$(VENV)/bin/ruff check rellax data index training service cli tests benchmarks
+	$(VENV)/bin/ruff format --check rellax data index training service cli tests benchmarks
 
 bench: setup
 	$(PY) benchmarks/prompt_tokens.py

@@ -87,7 +87,7 @@ def start_server(
     bundle: Path, redis_url: str, port: int, log: Path, env_extra: dict[str, str]
 ) -> subprocess.Popen:
     env = {**os.environ, "RELLAX_DEADLINE_MS": "600000", "RELLAX_MAX_QUEUE": "100000", **env_extra}
-    cmd = [sys.executable, "-m", "rellax.cli", "serve", "--bundle", str(bundle), "--port", str(port),
+    cmd = [sys.executable, "-m", "cli", "serve", "--bundle", str(bundle), "--port", str(port),
            "--redis-url", redis_url]  # fmt: skip
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 600

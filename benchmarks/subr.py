@@ -37,9 +37,9 @@ from data.loading import artefact_dir
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from index.item_index import ItemIndex, fit_pca  # noqa: E402
-from index.subr import subr_positions, subr_positions_many  # noqa: E402
+from rellax.item_index import ItemIndex, fit_pca  # noqa: E402
 from rellax.paths import cache_dir  # noqa: E402
+from rellax.subr import subr_positions, subr_positions_many  # noqa: E402
 
 SIZES = (100, 1_000, 10_000)
 KS = (15, 30)

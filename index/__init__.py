@@ -1,7 +1,8 @@
-"""Item semantic embeddings, the hnswlib item index and SUBR retrieval (DESIGN §4).
+"""Offline item side (DESIGN §4): item texts, their LLM embeddings and `build_item_index`, plus the
+`rellax index build` command. The index format, its loading and SUBR are serving-time code and live
+in `rellax.item_index` and `rellax.subr`; this package imports rellax, never the other way round.
 
-Public names resolve lazily, so `import index` (or loading a saved index in the service) does not
-import torch; only embedding does.
+Public names resolve lazily, so `import index` does not import torch; only embedding does.
 """
 
 from __future__ import annotations
@@ -10,25 +11,17 @@ import importlib
 from typing import Any
 
 __all__ = [
-    "ItemIndex",
     "build_item_index",
     "cpu_supports_bf16",
     "embed_texts",
     "item_text",
-    "recency_positions",
-    "subr_positions",
-    "subr_positions_many",
 ]
 
 _WHERE = {
-    "ItemIndex": "index.item_index",
-    "build_item_index": "index.item_index",
+    "build_item_index": "index.build",
     "cpu_supports_bf16": "index.embed",
     "embed_texts": "index.embed",
     "item_text": "index.embed",
-    "recency_positions": "index.subr",
-    "subr_positions": "index.subr",
-    "subr_positions_many": "index.subr",
 }
 
 

@@ -31,8 +31,8 @@ def build(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from data.loading import load_dataset
+    from index.build import build_item_index
     from index.embed import resolve_dtype
-    from index.item_index import build_item_index
     from rellax.assets import prepare_model
     from rellax.device import resolve_device
     from rellax.paths import cache_dir

@@ -19,13 +19,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from index.item_index import ItemIndex
-from index.subr import subr_positions_many
 from rellax.din import DIN, DINBatch, encode_batch
 from rellax.domain import MOVIES, Domain
 from rellax.entities import Item, Profile
 from rellax.errors import UnknownItem
+from rellax.item_index import ItemIndex
 from rellax.prompt import Prompt, build_prompt
+from rellax.subr import subr_positions_many
 
 __all__ = ["Featurizer", "History", "Mode"]
 

@@ -1,6 +1,6 @@
 """`rellax serve` and `rellax load-history`. Heavy imports stay inside the commands (`rellax --help` is
-instant), and `training` is imported only by `load-history`, which reads a data set: the service
-itself never imports it."""
+instant); `load-history` reads its data set through `data/`. No part of `service/` imports `training/`
+(tests/test_layers.py)."""
 
 from __future__ import annotations
 

@@ -149,7 +149,7 @@ def known_env_names() -> set[str]:
     import click
     import typer
 
-    from rellax.cli import app
+    from cli.main import app
     from service.settings import Settings
 
     prefix = Settings.model_config.get("env_prefix", "")

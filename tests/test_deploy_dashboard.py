@@ -237,7 +237,8 @@ def _service_ready() -> str | None:
     """Why the real service cannot be started here yet, or None when it can."""
     for module, attrs in (
         ("service.main", ("create_app",)),
-        ("rellax.bundle", ("Bundle", "make_tiny_bundle")),
+        ("rellax.bundle", ("Bundle",)),
+        ("training.tiny_bundle", ("make_tiny_bundle",)),
     ):
         if importlib.util.find_spec(module) is None:
             return f"{module} does not exist yet"

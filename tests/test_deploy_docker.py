@@ -110,7 +110,7 @@ def test_port_healthcheck_entrypoint_and_env_match_the_app(dockerfile, monkeypat
     assert json.loads(entrypoint) == ["rellax", "serve"]
     import typer
 
-    from rellax.cli import app
+    from cli.main import app
 
     assert "serve" in typer.main.get_command(app).commands, "`rellax serve` is not registered"
     bundle_copies = [copy_parts(a) for a in final.args("COPY") if "--from=bundle" in a]

@@ -341,6 +341,6 @@ def test_the_training_job_is_valid_and_wires_torchrun() -> None:
     assert flags["master-addr"] == f"{job['metadata']['name']}-0.{pod['subdomain']}"
     assert pod["subdomain"] == service["metadata"]["name"] and service["spec"]["clusterIP"] == "None"
     assert int(flags["master-port"]) == service["spec"]["ports"][0]["port"]
-    assert container["args"][container["args"].index("-m") + 1 :][:3] == ["rellax", "train", "rella"]
+    assert container["args"][container["args"].index("-m") + 1 :][:3] == ["cli", "train", "rella"]
     env = {e["name"]: e["value"] for e in container["env"]}
     assert set(env) <= known_env_names() | {"RELLAX_DIST_TIMEOUT_S"}

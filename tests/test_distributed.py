@@ -28,7 +28,7 @@ ADAPTER_ATOL = 1e-4
 
 
 def _cli(*args: str | Path, nproc: int = 1) -> list[str]:
-    cmd = [sys.executable, "-m", "rellax", "train", "rella", *map(str, args)]
+    cmd = [sys.executable, "-m", "cli", "train", "rella", *map(str, args)]
     return [*cmd, "--nproc", str(nproc)] if nproc > 1 else cmd
 
 
@@ -158,7 +158,7 @@ def test_stage2_on_two_processes_matches_one(
 
     def stage2(out: str, batch: int, nproc: int) -> Path:
         cmd = [
-            sys.executable, "-m", "rellax", "train", "rellax", "--mode", "rellax", "--stage1", runs["one"],
+            sys.executable, "-m", "cli", "train", "rellax", "--mode", "rellax", "--stage1", runs["one"],
             "--din-dir", din_dir, "--model-dir", tiny_model_dir, "--index-dir", root / "index",
             "--n-rows", "8", "--k", "5", "--epochs", "1", "--micro-batch", "2", "--valid-rows", "32",
             "--lr", "1e-2", "--fp32", "--batch-size", str(batch), "--out", root / out,

@@ -1,4 +1,5 @@
-"""index/: item text, LLM embeddings (tiny random Llama), the ItemIndex, its files and its CLI."""
+"""index/ and the item index: item text, LLM embeddings (tiny random Llama), `rellax.item_index.ItemIndex`,
+its files, `index.build.build_item_index` and the `rellax index build` CLI."""
 
 from __future__ import annotations
 
@@ -12,10 +13,11 @@ import pytest
 import torch
 
 import index
+from index.build import build_item_index
 from index.embed import embed_texts, item_text, resolve_dtype
-from index.item_index import ItemIndex, build_item_index, fit_pca
 from rellax.entities import Item
 from rellax.errors import BundleError, UnknownItem
+from rellax.item_index import ItemIndex, fit_pca
 
 TEXTS = [
     "Here is a movie. Its title is Toy Story. The movie's genre is Animation.",
@@ -136,7 +138,7 @@ def test_knn_matches_brute_force_with_and_without_filter(random_index: ItemIndex
 
 
 def test_save_load_round_trip_is_identical(random_index: ItemIndex, tmp_path: Path) -> None:
-    from index.subr import subr_positions
+    from rellax.subr import subr_positions
 
     checksums = random_index.save(tmp_path)
     assert set(checksums) == {p.name for p in tmp_path.iterdir()}
@@ -193,9 +195,9 @@ def test_build_item_index_pca_dims_and_projection(tiny_llama, tokenizer) -> None
 
 
 def test_index_package_stays_light() -> None:
-    """index/ must not pull in training/ (nor torch, for loading an index in the service)."""
+    """index/ must not pull in training/, nor (like the serving-time item index and SUBR) torch."""
     code = (
-        "import sys, index, index.item_index, index.subr, index.cli;"
+        "import sys, index, rellax.item_index, rellax.subr, index.cli;"
         "bad = [m for m in ('training', 'torch', 'transformers') if m in sys.modules];"
         "assert not bad, bad"
     )
@@ -214,7 +216,7 @@ def test_cli_build_writes_a_loadable_index(tiny_llama, tokenizer, tmp_path: Path
     """The real `rellax index build` on ML-100K, with the tiny Llama as its model to stay fast."""
     from typer.testing import CliRunner
 
-    from rellax.cli import app
+    from cli.main import app
 
     model_dir, out = tmp_path / "model", tmp_path / "index"
     tiny_llama.save_pretrained(model_dir)

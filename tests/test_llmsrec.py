@@ -231,7 +231,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
 
     # With a ReLLaX bundle (a tiny one over ML-100K's item ids): ReLLaX ranks a subset of the cases,
     # and the cascade re-scores LLM-SRec's top M of the same cases.
-    from rellax.bundle import make_tiny_bundle
+    from training.tiny_bundle import make_tiny_bundle
 
     bundle = make_tiny_bundle(tmp_path / "bundle", n_items=1682)
     both = run(

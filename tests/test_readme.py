@@ -22,7 +22,7 @@ def test_readme_cli_table_lists_every_command() -> None:
     names a command that does not exist."""
     import typer
 
-    from rellax.cli import app
+    from cli.main import app
 
     def walk(t: typer.Typer, prefix: str) -> set[str]:
         names = {f"{prefix}{c.name or c.callback.__name__}" for c in t.registered_commands}

@@ -260,7 +260,7 @@ def test_load_history_fills_a_cluster(cluster: LocalCluster, ml100k_samples) -> 
     each user's history reads back whole, and users sit on every master."""
     from typer.testing import CliRunner
 
-    from rellax.cli import app
+    from cli.main import app
     from service.store import connect
 
     result = CliRunner().invoke(app, ["load-history", "--redis-url", cluster.url])

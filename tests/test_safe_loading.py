@@ -13,7 +13,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SOURCES = sorted(
-    p for d in ("rellax", "index", "training", "service", "benchmarks") for p in (ROOT / d).rglob("*.py")
+    p
+    for d in ("rellax", "data", "index", "training", "service", "cli", "benchmarks")
+    for p in (ROOT / d).rglob("*.py")
 )
 
 

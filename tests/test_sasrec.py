@@ -139,10 +139,11 @@ def test_the_cascade_reorders_the_first_stages_top_m_only() -> None:
 def test_rellax_ranks_the_candidates_the_service_would_score(tmp_path: Path) -> None:
     """ReLLaX as a ranker goes through the bundle's own prepare + score path: each case's scores
     equal scoring its candidates one by one, and the cascade's top-M call scores only those."""
-    from rellax.bundle import Bundle, make_tiny_bundle
+    from rellax.bundle import Bundle
     from rellax.entities import HistoryEvent, Profile
     from training.ranking import RankingCase
     from training.ranking_eval import rellax_scores
+    from training.tiny_bundle import make_tiny_bundle
 
     bundle = Bundle.load(make_tiny_bundle(tmp_path / "bundle"))
     rng = np.random.default_rng(0)

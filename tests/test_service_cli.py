@@ -16,7 +16,7 @@ import pytest
 from service_support import tiny_bundle, tiny_bundle_path
 from typer.testing import CliRunner
 
-from rellax.cli import app
+from cli.main import app
 from service.embedded_redis import free_port
 from service.settings import Settings
 from service.store import HistoryStore, connect
@@ -112,7 +112,7 @@ def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
     cmd = [
         sys.executable,
         "-m",
-        "rellax.cli",
+        "cli",
         "serve",
         "--bundle",
         str(tiny_bundle_path()),
@@ -165,7 +165,7 @@ def test_sigterm_drains_then_finishes_in_flight_requests_and_exits(tmp_path: Pat
         "RELLAX_MAX_WAIT_MS": "3000",
         "RELLAX_DEADLINE_MS": "30000",
     }
-    cmd = [sys.executable, "-m", "rellax.cli", "serve", "--bundle", str(tiny_bundle_path())]
+    cmd = [sys.executable, "-m", "cli", "serve", "--bundle", str(tiny_bundle_path())]
     cmd += ["--port", str(port), "--redis-url", redis_url]
     log = (tmp_path / "serve.log").open("w")
     proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -238,7 +238,7 @@ def test_serve_refuses_a_tampered_bundle_naming_the_file(tmp_path: Path, redis_u
     shutil.copytree(tiny_bundle_path(), bundle)
     items = bundle / "items.json"
     items.write_text(items.read_text().replace("Night", "Nite", 1))  # one title changed
-    cmd = [sys.executable, "-m", "rellax.cli", "serve", "--bundle", str(bundle), "--port", str(free_port())]
+    cmd = [sys.executable, "-m", "cli", "serve", "--bundle", str(bundle), "--port", str(free_port())]
     cmd += ["--redis-url", redis_url]
     env = {**os.environ, "RELLAX_DTYPE": "float32", "RELLAX_LOG_JSON": "true"}
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from index.item_index import ItemIndex, fit_pca
-from index.subr import recency_positions, subr_positions, subr_positions_many
 from rellax.errors import UnknownItem
+from rellax.item_index import ItemIndex, fit_pca
+from rellax.subr import recency_positions, subr_positions, subr_positions_many
 
 KS = (15, 30)
 

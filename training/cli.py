@@ -39,7 +39,9 @@ def train_crm(
     patience: Annotated[int | None, typer.Option(help="Epochs without a better valid AUC.")] = None,
     dataset: Annotated[
         Path | None,
-        typer.Option(help="Data set folder: RecBole atomic files or ML-1M .dat (default: RELLAX_DATASET / ML-100K)."),
+        typer.Option(
+            help="Data set folder: atomic files or ML-1M .dat [env RELLAX_DATASET; default ML-100K]."
+        ),
     ] = None,
     baselines: Annotated[
         bool | None, typer.Option(help="Also fit the LR and rating-prior baselines.")

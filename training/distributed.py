@@ -1,6 +1,6 @@
 """torch.distributed for the LLM stages: one process per device, launched by torchrun.
 
-Under `torchrun --nproc-per-node N -m rellax train ...` (or `rellax train ... --nproc N`, which
+Under `torchrun --nproc-per-node N -m cli train ...` (or `rellax train ... --nproc N`, which
 launches torchrun) every process runs the same stage: the same seeded set-up, its own share of each
 optimizer step's micro-batches, gradients averaged by DistributedDataParallel (`training.llm_loop`);
 or, with `--fsdp`, the frozen decoder layers sharded over the ranks by FSDP2 (`shard_frozen_layers`)
@@ -134,4 +134,4 @@ def launch_command(nproc: int, argv: Sequence[str]) -> list[str]:
     """The torchrun command that runs this CLI call (`argv`, without its --nproc) on `nproc`
     processes on this machine; several machines: run torchrun yourself (README, Scaling out)."""
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            "-m", "rellax", *argv]  # fmt: skip
+            "-m", "cli", *argv]  # fmt: skip

@@ -46,11 +46,11 @@ import torch
 from safetensors.torch import load_file
 
 from data.loading import artefact_dir
-from index.item_index import ItemIndex
 from rellax.assets import prepare_model
 from rellax.cflora import cflora_modules
 from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
+from rellax.item_index import ItemIndex
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel

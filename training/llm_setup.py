@@ -11,11 +11,12 @@ import torch
 
 from data.loading import artefact_dir, check_same_data, recorded_data
 from data.samples import Samples
-from index.item_index import ItemIndex, build_item_index
+from index.build import build_item_index
 from rellax import precision
 from rellax.device import resolve_device
 from rellax.din import DIN
 from rellax.features import Featurizer, Mode
+from rellax.item_index import ItemIndex
 from rellax.logs import get_logger
 from rellax.scorer import Scorer, ScoringModel
 from rellax.tokens import add_soft_tokens

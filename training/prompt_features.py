@@ -17,8 +17,8 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
 from data.samples import Samples
-from index.item_index import ItemIndex
-from index.subr import subr_positions
+from rellax.item_index import ItemIndex
+from rellax.subr import subr_positions
 from training.baselines import fields_for, run_baselines
 from training.metrics import ctr_metrics
 

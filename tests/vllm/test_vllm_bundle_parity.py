@@ -110,8 +110,8 @@ def _zero_soft(prepared: list[Prepared]) -> list[ModelInput]:
 def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     import transformers
 
-    from rellax.bundle import make_tiny_bundle
     from rellax.cflora import cflora_modules
+    from training.tiny_bundle import make_tiny_bundle
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(transformers, "LlamaConfig", _vllm_sized_llama_config(transformers.LlamaConfig))

@@ -29,7 +29,7 @@ from typing import Literal
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from index.item_index import ItemIndex
+from rellax.item_index import ItemIndex
 
 __all__ = ["Method", "recency_positions", "subr_positions", "subr_positions_many"]
 

@@ -10,13 +10,15 @@ On disk (`save`/`load`), nothing is pickled:
   item_ids.json        the id map as a list in row order (readable without numpy)
   hnsw.bin             hnswlib's own index file (space "ip", labels = rows)
   meta.json            format version, dims, hnsw parameters, how the vectors were made
+
+This is the serving-time half (format, loading, lookups, knn: numpy, hnswlib, safetensors; no torch).
+Building an index from the LLM's item embeddings is offline work: `index.build.build_item_index`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -25,13 +27,11 @@ import hnswlib
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
-from rellax.entities import Item
 from rellax.errors import BundleError, UnknownItem
 
 __all__ = [
     "FORMAT_VERSION",
     "ItemIndex",
-    "build_item_index",
     "fit_pca",
     "l2_normalise",
 ]
@@ -89,7 +89,8 @@ def _sha256(path: Path) -> str:
 class ItemIndex:
     """Catalogue vectors (L2-normalised, float32) with an explicit id -> row map and an hnswlib graph.
 
-    Build one with `ItemIndex.from_vectors` (any vectors) or `build_item_index` (from an LLM).
+    Build one with `ItemIndex.from_vectors` (any vectors) or `index.build.build_item_index` (from an
+    LLM, offline).
     Thread-safety: lookups and `knn` only read, except that `knn` raises the query beam to k when k
     exceeds it; use one `k` per process (the service does) or set `ef` up front.
     """
@@ -267,38 +268,3 @@ class ItemIndex:
             return cls(item_ids, vectors, hnsw, meta, pca)
         except ValueError as exc:
             raise BundleError(f"item index at {folder} is inconsistent: {exc}") from exc
-
-
-def build_item_index(
-    model,  # noqa: ANN001 - a Hugging Face causal LM
-    tokenizer,  # noqa: ANN001
-    items: Sequence[Item],
-    dim: int = 512,
-    batch_size: int = 64,
-    seed: int = 0,
-    *,
-    dtype=None,  # noqa: ANN001 - torch.dtype | None, see embed_texts
-    progress: bool = True,
-) -> ItemIndex:
-    """Embed every item's text with the LLM, PCA to min(dim, H, N), L2-normalise, index (DESIGN §4)."""
-    from index.embed import ITEM_TEXT_TEMPLATE, embed_texts, item_text, resolve_dtype
-
-    if not items:
-        raise ValueError("cannot build an index over no items")
-    started = time.perf_counter()
-    raw = embed_texts(model, tokenizer, [item_text(it) for it in items], batch_size, dtype, progress)
-    embed_seconds = time.perf_counter() - started
-    mean, components, explained = fit_pca(raw, dim, seed)
-    meta = {
-        "model": str(getattr(model.config, "_name_or_path", "")),
-        "hidden_size": int(raw.shape[1]),
-        "embed_dtype": str(resolve_dtype(next(model.parameters()).device, dtype)).removeprefix("torch."),
-        "pca_dim": int(components.shape[0]),
-        "pca_explained_variance": round(explained, 6),
-        "embed_seconds": round(embed_seconds, 3),
-        "item_text": ITEM_TEXT_TEMPLATE,
-    }
-    projected = (raw - mean) @ components.T
-    return ItemIndex.from_vectors(
-        [it.item_id for it in items], projected, seed=seed, meta=meta, pca=(mean, components)
-    )

@@ -1,5 +1,6 @@
-"""The `rellax` command line. Each package registers its own commands; heavy imports stay inside them
-so `rellax --help` is instant and never imports torch or vLLM."""
+"""The `rellax` command line (`rellax = "cli.main:main"`; `python -m cli` runs the same). Each package
+registers its own commands; heavy imports stay inside them so `rellax --help` is instant and never
+imports torch or vLLM. This is the top layer: it may import every package, and none imports it."""
 
 from __future__ import annotations
 
