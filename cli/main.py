@@ -19,9 +19,32 @@ app.add_typer(models_app, name="models")
 app.add_typer(data_app, name="data")
 
 
+# Commands that read a data set: their first log line names the one in use.
+_DATA_COMMANDS = {"data", "train", "index", "eval", "export", "experiment", "demo-build", "load-history"}
+
+
 @app.callback()
-def _main(log_level: Annotated[str, typer.Option(envvar="RELLAX_LOG_LEVEL")] = "INFO") -> None:
+def _main(
+    ctx: typer.Context,
+    log_level: Annotated[str, typer.Option(envvar="RELLAX_LOG_LEVEL")] = "INFO",
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            envvar="RELLAX_DATASET",
+            help="Data set for every command: a folder of RecBole atomic files + dataset.toml, or of "
+            "ML-1M .dat files. Unset: the bundled MovieLens-100K.",
+        ),
+    ] = None,
+) -> None:
     configure_logging(log_level)
+    import os
+
+    if dataset is not None:
+        os.environ["RELLAX_DATASET"] = str(dataset)  # read by data.loading in every step
+    if ctx.invoked_subcommand in _DATA_COMMANDS:
+        from rellax.logs import get_logger
+
+        get_logger("cli").info("data set in use", source=str(dataset) if dataset else "bundled ml-100k")
 
 
 @models_app.command("prepare")
@@ -37,14 +60,22 @@ def models_prepare(
 
 @data_app.command("prepare")
 def data_prepare(
-    ml1m: Annotated[Path | None, typer.Option(help="Folder with ML-1M users/movies/ratings.dat.")] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(
+            help="Folder of RecBole atomic files (NAME.inter, NAME.item, optional NAME.user, "
+            "dataset.toml) or of ML-1M .dat files [default: the root --dataset / the bundled ML-100K]."
+        ),
+    ] = None,
+    ml1m: Annotated[Path | None, typer.Option(hidden=True, help="Old name of --dataset.")] = None,
 ) -> None:
-    """Build (or reuse) the CTR samples and print their manifest."""
+    """Check a data set, build (or reuse) its CTR samples and print their manifest; a bad file
+    fails naming the file, line and field, and nothing is written."""
     import json
 
     from data.loading import load_dataset
 
-    _, _, manifest = load_dataset(ml1m)
+    _, _, manifest = load_dataset(dataset or ml1m)
     typer.echo(json.dumps(manifest, indent=2))
 
 

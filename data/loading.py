@@ -28,6 +28,7 @@ __all__ = [
     "artefact_dir",
     "check_same_data",
     "current_key",
+    "default_index_dir",
     "dataset_key",
     "dataset_source",
     "load_dataset",
@@ -94,6 +95,15 @@ def artefact_dir(kind: str, bundled: str, key: str | None = None) -> Path:
     ML-100K (the layout it has always had), `cache/<kind>/<key>` for any other data set."""
     key = key or current_key()
     return cache_dir(kind) / (bundled if key == BUNDLED_KEY else key)
+
+
+def default_index_dir(model_dir: Path | None = None) -> Path:
+    """The item index of the data set in use, embedded by the default LLM or by `model_dir`."""
+    folder = artefact_dir("index", "ml100k")
+    if model_dir is None:
+        return folder
+    tag = hashlib.sha256(str(Path(model_dir).resolve()).encode()).hexdigest()[:8]
+    return folder.with_name(f"{folder.name}-{Path(model_dir).name}-{tag}")
 
 
 def check_same_data(what: str, path: Path, recorded: dict | None, manifest: dict) -> None:

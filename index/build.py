@@ -9,7 +9,8 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 
-from index.embed import ITEM_TEXT_TEMPLATE, embed_texts, item_text, resolve_dtype
+from index.embed import embed_texts, resolve_dtype
+from rellax.domain import MOVIES, Domain
 from rellax.entities import Item
 from rellax.item_index import ItemIndex, fit_pca
 
@@ -26,12 +27,14 @@ def build_item_index(
     *,
     dtype=None,  # noqa: ANN001 - torch.dtype | None, see embed_texts
     progress: bool = True,
+    domain: Domain = MOVIES,
 ) -> ItemIndex:
-    """Embed every item's text with the LLM, PCA to min(dim, H, N), L2-normalise, index (DESIGN §4)."""
+    """Embed every item's text (`domain.describe`) with the LLM, PCA to min(dim, H, N),
+    L2-normalise, index (DESIGN §4)."""
     if not items:
         raise ValueError("cannot build an index over no items")
     started = time.perf_counter()
-    raw = embed_texts(model, tokenizer, [item_text(it) for it in items], batch_size, dtype, progress)
+    raw = embed_texts(model, tokenizer, [domain.describe(it) for it in items], batch_size, dtype, progress)
     embed_seconds = time.perf_counter() - started
     mean, components, explained = fit_pca(raw, dim, seed)
     meta = {
@@ -41,7 +44,7 @@ def build_item_index(
         "pca_dim": int(components.shape[0]),
         "pca_explained_variance": round(explained, 6),
         "embed_seconds": round(embed_seconds, 3),
-        "item_text": ITEM_TEXT_TEMPLATE,
+        "item_text": domain.item_text.replace("{noun}", domain.noun),
     }
     projected = (raw - mean) @ components.T
     return ItemIndex.from_vectors(

@@ -18,8 +18,9 @@ def build(
     model_dir: Annotated[
         Path | None, typer.Option(help="Hugging Face causal-LM dir [default: the prepared SmolLM2]")
     ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder [default: <cache>/index/ml100k]")] = None,
-    ml1m: Annotated[Path | None, typer.Option(help="ML-1M .dat folder instead of ML-100K.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Output folder [default: <cache>/index/<data set>, the LLM's name]")
+    ] = None,
     dim: Annotated[int, typer.Option(help="PCA dimensions (capped at the model's hidden size).")] = 512,
     batch_size: Annotated[int, typer.Option(help="Texts per forward pass.")] = 64,
     seed: Annotated[int, typer.Option(help="Seed of the PCA and the hnsw graph.")] = 0,
@@ -30,16 +31,16 @@ def build(
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from data.loading import load_dataset
+    from data.loading import default_index_dir, load_dataset
     from index.build import build_item_index
     from index.embed import resolve_dtype
     from rellax.assets import prepare_model
     from rellax.device import resolve_device
-    from rellax.paths import cache_dir
 
+    given = model_dir
     model_dir = prepare_model(source=model_dir)
-    out = out or cache_dir("index") / ("ml1m" if ml1m else "ml100k")
-    data, _, _ = load_dataset(ml1m)
+    out = out or default_index_dir(given)
+    data, _, manifest = load_dataset()
     items = data.item_records()
     device = resolve_device()
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval().to(device)
@@ -48,7 +49,10 @@ def build(
     typer.echo(f"embedding {len(items)} items with {model_dir.name} on {device} "
                f"({str(dtype).removeprefix('torch.')}, {torch.get_num_threads()} threads)")  # fmt: skip
     started = time.perf_counter()
-    index = build_item_index(model, tokenizer, items, dim=dim, batch_size=batch_size, seed=seed)
+    index = build_item_index(
+        model, tokenizer, items, dim=dim, batch_size=batch_size, seed=seed, domain=data.domain
+    )
+    index.meta["data"] = {k: manifest.get(k) for k in ("source_hash", "dataset", "dataset_key")}
     seconds = time.perf_counter() - started
     index.meta["model_dir"] = str(model_dir)
     checksums = index.save(out)

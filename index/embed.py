@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rellax.domain import MOVIES, Domain
 from rellax.entities import Item
 from rellax.precision import compute_dtype, cpu_supports_bf16, resolve_dtype
 
@@ -26,9 +27,9 @@ __all__ = ["ITEM_TEXT_TEMPLATE", "cpu_supports_bf16", "embed_texts", "item_text"
 ITEM_TEXT_TEMPLATE = "Here is a movie. Its title is {title}. The movie's genre is {genre}."
 
 
-def item_text(item: Item) -> str:
-    """The text an item is embedded from (DESIGN §4), exactly as the papers write it."""
-    return ITEM_TEXT_TEMPLATE.format(title=item.title, genre=item.genre)
+def item_text(item: Item, domain: Domain = MOVIES) -> str:
+    """The text an item is embedded from (DESIGN §4): for movies exactly as the papers write it."""
+    return domain.describe(item)
 
 
 def _decoder_hidden(model: torch.nn.Module, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -85,7 +85,7 @@ def curl_examples(host: str, port: int, auth: bool = False) -> str:
     )
 
 
-def history_records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[Any], int]:
+def history_records(splits: tuple[str, ...], dataset: Path | None) -> tuple[list[Any], int]:
     """Per user: profile + the interactions before the first sample outside `splits`.
 
     The samples' global order is (timestamp, user id, item id) (DESIGN §3); everything earlier than
@@ -99,7 +99,7 @@ def history_records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[An
     from rellax.entities import HistoryEvent, Profile
     from service.store import UserRecord
 
-    data, samples, _ = load_dataset(ml1m)
+    data, samples, _ = load_dataset(dataset)
     later = np.flatnonzero(samples.split > max(SPLITS.index(s) for s in splits))
     profiles = {int(r.user_id): Profile(r.gender, r.age, r.job) for r in data.users.itertuples()}
     records, n_events = [], 0
@@ -115,7 +115,8 @@ def history_records(splits: tuple[str, ...], ml1m: Path | None) -> tuple[list[An
             HistoryEvent(int(i), float(r), int(t))
             for i, r, t in zip(items[keep], ratings[keep], stamps[keep], strict=True)
         ]
-        records.append(UserRecord(user_id=str(uid), profile=profiles.get(uid), events=events))
+        # The data's own user id (string ids were numbered for the samples): what callers send.
+        records.append(UserRecord(user_id=data.user_key(uid), profile=profiles.get(uid), events=events))
         n_events += len(events)
     return records, n_events
 
@@ -127,7 +128,10 @@ def load_history(
     splits: Annotated[
         str, typer.Option(help="Comma list of sample splits whose history to load.")
     ] = "train,valid",
-    ml1m: Annotated[Path | None, typer.Option(help="ML-1M folder instead of the bundled ML-100K.")] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option(help="Data set folder (atomic files or ML-1M .dat) [root --dataset; default ML-100K]."),
+    ] = None,
     history_cap: Annotated[
         int | None, typer.Option(help="Newest events kept [env RELLAX_HISTORY_CAP].")
     ] = None,
@@ -140,7 +144,7 @@ def load_history(
 
     settings = Settings()
     wanted = tuple(s.strip() for s in splits.split(",") if s.strip())
-    records, n_events = history_records(wanted, ml1m)
+    records, n_events = history_records(wanted, dataset)
 
     async def run(url: str) -> int:
         client = connect(url, timeout_s=10.0)

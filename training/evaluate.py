@@ -88,7 +88,9 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
 
     def fresh():  # noqa: ANN202 - (lm, tokenizer, featurizer factory)
         lm, tok = load_base_lm(model_dir, bf16=dtype == torch.bfloat16)
-        index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tok, catalogue)
+        index = load_or_build_index(
+            cfg.index_dir or default_index_dir(cfg.model_dir), lm, tok, catalogue, manifest
+        )
         return lm, tok, index
 
     def run(  # noqa: ANN001

@@ -143,7 +143,7 @@ class _Context:
         self.labels = self.samples.label[self.rows].astype(np.int64)
         self.rows_hash = hashlib.sha256(self.rows.astype(np.int64).tobytes()).hexdigest()[:16]
         self.model_dir = prepare_model(cfg.model_dir)
-        self.index_dir = cfg.index_dir or default_index_dir()
+        self.index_dir = cfg.index_dir or default_index_dir(cfg.model_dir)
         self.din_dir = cfg.din_dir.parent / f"{cfg.din_dir.name}-holdout" if cfg.din_holdout else cfg.din_dir
         self.started = time.monotonic()
         cfg.results.mkdir(parents=True, exist_ok=True)
@@ -180,7 +180,7 @@ class _Context:
     def base(self) -> tuple[Any, Any, Any]:
         """A fresh base LLM (each step injects its own adapters), its tokenizer, the item index."""
         lm, tok = load_base_lm(self.model_dir)
-        return lm, tok, load_or_build_index(self.index_dir, lm, tok, self.catalogue)
+        return lm, tok, load_or_build_index(self.index_dir, lm, tok, self.catalogue, self.manifest)
 
     def item_index(self) -> Any:
         return (

@@ -62,7 +62,9 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
     catalogue = Catalogue.from_tables(data)
     model_dir = prepare_model(cfg.model_dir)
     lm, tokenizer = load_base_lm(model_dir, bf16=False, device="cpu")  # a bundle is written from the CPU
-    index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, tokenizer, catalogue)
+    index = load_or_build_index(
+        cfg.index_dir or default_index_dir(cfg.model_dir), lm, tokenizer, catalogue, manifest
+    )
     din = load_din(cfg.din_dir, manifest)
     lora = load_file(Path(s2cfg["stage1"]) / "adapter" / "adapter_model.safetensors")
     model = build_stage2_model(lm, tokenizer, lora, s1cfg, mode, din.config.embed_dim)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.loading import artefact_dir, check_same_data, recorded_data
+from data.loading import check_same_data, default_index_dir, recorded_data
 from data.samples import Samples
 from index.build import build_item_index
 from rellax import precision
@@ -35,10 +35,6 @@ __all__ = [
 log = get_logger(__name__)
 
 
-def default_index_dir() -> Path:
-    return artefact_dir("index", "ml100k")
-
-
 def load_base_lm(model_dir: Path, bf16: bool | None = None, device: str | None = None):  # noqa: ANN201 - (model, tokenizer)
     """The frozen base LLM and its tokenizer, soft tokens added, on `device` (`rellax.device`: auto =
     cuda when torch sees a GPU), in `rellax.precision`'s bf16 recipe where that device has native
@@ -56,12 +52,24 @@ def load_base_lm(model_dir: Path, bf16: bool | None = None, device: str | None =
     return lm.eval(), tokenizer
 
 
-def load_or_build_index(folder: Path, lm, tokenizer, catalogue: Catalogue) -> ItemIndex:  # noqa: ANN001
-    """The item index from `folder`, built from the base LLM first if it is not there."""
+def load_or_build_index(
+    folder: Path,
+    lm,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    catalogue: Catalogue,
+    manifest: dict | None = None,
+) -> ItemIndex:
+    """The item index from `folder`, built from the base LLM first if it is not there. With the
+    samples' `manifest`, the index records its data set, and one built from another is refused."""
     if (folder / "meta.json").exists():
-        return ItemIndex.load(folder)
+        index = ItemIndex.load(folder)
+        if manifest is not None:
+            check_same_data("the item index", folder, index.meta.get("data"), manifest)
+        return index
     log.info("building item index", folder=str(folder))
-    index = build_item_index(lm, tokenizer, list(catalogue.items.values()))
+    index = build_item_index(lm, tokenizer, list(catalogue.items.values()), domain=catalogue.domain)
+    if manifest is not None:
+        index.meta["data"] = {k: manifest.get(k) for k in ("source_hash", "dataset", "dataset_key")}
     index.save(folder)
     return index
 

@@ -72,7 +72,13 @@ class Stage1Recipe:
         self.catalogue = Catalogue.from_tables(data)
         model_dir = prepare_model(cfg.model_dir)
         lm, self.tokenizer = load_base_lm(model_dir, bf16=cfg.loop.bf16)
-        index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, self.tokenizer, self.catalogue)
+        index = load_or_build_index(
+            cfg.index_dir or default_index_dir(cfg.model_dir),
+            lm,
+            self.tokenizer,
+            self.catalogue,
+            self.data_manifest,
+        )
         self.featurizer = Featurizer(
             self.tokenizer,
             self.catalogue.items,

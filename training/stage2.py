@@ -129,7 +129,13 @@ class Stage2Recipe:
         data, self.samples, self.data_manifest = load_dataset()
         self.catalogue = Catalogue.from_tables(data)
         lm, self.tokenizer = load_base_lm(prepare_model(cfg.model_dir), bf16=cfg.loop.bf16)
-        index = load_or_build_index(cfg.index_dir or default_index_dir(), lm, self.tokenizer, self.catalogue)
+        index = load_or_build_index(
+            cfg.index_dir or default_index_dir(cfg.model_dir),
+            lm,
+            self.tokenizer,
+            self.catalogue,
+            self.data_manifest,
+        )
         self.din = load_din(cfg.din_dir, self.data_manifest)
         stage1_metrics = json.loads((cfg.stage1 / "metrics.json").read_text())
         check_same_data("the stage-1 run", cfg.stage1, stage1_metrics.get("data"), self.data_manifest)
