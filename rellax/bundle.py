@@ -81,7 +81,7 @@ class BundleConfig:
     dropout: float = 0.05
     target_modules: tuple[str, ...] = ("q_proj", "v_proj")
     gate_dim: int = 256
-    # The data set's rating scale (Dataset: whole stars 1-5); the service rejects events off it.
+    # The data set's rating scale (MovieLens: whole stars 1-5; label data: 1 or 5); the service rejects events off it.
     rating_min: float = 1.0
     rating_max: float = 5.0
     rating_step: float = 1.0

@@ -78,6 +78,8 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
         alpha=float(s1cfg["alpha"]),
         dropout=float(s1cfg["dropout"]),
         target_modules=lora_targets(s1cfg),
+        # label data is stored as ratings 5 / 1 (data.dataset): events must be one of the two
+        rating_step=4.0 if data.config.label_field else 1.0,
     )
     metrics: dict[str, Any] = {
         "valid_auc_exact": meta["result"]["best_valid_auc"],

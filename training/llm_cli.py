@@ -31,7 +31,9 @@ Nproc = Annotated[
     typer.Option(help="Processes on this machine (launches torchrun; --batch-size is per process)."),
 ]
 ModelDir = Annotated[Path | None, typer.Option(help="Base LLM dir (default: the bundled SmolLM2).")]
-IndexDir = Annotated[Path | None, typer.Option(help="Item index dir (default: cache/index/ml100k).")]
+IndexDir = Annotated[
+    Path | None, typer.Option(help="Item index dir (default: the data set's, for this LLM: cache/index/...).")
+]
 Fsdp = Annotated[
     bool, typer.Option(help="Under torchrun: shard the frozen base's layers (FSDP2) instead of DDP.")
 ]
@@ -188,11 +190,18 @@ def export(
     llmsrec: Annotated[
         Path | None, typer.Option(help="A `rellax train llmsrec` output dir to serve beside ReLLaX.")
     ] = None,
+    din_dir: Annotated[Path | None, typer.Option(help="Frozen DIN dir (default: the data set's).")] = None,
+    model_dir: ModelDir = None,
+    index_dir: IndexDir = None,
 ) -> None:
     """Write the bundle (and the merged vLLM checkpoint) from a stage-2 run."""
     from training.export import ExportConfig, main
 
-    cfg = ExportConfig(eval_json=eval_json, merged=merged, llmsrec=llmsrec)
+    cfg = ExportConfig(
+        eval_json=eval_json, merged=merged, llmsrec=llmsrec, model_dir=model_dir, index_dir=index_dir
+    )
+    if din_dir:
+        cfg.din_dir = din_dir
     if stage2:
         cfg.stage2 = stage2
     if out:
