@@ -79,6 +79,37 @@ def data_prepare(
     typer.echo(json.dumps(manifest, indent=2))
 
 
+@data_app.command("from-csv")
+def data_from_csv(
+    interactions: Annotated[
+        Path, typer.Option(help="CSV with user_id, item_id, rating (or label), timestamp.")
+    ],
+    items: Annotated[Path, typer.Option(help="CSV with item_id, title (and the --category column).")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.inter, NAME.item and dataset.toml.")],
+    name: Annotated[str, typer.Option(help="The data set's name (file stem).")],
+    noun: Annotated[str, typer.Option(help="What an item is called in the prompt.")] = "item",
+    verb: Annotated[str, typer.Option(help="Past tense of consuming one (watched, read, bought).")] = (
+        "interacted with"
+    ),
+    verb_next: Annotated[str | None, typer.Option(help="Its base form (watch, read, buy).")] = None,
+    label: Annotated[
+        bool, typer.Option(help="The interactions carry a 0/1 label column, not ratings.")
+    ] = False,
+    category: Annotated[
+        str | None, typer.Option(help="An items column whose first word is the category.")
+    ] = None,
+) -> None:
+    """Turn a plain CSV export into RecBole atomic files and a starter dataset.toml."""
+    from data.csv_import import csv_to_atomic
+
+    folder = csv_to_atomic(interactions, items, out, name=name, noun=noun, verb=verb, verb_next=verb_next,
+                           label=label, category=category)  # fmt: skip
+    typer.echo(
+        f"wrote {folder}: {name}.inter, {name}.item, dataset.toml "
+        f"(next: rellax --dataset {folder} data prepare)"
+    )
+
+
 def _register_package_commands() -> None:
     """Packages add their own commands; a package not yet built simply adds none."""
     import importlib

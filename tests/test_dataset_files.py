@@ -184,3 +184,34 @@ def test_profile_fields_without_a_user_file(books: Path) -> None:
     (books / "dataset.toml").write_text('gender_field = "gender"\n' + (books / "dataset.toml").read_text())
     with pytest.raises(DataError, match=r"books.user does not exist, but the config names profile fields"):
         _read(books)
+
+
+def test_a_plain_csv_export_becomes_a_data_set(tmp_path: Path) -> None:
+    """The README's worked example: two CSV files -> `rellax data from-csv` -> `data prepare`."""
+    from typer.testing import CliRunner
+
+    from cli.main import app
+
+    rng = np.random.default_rng(1)
+    rows = ["user_id,item_id,rating,timestamp"]
+    for u in range(30):
+        for n, i in enumerate(rng.choice(40, size=20, replace=False)):
+            rows.append(f"user-{u},sku-{i},{1 + (u + int(i)) % 5},{1_600_000_000 + u * 1000 + n * 7}")
+    (tmp_path / "ratings.csv").write_text("\n".join(rows) + "\n")
+    items = ["item_id,title,department"] + [
+        f'sku-{i},"Widget, model {i}",{"garden tools" if i % 2 else "kitchen"}' for i in range(40)
+    ]
+    (tmp_path / "items.csv").write_text("\n".join(items) + "\n")
+    out = tmp_path / "shop"
+    csvs = ["--interactions", str(tmp_path / "ratings.csv"), "--items", str(tmp_path / "items.csv")]
+    result = CliRunner().invoke(app, [
+        "data", "from-csv", *csvs, "--out", str(out), "--name", "shop", "--noun", "product",
+        "--verb", "bought", "--verb-next", "buy", "--category", "department",
+    ])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = _read(out)
+    assert data.domain.noun == "product" and data.domain.verb == "bought" and data.domain.rating == "stars"
+    assert data.items.title.iloc[0] == "Widget, model 0" and set(data.items.genre) == {"garden", "kitchen"}
+    assert len(data.interactions) == 600 and data.user_keys is not None
+    samples, manifest = load_or_build_samples(data, tmp_path / "samples")
+    assert manifest["dataset"] == "shop" and len(samples) == 30 * 15  # 20 each, the first 5 are history
