@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from data.config import ML100K
 from data.dataset import Dataset
+from rellax.assets import file_sha256
 from rellax.errors import DataError
 
 __all__ = ["SPLITS", "Samples", "build_samples", "load_or_build_samples"]
@@ -178,7 +179,7 @@ def load_or_build_samples(data: Dataset, cache: Path, min_history: int | None = 
         "source_hash": source_hash,
         "sources": [str(p) for p in data.sources],
         "min_history": min_history,
-        "samples_sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        "samples_sha256": file_sha256(path),
         "users": len(samples.user_ids),
         "items": int(len(data.items)),  # kept for older readers: the catalogue's size
         "catalogue_items": int(len(data.items)),

@@ -44,12 +44,10 @@ def locate_package_file(dist: str, relpath: str, install_hint: str) -> Path:
     return path
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file, read in chunks: the one checksum helper (bundle, index, assets)."""
     with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def movielens_100k_dir() -> Path:

@@ -17,7 +17,6 @@ Building an index from the LLM's item embeddings is offline work: `index.build.b
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,6 +26,7 @@ import hnswlib
 import numpy as np
 from safetensors.numpy import load_file, save_file
 
+from rellax.assets import file_sha256
 from rellax.errors import BundleError, UnknownItem
 
 __all__ = [
@@ -80,10 +80,6 @@ def fit_pca(raw: np.ndarray, dim: int, seed: int = 0) -> tuple[np.ndarray, np.nd
         pca.components_.astype(np.float32),
         float(pca.explained_variance_ratio_.sum()),
     )
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 class ItemIndex:
@@ -240,7 +236,7 @@ class ItemIndex:
         meta = {**self.meta, "format_version": FORMAT_VERSION, "dim": self.dim, "count": len(self),
                 "files": dict(FILES)}  # fmt: skip
         (folder / FILES["meta"]).write_text(json.dumps(meta, indent=2))
-        return {name: _sha256(folder / name) for name in FILES.values()}
+        return {name: file_sha256(folder / name) for name in FILES.values()}
 
     @classmethod
     def load(cls, folder: Path, expected_sha256: dict[str, str] | None = None) -> ItemIndex:
@@ -250,7 +246,7 @@ class ItemIndex:
         for name in FILES.values():
             if not (folder / name).exists():
                 raise BundleError(f"item index at {folder} lacks {name}")
-            if name in expected and _sha256(folder / name) != expected[name]:
+            if name in expected and file_sha256(folder / name) != expected[name]:
                 raise BundleError(f"{folder / name} does not match its recorded sha256")
         meta = json.loads((folder / FILES["meta"]).read_text())
         if meta.get("format_version") != FORMAT_VERSION:

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from rellax.bundle import Bundle, verify
+from rellax.bundle import Bundle
+from rellax.bundle_format import verify
 from rellax.entities import HistoryEvent
 from rellax.errors import BundleError
 from rellax.precision import cpu_supports_bf16

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from data.loading import artefact_dir, check_same_data, load_dataset
 from rellax import precision
 from rellax.assets import DEFAULT_MODEL_NAME, file_sha256, prepare_model
-from rellax.bundle import BundleConfig, write_bundle, write_merged
+from rellax.bundle_format import BundleConfig, write_bundle, write_merged
 from rellax.cflora import cflora_modules
 from rellax.features import Featurizer
 from rellax.logs import get_logger

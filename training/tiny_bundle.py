@@ -1,7 +1,7 @@
 """`make_tiny_bundle`: a complete bundle in seconds, for the tests of everything downstream of the
 bundle format (the service, the backends, LLM-SRec). Offline like every other bundle writer: it
 builds its item index with the LLM (`index.build`), so it lives here and not in `rellax/`, which
-only reads bundles and writes them (`rellax.bundle.write_bundle`).
+only reads bundles and writes them (`rellax.bundle_format.write_bundle`).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from index.build import build_item_index
 from rellax.assets import prepare_tokenizer
-from rellax.bundle import BundleConfig, write_bundle
+from rellax.bundle_format import BundleConfig, write_bundle
 from rellax.cflora import inject_cflora
 from rellax.din import DIN, DINConfig, DINVocab
 from rellax.entities import AGE_BUCKETS, Item

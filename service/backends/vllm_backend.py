@@ -181,7 +181,7 @@ class VllmBackend:
         if not (merged / "config.json").exists():
             raise BackendError(
                 f"bundle {bundle.path} has no merged/ export (DESIGN §8): export one with "
-                "rellax.bundle.write_merged, or serve it with the torch backend"
+                "rellax.bundle_format.write_merged, or serve it with the torch backend"
             )
         model = bundle.scorer.model
         kwargs.setdefault("dtype", getattr(settings, "dtype", "auto"))

@@ -89,7 +89,7 @@ def _write_merged_export(bundle: Bundle, g_bars: dict[str, torch.Tensor]) -> Non
     Nothing else there may end in .safetensors: without a shard index vLLM loads every such file of
     the dir as model weights (an SPA copy there once made start-up fail on its `fc1`).
     """
-    from rellax.bundle import write_merged
+    from rellax.bundle_format import write_merged
 
     tokenizer, out = bundle.featurizer.tokenizer, bundle.path / "merged"
     write_merged(out, bundle.scorer.model.lm, tokenizer, g_bars, bundle.config.alpha / bundle.config.r)

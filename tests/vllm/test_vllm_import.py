@@ -53,7 +53,8 @@ def test_start_without_vllm_raises_backend_error_naming_the_install(tmp_path: Pa
 def test_from_bundle_uses_the_merged_export_and_the_bundles_answer_ids(tmp_path: Path) -> None:
     import torch
 
-    from rellax.bundle import Bundle, write_merged
+    from rellax.bundle import Bundle
+    from rellax.bundle_format import write_merged
     from rellax.errors import BackendError
     from service.backends.vllm_backend import VllmBackend
     from training.tiny_bundle import make_tiny_bundle
