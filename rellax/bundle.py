@@ -56,12 +56,28 @@ class Bundle:
         featurizer: Featurizer,
         scorer: Scorer,
         llmsrec: LLMSRecRanker | None = None,
+        item_keys: Mapping[int, str] | None = None,
     ) -> None:
         self.path, self.manifest = path, manifest
         self.config = BundleConfig.from_json(manifest["config"])
         self.featurizer, self.scorer = featurizer, scorer
         self.items: dict[int, Item] = dict(featurizer.items)
         self.llmsrec = llmsrec  # None: the bundle has no LLM-SRec (re-ranking by ReLLaX only)
+        # The data set's own item ids where they are not the integer ids (string ids, numbered 1..N)
+        self._keys = dict(item_keys or {})
+        self._ids_by_key = {key: item_id for item_id, key in self._keys.items()}
+
+    def item_key(self, item_id: int) -> str:
+        """The data set's own id of a catalogue item."""
+        return self._keys.get(item_id, str(item_id))
+
+    def item_id_of(self, key: str) -> int | None:
+        """The catalogue item id whose own id is `key`, or None."""
+        if key in self._ids_by_key:
+            return self._ids_by_key[key]
+        if not self._keys and key.isascii() and key.isdigit() and int(key) in self.items:
+            return int(key)
+        return None
 
     @property
     def model_version(self) -> str:
@@ -103,8 +119,9 @@ class Bundle:
                                int(lm.config.hidden_size))  # fmt: skip
             _load_into(spa, load_file(path / "spa.safetensors"), "spa.safetensors", strict=True)
         din = DIN.load(path / "din").eval()
-        items = {int(d["item_id"]): Item(int(d["item_id"]), d["title"], d["genre"])
-                 for d in json.loads((path / "items.json").read_text())}  # fmt: skip
+        records = json.loads((path / "items.json").read_text())
+        items = {int(d["item_id"]): Item(int(d["item_id"]), d["title"], d["genre"]) for d in records}
+        keys = {int(d["item_id"]): str(d["key"]) for d in records if "key" in d}
         index = ItemIndex.load(path / "index")
         yes, no = answer_token_ids(tokenizer)
         model = ScoringModel(lm, yes, no, spa=spa).eval()
@@ -118,7 +135,7 @@ class Bundle:
         llmsrec = None
         if (path / "llmsrec").is_dir():  # after Scorer: it reads the base in the dtype the scorer set
             llmsrec = LLMSRecRanker.load(path / "llmsrec", lm, tokenizer, items, domain)
-        return cls(path, manifest, featurizer, scorer, llmsrec)
+        return cls(path, manifest, featurizer, scorer, llmsrec, keys)
 
     def prepare(
         self,

@@ -7,6 +7,7 @@ RellaxError
     ├── Overloaded        the model queue is full: 503 + Retry-After
     ├── DeadlineExceeded  the request ran past its deadline: 504
     ├── LimitExceeded     a request limit was broken: 422 (or 413 for the body), naming the field
+    ├── NotFound          a looked-up thing does not exist (an item key): 404
     ├── Unauthorized      missing or wrong API key: 401
     └── RateLimited       the key's rate limit is spent: 429 + Retry-After
 
@@ -32,6 +33,7 @@ __all__ = [
     "DeadlineExceeded",
     "InvalidRequest",
     "LimitExceeded",
+    "NotFound",
     "Overloaded",
     "RateLimited",
     "ServiceError",
@@ -54,6 +56,14 @@ class ServiceError(RellaxError):
         super().__init__(message)
         self.param = param
         self.retry_after = retry_after
+
+
+class NotFound(ServiceError):
+    """Something looked up by the request does not exist; `param` names the field."""
+
+    status = 404
+    type = "not_found_error"
+    code = "not_found"
 
 
 class InvalidRequest(ServiceError):

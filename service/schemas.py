@@ -296,6 +296,15 @@ class ProfileIn(_Model):
         return cls(gender=profile.gender, age=profile.age, job=profile.job)
 
 
+class ItemInfo(_Model):
+    """One catalogue item as the bundle knows it."""
+
+    item_id: int = Field(description="The item id the API takes (candidates, events).")
+    key: str = Field(description="The data set's own id for the item (the item id itself for integer ids).")
+    title: str = Field(description="The title the prompt shows.")
+    category: str = Field(description="The item's category (first token of the data set's category field).")
+
+
 class HistoryResponse(_Model):
     """A user's stored state, for debugging."""
 

@@ -116,6 +116,18 @@ def test_the_books_bundle_is_served_over_http(books_bundle: dict, redis_url: str
         prompt = prepared[0].prompt.text
         assert "The user read the following books in order in the past" in prompt
         assert "liked) [hist]" in prompt and "***Silent Winter 0*** [target]" in prompt
+        # The catalogue maps the data's own ids to the API's item ids and back.
+        by_key = httpx.get(f"{base}/v1/items", params={"key": "b0000"}, timeout=10)
+        assert by_key.status_code == 200 and by_key.json() == {
+            "item_id": 1,
+            "key": "b0000",
+            "title": "Silent Winter 0",
+            "category": "mystery",
+        }
+        assert httpx.get(f"{base}/v1/items/2", timeout=10).json()["key"] == "b0001"
+        missing = httpx.get(f"{base}/v1/items", params={"key": "nope"}, timeout=10)
+        assert missing.status_code == 404 and missing.json()["error"]["param"] == "key"
+        assert httpx.get(f"{base}/v1/items/999", timeout=10).status_code == 404
         unknown = httpx.post(f"{base}/v1/score", json={"user_id": "u003", "item_ids": [999]}, timeout=10)
         assert unknown.status_code == 404 and "999" in unknown.text
     finally:

@@ -100,6 +100,22 @@ async def test_unknown_user_is_scored_cold(redis_url: str) -> None:
     np.testing.assert_allclose([it["p_click"] for it in body["items"]], want, atol=1e-5)
 
 
+async def test_items_are_served_from_the_catalogue(redis_url: str) -> None:
+    """Integer-id data sets: the key is the id itself; unknown ids and keys are 404s naming the field."""
+    item = catalogue(1)[0]
+    async with asgi_app(make_settings(redis_url)) as (_, client):
+        by_id = await client.get(f"/v1/items/{item}")
+        by_key = await client.get("/v1/items", params={"key": str(item)})
+        unknown = await client.get("/v1/items/999999")
+        no_key = await client.get("/v1/items", params={"key": "x1"})
+        missing = await client.get("/v1/items")
+    assert by_id.status_code == 200 and by_id.json()["key"] == str(item) and by_id.json()["title"]
+    assert by_key.json() == by_id.json()
+    assert unknown.status_code == 404 and "999999" in unknown.text
+    assert no_key.status_code == 404 and no_key.json()["error"]["param"] == "key"
+    assert missing.status_code == 422 and "key" in missing.text
+
+
 async def test_numeric_user_ids_are_accepted(redis_url: str) -> None:
     async with asgi_app(make_settings(redis_url)) as (_, client):
         r = await client.post("/v1/score", json={"user_id": 196, "item_ids": catalogue(1)})

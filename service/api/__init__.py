@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from service.api import health, rerank, score, users
+from service.api import health, items, rerank, score, users
 from service.auth import require_api_key
 from service.schemas import ErrorResponse
 
@@ -26,6 +26,7 @@ v1 = APIRouter(
 v1.include_router(score.router)
 v1.include_router(rerank.router)
 v1.include_router(users.router)
+v1.include_router(items.router)
 
 api_router = APIRouter()
 api_router.include_router(v1)
