@@ -29,6 +29,7 @@ class AtomicTable:
     path: Path
     frame: pd.DataFrame
     types: dict[str, str]
+    parts: tuple[tuple[Path, int], ...] = ()  # (file, first row) when stacked from several files
 
     def require(self, *columns: str, why: str = "") -> None:
         """Fail naming the file and the missing column(s)."""
@@ -40,9 +41,27 @@ class AtomicTable:
                 f"the header has {[f'{c}:{t}' for c, t in self.types.items()]}"
             )
 
-    def line_of(self, row: int) -> int:
-        """The file line of data row `row` (line 1 is the header)."""
-        return row + 2
+    def where(self, row: int) -> str:
+        """'FILE: line N' of data row `row` (line 1 is each file's header)."""
+        path, start = next((p, s) for p, s in reversed(self.parts or ((self.path, 0),)) if s <= row)
+        return f"{path}: line {row - start + 2}"
+
+    @classmethod
+    def concat(cls, tables: list[AtomicTable], column: str, values: list[str]) -> AtomicTable:
+        """Tables with one header stacked into one, each row tagged `column` = its table's value."""
+        first = tables[0]
+        for t in tables[1:]:
+            if t.types != first.types:
+                raise DataError(
+                    f"{t.path}: header {list(t.types)} differs from {first.path}'s {list(first.types)}"
+                )
+        frames, parts, start = [], [], 0
+        for t, value in zip(tables, values, strict=True):
+            frames.append(t.frame.assign(**{column: value}))
+            parts.append((t.path, start))
+            start += len(t.frame)
+        frame = pd.concat(frames, ignore_index=True)
+        return cls(first.path, frame, {**first.types, column: "token"}, tuple(parts))
 
     def floats(self, column: str) -> pd.Series:
         """A column as float, failing on the first value that is not a number."""
@@ -53,8 +72,7 @@ class AtomicTable:
         if len(first):
             row = int(first[0])
             raise DataError(
-                f"{self.path}: line {self.line_of(row)}, field {column!r}: "
-                f"{self.frame[column].iloc[row]!r} is not a number"
+                f"{self.where(row)}, field {column!r}: {self.frame[column].iloc[row]!r} is not a number"
             )
         return values.astype(float)
 

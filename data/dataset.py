@@ -88,9 +88,7 @@ def _ids(tables: list[tuple[AtomicTable, str]], kind: str) -> tuple[dict[str, in
         values = table.frame[column].str.strip()
         empty = (values == "").to_numpy().nonzero()[0]
         if len(empty):
-            raise DataError(
-                f"{table.path}: line {table.line_of(int(empty[0]))}, field {column!r}: empty {kind} id"
-            )
+            raise DataError(f"{table.where(int(empty[0]))}, field {column!r}: empty {kind} id")
         tokens.update(values)
     if all(t.isascii() and t.isdigit() and 0 < len(t) <= 9 for t in tokens):
         return {t: int(t) for t in tokens}, None
@@ -98,10 +96,24 @@ def _ids(tables: list[tuple[AtomicTable, str]], kind: str) -> tuple[dict[str, in
     return {t: i for i, t in enumerate(ordered, 1)}, {i: t for i, t in enumerate(ordered, 1)}
 
 
+def _read_interactions(folder: Path, stem: str, config: DatasetConfig) -> tuple[AtomicTable, DatasetConfig]:
+    """`NAME.inter`, or RecBole's per-split benchmark files `NAME.{train,valid,test}.inter` (their
+    split is then kept, as `split_field` would)."""
+    whole = folder / f"{stem}.inter"
+    splits = [folder / f"{stem}.{name}.inter" for name in SPLIT_NAMES]
+    if not whole.exists() and all(p.exists() for p in splits):
+        tables = [read_atomic(p) for p in splits]
+        stacked = AtomicTable.concat([t for t in tables if t is not None], "split", list(SPLIT_NAMES))
+        return stacked, config.model_copy(update={"split_field": "split"})
+    table = read_atomic(whole)
+    assert table is not None
+    return table, config
+
+
 def read_dataset(folder: Path, config: DatasetConfig) -> Dataset:
     """Read and check `folder/NAME.{inter,item,user}`; raises DataError naming file, line and field."""
     stem = config.stem(folder)
-    inter = read_atomic(folder / f"{stem}.inter")
+    inter, config = _read_interactions(folder, stem, config)
     item = read_atomic(folder / f"{stem}.item")
     user = read_atomic(folder / f"{stem}.user", required=False)
     assert inter is not None and item is not None
@@ -127,16 +139,14 @@ def read_dataset(folder: Path, config: DatasetConfig) -> Dataset:
     if unknown.any():
         row = int(unknown.to_numpy().nonzero()[0][0])
         raise DataError(
-            f"{inter.path}: line {inter.line_of(row)}, field {config.item_field!r}: item "
+            f"{inter.where(row)}, field {config.item_field!r}: item "
             f"{inter.frame[config.item_field].iloc[row]!r} is not in {item.path.name} "
             f"({int(unknown.sum())} such row(s))"
         )
     dup_items = item.frame[config.item_field].str.strip().duplicated()
     if dup_items.any():
         row = int(dup_items.to_numpy().nonzero()[0][0])
-        raise DataError(
-            f"{item.path}: line {item.line_of(row)}, field {config.item_field!r}: item listed twice"
-        )
+        raise DataError(f"{item.where(row)}, field {config.item_field!r}: item listed twice")
     user_tables = [(inter, config.user_field)] + ([(user, config.user_field)] if user is not None else [])
     user_ids, user_keys = _ids(user_tables, "user")
 
@@ -155,10 +165,11 @@ def read_dataset(folder: Path, config: DatasetConfig) -> Dataset:
     empty_title = (items.title == "").to_numpy().nonzero()[0]
     if len(empty_title):
         row = int(empty_title[0])
-        raise DataError(f"{item.path}: line {item.line_of(row)}, field {config.title_field!r}: empty title")
+        raise DataError(f"{item.where(row)}, field {config.title_field!r}: empty title")
     users = _users(user, inter, config, user_ids)
     # user, item, inter: the order the samples' source hash has always read them in
-    sources = ((user.path,) if user is not None else ()) + (item.path, inter.path)
+    inter_paths = tuple(path for path, _ in inter.parts) or (inter.path,)
+    sources = ((user.path,) if user is not None else ()) + (item.path, *inter_paths)
     return Dataset(users, items, interactions, sources, config, stem, user_keys, item_keys)
 
 
@@ -173,7 +184,7 @@ def _interactions(
         if len(bad):
             row = int(bad[0])
             raise DataError(
-                f"{inter.path}: line {inter.line_of(row)}, field {config.label_field!r}: "
+                f"{inter.where(row)}, field {config.label_field!r}: "
                 f"label {x[config.label_field].iloc[row]!r} is not 0 or 1"
             )
         rating = np.where(labels.to_numpy() > 0, _POSITIVE, _NEGATIVE)
@@ -193,7 +204,7 @@ def _interactions(
         if len(bad):
             row = int(bad[0])
             raise DataError(
-                f"{inter.path}: line {inter.line_of(row)}, field {config.split_field!r}: "
+                f"{inter.where(row)}, field {config.split_field!r}: "
                 f"{names.iloc[row]!r} is not one of {list(SPLIT_NAMES)}"
             )
         frame["split"] = names.map({n: i for i, n in enumerate(SPLIT_NAMES)}).astype("int8")
@@ -202,7 +213,7 @@ def _interactions(
         if config.on_duplicate == "error":
             row = int(dup.nonzero()[0][0])
             raise DataError(
-                f"{inter.path}: line {inter.line_of(row)}: repeats (user, item, timestamp) of an "
+                f"{inter.where(row)}: repeats (user, item, timestamp) of an "
                 f'earlier row ({int(dup.sum())} such row(s)); set on_duplicate = "keep_first" in '
                 "dataset.toml to drop them"
             )

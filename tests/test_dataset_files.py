@@ -215,3 +215,25 @@ def test_a_plain_csv_export_becomes_a_data_set(tmp_path: Path) -> None:
     assert len(data.interactions) == 600 and data.user_keys is not None
     samples, manifest = load_or_build_samples(data, tmp_path / "samples")
     assert manifest["dataset"] == "shop" and len(samples) == 30 * 15  # 20 each, the first 5 are history
+
+
+def test_per_split_benchmark_files_keep_their_split(books: Path, tmp_path: Path) -> None:
+    """RecBole's benchmark layout: NAME.train.inter / NAME.valid.inter / NAME.test.inter."""
+    header, *rows = (books / "books.inter").read_text().splitlines()
+    (books / "books.inter").unlink()
+    rows.sort(key=lambda r: int(r.split("\t")[3]))
+    cut = {"train": rows[: len(rows) * 7 // 10], "valid": rows[len(rows) * 7 // 10 : len(rows) * 8 // 10]}
+    cut["test"] = rows[len(rows) * 8 // 10 :]
+    for name, part in cut.items():
+        (books / f"books.{name}.inter").write_text("\n".join([header, *part]) + "\n")
+    data = _read(books)
+    assert len(data.sources) == 4 and data.config.split_field == "split"
+    samples, _ = load_or_build_samples(data, tmp_path / "samples")
+    in_file = {int(r.split("\t")[3]): i for i, name in enumerate(cut) for r in cut[name]}  # unique stamps
+    np.testing.assert_array_equal(samples.split, [in_file[int(t)] for t in samples.timestamp])
+    # An error names the split file and its own line.
+    (books / "books.valid.inter").write_text(
+        "\n".join([header, *cut["valid"][:3], "u001\tb0001\tx\t5"]) + "\n"
+    )
+    with pytest.raises(DataError, match=r"books.valid.inter: line 5, field 'label': 'x' is not a number"):
+        _read(books)
