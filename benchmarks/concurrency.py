@@ -1,4 +1,4 @@
-"""Throughput under concurrency (issue 18): does the service keep its 1-client throughput with 32
+"""Throughput under concurrency: does the service keep its 1-client throughput with 32
 clients, for small and large requests?
 
     .venv/bin/python benchmarks/concurrency.py [--bundle DIR] [--candidates 1,5,50] [--clients 1,32]

@@ -1,4 +1,4 @@
-"""GPU check: vLLM against transformers on the same device, same token ids (issue 20).
+"""GPU check: vLLM against transformers on the same device, same token ids.
 
     python benchmarks/gpu_check.py [--candidates 64] [--ks 15 30] [--out benchmarks/results]
     python benchmarks/gpu_check.py --tiny --candidates 4 --ks 5 --out /tmp/x   # the CPU dry run

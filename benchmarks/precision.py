@@ -1,4 +1,4 @@
-"""Precision benchmark (issue 15): one bundle served in fp32 and in bf16 on the same test rows.
+"""Precision benchmark: one bundle served in fp32 and in bf16 on the same test rows.
 
     .venv/bin/python benchmarks/precision.py [--bundle DIR] [--rows 2000] [--ks 15]
 

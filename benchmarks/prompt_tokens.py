@@ -1,4 +1,4 @@
-"""Where a prompt's tokens go, and what capping item titles would save (issue 16 §1, prompt cost).
+"""Where a prompt's tokens go, and what capping item titles would save.
 
     .venv/bin/python benchmarks/prompt_tokens.py [--prompts 400]
 

@@ -1,4 +1,4 @@
-"""Re-ranking benchmark (issue 17): rellax vs llmsrec vs cascade on /v1/rerank, one run, one machine.
+"""Re-ranking benchmark: rellax vs llmsrec vs cascade on /v1/rerank, one run, one machine.
 
     .venv/bin/python benchmarks/rerank.py [--bundle DIR] [--sizes 100,500] [--requests 3] [--m 10]
 

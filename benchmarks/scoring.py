@@ -1,4 +1,4 @@
-"""Scoring benchmark (issue 3 §7): naive transformers vs careful transformers vs the rellax runtime.
+"""Scoring benchmark: naive transformers vs careful transformers vs the rellax runtime.
 
     .venv/bin/python benchmarks/scoring.py [--candidates 64] [--naive 4] [--ks 15 30]
 

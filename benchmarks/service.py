@@ -1,4 +1,4 @@
-"""Service benchmark (issue 4 §7): the real service over HTTP vs the offline batched scorer, one run.
+"""Service benchmark: the real service over HTTP vs the offline batched scorer, one run.
 
     .venv/bin/python benchmarks/service.py [--bundle DIR] [--requests 48] [--candidates 8]
 
@@ -240,7 +240,7 @@ def markdown(result: dict) -> str:
         )
     lines += [
         "",
-        "Targets (issue 4): non-model overhead <= 5 ms p99; at concurrency 32 >= 85% of offline.",
+        "Targets: non-model overhead <= 5 ms p99; at concurrency 32 >= 85% of offline.",
         "",
     ]
     return "\n".join(lines)

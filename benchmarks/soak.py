@@ -1,4 +1,4 @@
-"""Soak (issue 18): the real service under steady load for minutes, watching for what only time shows.
+"""Soak: the real service under steady load for minutes, watching for what only time shows.
 
     .venv/bin/python benchmarks/soak.py [--bundle DIR] [--minutes 10] [--load 0.7]
 

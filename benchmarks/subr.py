@@ -1,4 +1,4 @@
-"""SUBR benchmark (issue 2 §5): exact vs hnsw latency, hnsw recall, and item-embedding throughput.
+"""SUBR benchmark: exact vs hnsw latency, hnsw recall, and item-embedding throughput.
 
     .venv/bin/python benchmarks/subr.py [--calls 200] [--catalogue 20000] [--embed-items 96]
 

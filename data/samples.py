@@ -1,4 +1,4 @@
-"""CTR samples under the ReLLa protocol (DESIGN §3), built once and cached on disk.
+"""CTR samples under the ReLLa protocol (docs/design.md §3), built once and cached on disk.
 
 Every interaction is a sample; its history is all of that user's earlier interactions in the global
 order (timestamp, user id, item id). Samples with fewer than `min_history` history items are dropped;

@@ -1,4 +1,4 @@
-"""Offline item side (DESIGN §4): item texts, their LLM embeddings and `build_item_index`, plus the
+"""Offline item side (docs/design.md §4): item texts, their LLM embeddings and `build_item_index`, plus the
 `rellax index build` command. The index format, its loading and SUBR are serving-time code and live
 in `rellax.item_index` and `rellax.subr`; this package imports rellax, never the other way round.
 

@@ -1,4 +1,4 @@
-"""`build_item_index`: the catalogue's item index from the scoring LLM (DESIGN §4), offline.
+"""`build_item_index`: the catalogue's item index from the scoring LLM (docs/design.md §4), offline.
 
 Embeds every item's text (`index.embed`), fits the PCA and builds the hnswlib graph; the result is a
 `rellax.item_index.ItemIndex`, the format the bundle stores and the service loads.
@@ -30,7 +30,7 @@ def build_item_index(
     domain: Domain = MOVIES,
 ) -> ItemIndex:
     """Embed every item's text (`domain.describe`) with the LLM, PCA to min(dim, H, N),
-    L2-normalise, index (DESIGN §4)."""
+    L2-normalise, index (docs/design.md §4)."""
     if not items:
         raise ValueError("cannot build an index over no items")
     started = time.perf_counter()

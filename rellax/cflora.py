@@ -1,7 +1,7 @@
-"""CFLoRA: LoRA whose r x r core is produced per sample by a gate on DIN's hidden state (DESIGN §7).
+"""CFLoRA: LoRA whose r x r core is produced per sample by a gate on DIN's hidden state (docs/design.md §7).
 
-A `CFLoRALinear` wraps a frozen `nn.Linear` the way peft's LoRA layer does (STYLE "What rellax takes"
-#3): the base layer stays untouched under `base_layer`, the adapter is `lora_A`, `lora_B`,
+A `CFLoRALinear` wraps a frozen `nn.Linear` the way peft's LoRA layer does: the base layer stays
+untouched under `base_layer`, the adapter is `lora_A`, `lora_B`,
 `lora_dropout`, `scaling` = alpha / r, and an optional `gate` hypernetwork. Plain LoRA is the same
 class without a gate (G = I), which is how stage-1 A and B (trained with peft) are served.
 
@@ -9,11 +9,11 @@ The per-sample h cannot travel through Hugging Face's Llama forward as an argume
 the modules through `gate_context(model, h)`: on entry the G(h) of every layer is computed once,
 all layers together (one op per gate stage, not four tiny ops per layer), along with each layer's
 M = G·Bᵀ; the decoder runs; on exit the gates are cleared. Per token, a layer then costs one
-(d_in x r) GEMM and one accumulating (r x d_out) GEMM on top of W0·x: O(r·(d_in + d_out)), DESIGN §8.
+(d_in x r) GEMM and one accumulating (r x d_out) GEMM on top of W0·x: O(r·(d_in + d_out)), docs/design.md §8.
 This is module state: run one forward at a time per model (the service's micro-batcher does).
 
 Merging folds a fixed gate G_bar into the base weight for backends that cannot run per-sample
-adapters (vLLM, DESIGN §8): W = W0 + s·B·G_barᵀ·A. `delta_weight` is the one formula behind the
+adapters (vLLM, docs/design.md §8): W = W0 + s·B·G_barᵀ·A. `delta_weight` is the one formula behind the
 in-place `merge`/`unmerge` and the pure `merge_cflora_state_dict` used for export.
 """
 
@@ -68,7 +68,7 @@ class CFLoRALinear(nn.Module):
 
     Init: A Kaiming-uniform and B = 0 as in peft (the step-0 model is the base), and the gate's last
     layer has weight 0 and bias vec(I), so G(h) = I for every h at step 0: stage 2 starts exactly at
-    the stage-1 model (DESIGN §7; the authors' code starts from a random G).
+    the stage-1 model (docs/design.md §7; the authors' code starts from a random G).
 
     Args:
         base_layer: the frozen linear layer to adapt.
@@ -391,7 +391,7 @@ def load_lora_weights(model: nn.Module, peft_state_dict: Mapping[str, torch.Tens
 
 
 def adapter_params(model: nn.Module, stage: Literal["lora", "gates", "spa"]) -> dict[str, nn.Parameter]:
-    """The parameters a training stage owns, by name (STYLE "What rellax takes" #4).
+    """The parameters a training stage owns, by name (as peft marks a method's own).
 
     "lora": every A and B (stage 1); "gates": every gate hypernetwork; "spa": every SPA projector.
     Stage 2 trains the union of "gates" and "spa" (or one of them in the ablations).
@@ -428,7 +428,7 @@ def merge_cflora_state_dict(
     g_bars: Mapping[str, torch.Tensor] | None,
     scaling: float,
 ) -> dict[str, torch.Tensor]:
-    """A plain checkpoint with W = W0 + s·B·G_barᵀ·A in every CFLoRA layer (pure; DESIGN §8).
+    """A plain checkpoint with W = W0 + s·B·G_barᵀ·A in every CFLoRA layer (pure; docs/design.md §8).
 
     `state_dict` is a CFLoRA model's; `g_bars` maps each layer name (the prefix of its `lora_A`
     key) to its (r, r) G_bar, None meaning G = I everywhere (plain LoRA). The result has the keys of

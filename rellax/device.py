@@ -2,7 +2,7 @@
 
 One resolver, so every stage of a run puts the base LLM, its adapters and each batch on the same
 device: `RELLAX_DEVICE` (auto, cpu, cuda, cuda:N), where auto is cuda when torch sees a GPU.
-The online torch backend stays on the CPU (DESIGN §8); the GPU path there is vLLM.
+The online torch backend stays on the CPU (docs/design.md §8); the GPU path there is vLLM.
 """
 
 from __future__ import annotations

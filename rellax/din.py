@@ -1,4 +1,4 @@
-"""Deep Interest Network (DESIGN §6): the frozen conventional CTR model (CRM) of ReLLaX.
+"""Deep Interest Network (docs/design.md §6): the frozen conventional CTR model (CRM) of ReLLaX.
 
 Fields (one 64-d embedding each): user id, gender, age bucket, job, target item id, target genre,
 and the last `max_history` history items with their ratings. With d = `embed_dim`:
@@ -49,7 +49,7 @@ class DINVocab:
     """Explicit value -> row maps for every categorical table; row 0 means unknown (or padding).
 
     Rows are assigned 1..n in sorted order of the values, so the same values always give the same
-    rows (DESIGN §3: the original code had an off-by-one here, hence no implicit `id - 1`).
+    rows (docs/design.md §3: the original code had an off-by-one here, hence no implicit `id - 1`).
     """
 
     users: dict[int, int] = field(default_factory=dict)
@@ -304,7 +304,8 @@ class DIN(nn.Module):
 
     def forward_with_hidden(self, batch: DINBatch) -> tuple[torch.Tensor, torch.Tensor]:
         """-> logits (B,), h (B, hidden[-1]): the output layer's input, i.e. the last MLP activation
-        (after its dropout, which is the identity in eval mode). h feeds the CFLoRA gates (DESIGN §6)."""
+        (after its dropout, which is the identity in eval mode). h feeds the CFLoRA gates
+        (docs/design.md §6)."""
         query = self.item_emb(batch.item)
         keys = self.history_tokens(batch.hist_items, batch.hist_ratings)
         pooled, _ = self.attention(query, keys, batch.hist_mask)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 __all__ = ["AGE_BUCKETS", "JOBS", "HistoryEvent", "Item", "Profile"]
 
-# MovieLens-1M age codes -> the bucket text of the prompt (DESIGN §3).
+# MovieLens-1M age codes -> the bucket text of the prompt (docs/design.md §3).
 AGE_BUCKETS: dict[int, str] = {
     1: "under 18",
     18: "18-24",

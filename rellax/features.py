@@ -1,5 +1,5 @@
 """From (user, history, candidates) to everything the LLM and DIN need: one path for training,
-evaluation and serving (DESIGN §2: train/serve skew is the classic bug of this field).
+evaluation and serving (docs/design.md §2: train/serve skew is the classic bug of this field).
 
 A `Featurizer` owns the catalogue, the item index (SUBR), the tokenizer and the frozen DIN. It
 builds prompts with `rellax.prompt.build_prompt`, encodes DIN inputs with `rellax.din.encode_batch`,

@@ -1,4 +1,4 @@
-"""The item catalogue as unit vectors plus an hnswlib graph over them (DESIGN §4).
+"""The item catalogue as unit vectors plus an hnswlib graph over them (docs/design.md §4).
 
 Row r of `vectors` belongs to item `item_ids[r]`; the hnswlib labels are those rows. The id -> row
 map is explicit (a sorted copy of the ids and `np.searchsorted`), never "id minus one": the

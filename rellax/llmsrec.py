@@ -1,4 +1,4 @@
-"""LLM-SRec (DESIGN §11): a frozen LLM reads a user's sequence, small modules learn to use it.
+"""LLM-SRec (docs/design.md §11): a frozen LLM reads a user's sequence, small modules learn to use it.
 
 Trained: `hist_proj` (SASRec item embedding -> LLM width, written at each `[hist]` of the user
 prompt and at the item's own `[hist]` in its item prompt), the learned `[UserOut]` / `[ItemOut]`

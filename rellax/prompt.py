@@ -1,7 +1,7 @@
-"""The one prompt builder: training, evaluation and serving all call `build_prompt` (DESIGN §2, §5).
+"""The one prompt builder: training, evaluation and serving all call `build_prompt` (docs/design.md §2, §5).
 
 Train/serve skew is the classic bug of this field, so nothing else in rellax writes prompt text.
-A prompt is the DESIGN §5 body (ML-1M wording) inside the tokenizer's chat template, as one user
+A prompt is the docs/design.md §5 body (ML-1M wording) inside the tokenizer's chat template, as one user
 turn with the generation prompt opened; the model's next token after it is the answer.
 
 Wording choices the design leaves open:
@@ -110,7 +110,7 @@ def _body_pieces(
     spa: bool,
     domain: Domain = MOVIES,
 ) -> list[str]:
-    """The DESIGN §5 user-turn text, cut into pieces that tokenise independently.
+    """The docs/design.md §5 user-turn text, cut into pieces that tokenise independently.
 
     Pieces: the profile header, one piece per history entry (its list punctuation included: `['..',`
     then ` '..',` ... ` '..']`, written exactly as Python prints a list of strings) and the question.
@@ -327,7 +327,7 @@ def answer_ids(tokenizer, label: int) -> list[int]:  # noqa: ANN001
     return list(yes if label == 1 else no)
 
 
-# LLM-SRec (issue 17, DESIGN §11) reads two more prompts through the same placeholders: `[hist]` is
+# LLM-SRec (docs/design.md §11) reads two more prompts through the same placeholders: `[hist]` is
 # its [HistoryEmb] (a projected SASRec item embedding goes there) and `[target]` its [UserOut] /
 # [ItemOut] (a learned vector goes there, and the representation is read at that position). Plain
 # text, no chat template: nothing is generated, and the read-out token is the prompt's last.

@@ -1,4 +1,4 @@
-"""SASRec (Kang & McAuley, 2018): the collaborative teacher of LLM-SRec (DESIGN §11).
+"""SASRec (Kang & McAuley, 2018): the collaborative teacher of LLM-SRec (docs/design.md §11).
 
 A causal Transformer over a user's item sequence: 64-d item + learned position embeddings, 2 blocks,
 1 head, dropout 0.1, sequences of at most 128 items. The output at position t represents the user

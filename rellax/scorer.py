@@ -1,4 +1,4 @@
-"""The scorer runtime: P(click) = P("Yes") for batches of prompts (DESIGN §5, §8).
+"""The scorer runtime: P(click) = P("Yes") for batches of prompts (docs/design.md §5, §8).
 
 `ScoringModel` is the differentiable core shared by training and serving: the causal LM (CFLoRA
 layers optional), the SPA projector (optional) and a two-row head. `Scorer` is the inference loop

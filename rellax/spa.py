@@ -1,4 +1,4 @@
-"""SPA, the soft prompt augmentation of ReLLaX (DESIGN §7): DIN item embeddings become LLM inputs.
+"""SPA, the soft prompt augmentation of ReLLaX (docs/design.md §7): DIN item embeddings become LLM inputs.
 
 Each `[hist]` placeholder of a prompt gets P(e) for the DIN embedding e of that history item, in text
 order, and `[target]` gets P(e) of the candidate, where P(e) = W2·GELU(W1·e + b1) + b2 maps the DIN
@@ -20,7 +20,7 @@ class SPAProjector(nn.Module):
     """P(e) = fc2(GELU(fc1(e))): Linear(E, H) -> GELU -> Linear(H, H).
 
     Args:
-        embed_dim: E, the DIN item-embedding size (64 in DESIGN §6).
+        embed_dim: E, the DIN item-embedding size (64 in docs/design.md §6).
         hidden: H, the LLM hidden size (576 for SmolLM2-135M).
     """
 

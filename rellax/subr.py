@@ -1,4 +1,4 @@
-"""SUBR — semantic user behaviour retrieval (DESIGN §4), and the recency baseline.
+"""SUBR — semantic user behaviour retrieval (docs/design.md §4), and the recency baseline.
 
 For a (history, candidate) pair, SUBR keeps the K history positions whose items are most similar
 (cosine of the index vectors) to the candidate and returns them in chronological order, so the

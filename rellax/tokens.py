@@ -1,4 +1,4 @@
-"""The tokens ReLLaX adds to and reads from the LLM's vocabulary (DESIGN §5, §7).
+"""The tokens ReLLaX adds to and reads from the LLM's vocabulary (docs/design.md §5, §7).
 
 Two added special tokens mark where SPA soft vectors go: `[hist]` after each history item and
 `[target]` after the candidate. Their rows in the input embedding are never read by a correct
@@ -28,9 +28,9 @@ __all__ = [
 
 HIST_TOKEN = "[hist]"
 TARGET_TOKEN = "[target]"
-ANSWERS = ("Yes.", "No.")  # DESIGN §5: the answers the model is trained to give, label 1 then 0
+ANSWERS = ("Yes.", "No.")  # docs/design.md §5: the answers the model is trained to give, label 1 then 0
 
-# Vicuna v1.1's conversation format, for tokenizers without a chat template of their own (DESIGN §5).
+# Vicuna v1.1's conversation format, for tokenizers without a chat template of their own (docs/design.md §5).
 VICUNA_TEMPLATE = (
     "{{ bos_token }}A chat between a curious user and an artificial intelligence assistant. "
     "The assistant gives helpful, detailed, and polite answers to the user's questions."
@@ -73,7 +73,7 @@ def add_soft_tokens(tokenizer, model: torch.nn.Module | None = None) -> tuple[in
 def render_chat(tokenizer, user: str, assistant: str | None = None) -> str:  # noqa: ANN001
     """The chat text of one user turn, opened for the assistant or closed with its answer.
 
-    The tokenizer's own chat template is used; Vicuna's only when it has none (DESIGN §5).
+    The tokenizer's own chat template is used; Vicuna's only when it has none (docs/design.md §5).
     """
     messages = [{"role": "user", "content": user}]
     if assistant is not None:

@@ -1,4 +1,5 @@
-"""Deadline-aware micro-batcher: merges candidates of concurrent requests into model batches (DESIGN §8).
+"""Deadline-aware micro-batcher: merges candidates of concurrent requests into model batches
+(docs/design.md §8).
 
 Why hand-written: the model lives in this process and we need batching *across* requests with a
 token budget, a bounded queue that fails fast, and per-request deadlines that drop expired work

@@ -88,7 +88,7 @@ def curl_examples(host: str, port: int, auth: bool = False) -> str:
 def history_records(splits: tuple[str, ...], dataset: Path | None) -> tuple[list[Any], int]:
     """Per user: profile + the interactions before the first sample outside `splits`.
 
-    The samples' global order is (timestamp, user id, item id) (DESIGN §3); everything earlier than
+    The samples' global order is (timestamp, user id, item id) (docs/design.md §3); everything earlier than
     the first sample of a later split is history the service may know. For the demo (train+valid)
     the first test sample of each user then sees exactly its training-time history.
     """

@@ -2,7 +2,7 @@
 loads the bundle, connects Redis, starts the backend and the micro-batcher, and scores a canary.
 
 Serve with `rellax serve` (which also starts an embedded Redis for the demo) or
-`uvicorn --factory service.main:create_app`. One worker per model replica (DESIGN §8).
+`uvicorn --factory service.main:create_app`. One worker per model replica (docs/design.md §8).
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ def load_bundle(settings: Settings) -> Any:
 
 def build_backend(settings: Settings, bundle: Any) -> ScoringBackend:
     """The configured backend over this bundle, through each backend's `from_bundle`: torch scores the
-    bundle's exact model; vLLM serves its merged export (CFLoRA folded in with the mean gate, DESIGN §8)."""
+    bundle's exact model; vLLM serves its merged export (CFLoRA folded in with the mean gate,
+    docs/design.md §8)."""
     return backend_class(settings.backend).from_bundle(bundle, settings)
 
 

@@ -1,4 +1,4 @@
-"""Prometheus metrics of the service (DESIGN §10): seconds, 1 ms-10 s buckets, no user/item labels.
+"""Prometheus metrics of the service (docs/design.md §10): seconds, 1 ms-10 s buckets, no user/item labels.
 
 These names are a contract: the Grafana dashboard, the HPA and the k8s/compose checks read them, and a
 test asserts every dashboard query names a metric defined here.

@@ -1,4 +1,4 @@
-"""The scoring path of one request (DESIGN §8, issue 4 §3), shared by /v1/score and /v1/rerank.
+"""The scoring path of one request (docs/design.md §8), shared by /v1/score and /v1/rerank.
 
     Redis (one round trip) -> bundle.prepare: SUBR per candidate, DIN (h and its own CTR),
     prompt + soft tokens (rellax's one prompt function, the same one training calls) -> micro-batcher
@@ -11,7 +11,7 @@ SUBR + DIN + prompt as the service saw it. The two degraded modes return DIN's o
 CTR with `degraded: true` (a 200, not an error): queue full with OVERLOAD_MODE=degrade, and Redis down
 with REDIS_DOWN_MODE=degrade (then on an empty history and unknown profile).
 
-Admission and deadline, before any work (issue 4 §5):
+Admission and deadline, before any work:
   * A request with more candidates than the model queue holds (RELLAX_MAX_QUEUE) can never be
     scored by the model: 422 naming `item_ids` (a limit, not a 503 that invites a retry); with
     OVERLOAD_MODE=degrade it gets DIN's own CTR instead, as any request the queue cannot take.

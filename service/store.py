@@ -1,4 +1,4 @@
-"""User histories and profiles in Redis (DESIGN §9), read in one pipelined round trip.
+"""User histories and profiles in Redis (docs/design.md §9), read in one pipelined round trip.
 
 Layout, namespaced and versioned so a later format can live beside this one:
 

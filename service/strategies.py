@@ -1,4 +1,4 @@
-"""/v1/rerank's strategies (issue 17): who scores which candidates of one request.
+"""/v1/rerank's strategies: who scores which candidates of one request.
 
     rellax   ReLLaX scores every candidate (`ScoringPipeline.score`, the /v1/score path).
     llmsrec  one LLM-SRec user pass (the user prompt through the frozen LLM), then one dot product

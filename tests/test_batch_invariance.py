@@ -1,5 +1,5 @@
 """A candidate's P(yes) does not depend on what else is in its request or model batch, and a bundle
-loads in the dtype asked for, its small trained modules untouched (issue 15).
+loads in the dtype asked for, its small trained modules untouched.
 
 Through the real bundle path (SUBR, prompt, DIN h, SPA, exact CFLoRA), on the tiny bundle: one user,
 a candidate scored alone, beside one other candidate, and inside a 50-candidate request (whose

@@ -1,4 +1,4 @@
-"""No loader of bundles, checkpoints or caches may unpickle (issue 18): a tampered file must not run code.
+"""No loader of bundles, checkpoints or caches may unpickle: a tampered file must not run code.
 
 A source scan, because the rule is about every call site, present and future: `torch.load` only with
 `weights_only=True`, no `pickle`/`joblib`/`dill`, and `np.load` never with `allow_pickle=True`.

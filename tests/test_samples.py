@@ -1,4 +1,4 @@
-"""The ReLLa sample protocol (DESIGN §3) on a hand-made log and on ML-100K."""
+"""The ReLLa sample protocol (docs/design.md §3) on a hand-made log and on ML-100K."""
 
 from __future__ import annotations
 

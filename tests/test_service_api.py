@@ -285,7 +285,7 @@ async def test_unknown_items_are_404_naming_them(redis_url: str) -> None:
             "5",
         ),
         ("/v1/users/u/events", {"events": []}, "events", "at least 1"),
-        # pydantic's lax mode took each of these with a 200 (issue 18): ids and ratings are strict.
+        # pydantic's lax mode took each of these with a 200: ids and ratings are strict.
         ("/v1/score", {"user_id": 1.5, "item_ids": [1]}, "user_id", "string or an integer"),
         ("/v1/score", {"user_id": 12345678901234567890, "item_ids": [1]}, "user_id", "int64"),
         ("/v1/score", {"user_id": True, "item_ids": [1]}, "user_id", "string or an integer"),

@@ -82,7 +82,7 @@ def gone(pid: int, within_s: float) -> bool:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux-only")
 def test_embedded_redis_dies_with_a_killed_parent(tmp_path: Path) -> None:
-    """SIGKILL runs no clean-up code: the kernel must stop the child (issue 18: orphaned Redis)."""
+    """SIGKILL runs no clean-up code: the kernel must stop the child (orphaned Redis)."""
     script = (
         "import sys, time; from pathlib import Path; from service.embedded_redis import EmbeddedRedis; "
         "r = EmbeddedRedis(Path(sys.argv[1]), persist=False).start(); print(r.pid, flush=True); "

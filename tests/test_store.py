@@ -42,7 +42,7 @@ async def test_fetch_is_time_ordered_with_item_id_tie_order(store: HistoryStore)
     added, stored = await store.append(uid, [ev(30, 5, 300), ev(12, 1, 100), ev(9, 4, 200), ev(2, 3, 200)])
     assert (added, stored) == (4, 4)
     state = await store.fetch(uid)
-    # (timestamp, item id) order, as the training samples are sorted (DESIGN §3)
+    # (timestamp, item id) order, as the training samples are sorted (docs/design.md §3)
     assert state.history == [ev(12, 1, 100), ev(2, 3, 200), ev(9, 4, 200), ev(30, 5, 300)]
     assert state.profile is None and not state.cold_start
 

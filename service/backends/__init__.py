@@ -1,4 +1,4 @@
-"""Model backends behind one protocol; implementations are imported lazily by name (DESIGN §8)."""
+"""Model backends behind one protocol; implementations are imported lazily by name (docs/design.md §8)."""
 
 from __future__ import annotations
 

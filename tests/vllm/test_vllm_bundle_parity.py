@@ -1,4 +1,4 @@
-"""A bundle's merged export in vLLM against the bundle's own torch model merged at the same Ḡ (issue 4 §4).
+"""A bundle's merged export in vLLM against the bundle's own torch model merged at the same Ḡ.
 
 End to end through the real bundle code: `make_tiny_bundle` -> `Bundle.load` -> `write_merged` (+ the
 `merged/` extras `rellax export` writes) -> `Bundle.prepare` for a cold user and a user with a
@@ -27,7 +27,7 @@ from rellax.model_input import ModelInput
 
 pytestmark = pytest.mark.vllm
 
-TOL = 1e-3  # issue 4: fp32 vLLM on the merged export vs the fp32 torch runtime on the same weights
+TOL = 1e-3  # fp32 vLLM on the merged export vs the fp32 torch runtime on the same weights
 MAX_MODEL_LEN = 512  # the prompts below are ~120-200 tokens
 CANDIDATES = [5, 12, 33, 101]
 HISTORY = [HistoryEvent(i, float(1 + i % 5), 1_000 + i) for i in (3, 17, 29, 44, 58, 71, 90)]
