@@ -38,7 +38,7 @@ from rellax.entities import HistoryEvent  # noqa: E402
 from rellax.paths import cache_dir  # noqa: E402
 from rellax.precision import cpu_supports_bf16  # noqa: E402
 from training.fewshot import eval_rows  # noqa: E402
-from training.llm_data import Catalogue  # noqa: E402
+from training.llm.data import Catalogue  # noqa: E402
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")

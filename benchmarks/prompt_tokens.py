@@ -25,7 +25,7 @@ from data.loading import load_dataset  # noqa: E402
 from rellax.assets import prepare_model  # noqa: E402
 from rellax.entities import Profile  # noqa: E402
 from rellax.prompt import build_prompt  # noqa: E402
-from training.llm_data import Catalogue  # noqa: E402
+from training.llm.data import Catalogue  # noqa: E402
 
 CAPS = (8, 12, 16)
 

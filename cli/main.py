@@ -114,7 +114,7 @@ def _register_package_commands() -> None:
     """Packages add their own commands; a package not yet built simply adds none."""
     import importlib
 
-    for module in ("index.cli", "training.cli", "training.llm_cli", "service.cli"):
+    for module in ("index.cli", "training.cli", "service.cli"):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:

@@ -40,14 +40,14 @@ __all__ = [
 
 
 def _bundle_api() -> Any:
-    """`Bundle` (rellax.bundle) and `make_tiny_bundle` (training.tiny_bundle) as one namespace."""
+    """`Bundle` (rellax.bundle) and `make_tiny_bundle` (training.llm.tiny_bundle) as one namespace."""
     try:
         from rellax.bundle import Bundle
-        from training.tiny_bundle import make_tiny_bundle
+        from training.llm.tiny_bundle import make_tiny_bundle
     except ImportError as exc:
         pytest.fail(
             "the service tests need rellax.bundle with Bundle.load / prepare / score_prepared and "
-            f"training.tiny_bundle.make_tiny_bundle, which are not importable: {exc!r}",
+            f"training.llm.tiny_bundle.make_tiny_bundle, which are not importable: {exc!r}",
             pytrace=False,
         )
     return types.SimpleNamespace(Bundle=Bundle, make_tiny_bundle=make_tiny_bundle)

@@ -1,4 +1,4 @@
-"""The DIN recipe (training/crm.py), its baselines and metrics, and `rellax train crm` on ML-100K."""
+"""The DIN recipe (training/crm/crm.py), its baselines and metrics, and `rellax train crm` on ML-100K."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 
 from rellax.din import DIN, encode_batch
 from rellax.entities import Profile
-from training.baselines import Fields, LogisticBaseline, RatingPrior, fields_for
-from training.crm import CRMRecipe, load_config
+from training.crm.baselines import Fields, LogisticBaseline, RatingPrior, fields_for
+from training.crm.crm import CRMRecipe, load_config
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
 
 
@@ -163,7 +163,7 @@ def test_train_crm_command_on_ml100k(tmp_path: Path) -> None:
 def test_holdout_leaves_the_llm_rows_out_of_dins_training(tmp_path: Path) -> None:
     """The LLM's few-shot rows (every N asked for) are gone from DIN's train split and nothing else
     is; an existing DIN trained on another hold-out is refused, not reused or overwritten."""
-    from training.crm import ensure_din, holdout_rows
+    from training.crm.crm import ensure_din, holdout_rows
     from training.fewshot import fewshot_rows
 
     recipe, full = CRMRecipe(), CRMRecipe()

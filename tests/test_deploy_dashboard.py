@@ -238,7 +238,7 @@ def _service_ready() -> str | None:
     for module, attrs in (
         ("service.main", ("create_app",)),
         ("rellax.bundle", ("Bundle",)),
-        ("training.tiny_bundle", ("make_tiny_bundle",)),
+        ("training.llm.tiny_bundle", ("make_tiny_bundle",)),
     ):
         if importlib.util.find_spec(module) is None:
             return f"{module} does not exist yet"

@@ -38,7 +38,7 @@ def test_a_gpu_that_is_not_there_fails_before_any_work(monkeypatch: pytest.Monke
 
 
 def test_the_base_lm_loads_on_the_resolved_device(tiny_model_dir, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: ANN001
-    from training.llm_setup import load_base_lm
+    from training.llm.setup import load_base_lm
 
     monkeypatch.setenv("RELLAX_DEVICE", "cpu")
     lm, _ = load_base_lm(tiny_model_dir, bf16=True)

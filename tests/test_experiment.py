@@ -17,7 +17,7 @@ from training.metrics import ctr_metrics
 def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path):  # noqa: ANN201
     import shutil
 
-    from training.experiment import ExperimentConfig
+    from training.study.experiment import ExperimentConfig
 
     root = tmp_path_factory.mktemp("study")
     shutil.copytree(din_dir, root / "din")
@@ -49,8 +49,8 @@ def ran(study):  # noqa: ANN001, ANN201
     import hashlib
 
     from data.loading import load_dataset
-    from training.experiment import partial_scores_path, plan, run
     from training.fewshot import eval_rows
+    from training.study.experiment import partial_scores_path, plan, run
 
     rows = eval_rows(load_dataset()[1], "test", study.test_rows, seed=study.test_seed)
     rows_hash = hashlib.sha256(rows.astype(np.int64).tobytes()).hexdigest()[:16]
@@ -69,7 +69,7 @@ def _record(study, name: str) -> dict:  # noqa: ANN001
 
 
 def test_every_step_runs_once_then_is_reused(study, ran) -> None:  # noqa: ANN001
-    from training.experiment import run
+    from training.study.experiment import run
 
     status, steps = ran
     assert steps == [
@@ -138,7 +138,7 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
 
 
 def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
-    from training.report import render
+    from training.study.report import render
 
     out = study.results.parent / "results.md"
     sasrec = {
@@ -172,7 +172,7 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
 
 
 def test_the_curve_reading_says_where_validation_peaked() -> None:
-    from training.report import _curve_reading
+    from training.study.report import _curve_reading
 
     def run(aucs: list[float], n_rows: int = 1024) -> dict:
         curve = [{"step": i, "examples": 64 * i, "valid_auc": a} for i, a in enumerate(aucs)]
@@ -205,7 +205,7 @@ def test_the_curve_reading_says_where_validation_peaked() -> None:
 def test_only_runs_the_selected_steps_and_waits_for_what_they_need(study, tmp_path: Path) -> None:  # noqa: ANN001
     import dataclasses
 
-    from training.experiment import plan, run
+    from training.study.experiment import plan, run
 
     cfg = dataclasses.replace(study, results=tmp_path / "results", only=("rellax-two-stage",))
     status = run(cfg)
@@ -220,7 +220,7 @@ def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> 
     not measured yet, and lists every pending step, instead of failing or inventing numbers."""
     import shutil
 
-    from training.report import render
+    from training.study.report import render
 
     results = tmp_path / "results"
     results.mkdir()
@@ -250,7 +250,7 @@ def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> 
 def test_a_target_whose_interval_includes_zero_is_not_called_met() -> None:
     """SUBR's +0.0053 over recency with interval [-0.0109, +0.0224] is no measured gain: the
     verdict says so, while a gain whose whole interval is above 0 (or a loss below it) stays plain."""
-    from training.report import _verdict
+    from training.study.report import _verdict
 
     assert _verdict(0.0053, {"lo": -0.0109, "hi": 0.0224}).startswith("met on the point estimate only")
     assert "not significant" in _verdict(-0.01, {"lo": -0.03, "hi": 0.002})
@@ -267,7 +267,7 @@ def test_progress_reads_unfinished_runs_from_their_checkpoints(study, ran, tmp_p
     import shutil
     from dataclasses import replace
 
-    from training.experiment import progress
+    from training.study.experiment import progress
 
     status = json.loads((study.results / "experiment.json").read_text())
     assert status["progress"] == {}  # every step has its JSON
@@ -292,8 +292,8 @@ def test_a_fresh_cache_resumes_from_the_committed_weights(study, ran, tmp_path: 
     import dataclasses
     import shutil
 
-    from training.experiment import run
-    from training.runs import WEIGHTS
+    from training.llm.runs import WEIGHTS
+    from training.study.experiment import run
 
     trained = [("rella-n8", 1), ("rella-n16", 1), ("rellax", 2), ("spa", 2), ("rellax-two-stage", 2)]
     for name, stage in trained:

@@ -10,8 +10,8 @@ from rellax.entities import Item, Profile
 from rellax.prompt import answer_ids, build_prompt
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
-from training.llm_data import LLMExample, collate
-from training.llm_loop import answer_loss
+from training.llm.data import LLMExample, collate
+from training.llm.loop import answer_loss
 
 
 def test_answer_loss_is_the_answer_tokens_cross_entropy(tokenizer, tiny_llama) -> None:  # noqa: ANN001

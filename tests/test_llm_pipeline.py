@@ -18,9 +18,9 @@ from rellax.entities import HistoryEvent
 from rellax.errors import BundleError
 from rellax.precision import cpu_supports_bf16
 from training.fewshot import eval_rows
-from training.llm_data import Catalogue, build_examples
-from training.llm_loop import LoopConfig
-from training.llm_setup import score_examples
+from training.llm.data import Catalogue, build_examples
+from training.llm.loop import LoopConfig
+from training.llm.setup import score_examples
 
 LOOP = dict(batch_size=8, micro_batch=4, bf16=False, evals_per_epoch=1)
 # Train/serve parity runs in each dtype this CPU can serve in, the same dtype on both sides. Bounds:
@@ -34,10 +34,10 @@ PARITY_DTYPES = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path) -> dict[str, Path]:
     """Stage 1, then stage 2 in modes spa, cflora and rellax, each 2 optimizer steps."""
-    from training.stage1 import Stage1Config
-    from training.stage1 import main as stage1
-    from training.stage2 import Stage2Config
-    from training.stage2 import main as stage2
+    from training.llm.stage1 import Stage1Config
+    from training.llm.stage1 import main as stage1
+    from training.llm.stage2 import Stage2Config
+    from training.llm.stage2 import main as stage2
 
     root = tmp_path_factory.mktemp("runs")
     common = dict(model_dir=tiny_model_dir, index_dir=root / "index", n_rows=8, valid_rows=32, k=5)
@@ -76,7 +76,7 @@ def test_stage1_trains_lora_and_records_the_curve(runs: dict[str, Path]) -> None
 
 
 def test_stage1_resumes_from_its_checkpoint(runs: dict[str, Path], tiny_model_dir: Path) -> None:
-    from training.stage1 import Stage1Recipe
+    from training.llm.stage1 import Stage1Recipe
 
     before = _metrics(runs["s1"])["result"]
     recipe = Stage1Recipe()
@@ -95,7 +95,7 @@ def test_stage1_paused_at_a_deadline_resumes_to_the_same_run(
 
     from safetensors.torch import load_file
 
-    from training.stage1 import main as stage1
+    from training.llm.stage1 import main as stage1
 
     cfg = _stage1_config(runs["root"] / "paused", tiny_model_dir, runs["root"] / "index")
     with pytest.raises(TimeoutError, match="step 1/2"):
@@ -136,7 +136,7 @@ def test_stage2_trains_exactly_gates_and_projector(runs: dict[str, Path]) -> Non
 
 @pytest.fixture(scope="module")
 def bundle_dir(runs: dict[str, Path], tiny_model_dir: Path, din_dir: Path) -> Path:
-    from training.export import ExportConfig, main
+    from training.llm.export import ExportConfig, main
 
     out = runs["root"] / "bundle"
     main(
@@ -166,8 +166,8 @@ def test_bundle_scores_like_the_trained_model(
     from safetensors.torch import load_file
 
     from rellax.features import Featurizer
-    from training.llm_setup import load_base_lm, load_din, load_or_build_index
-    from training.stage2 import build_stage2_model, load_stage2_weights
+    from training.llm.setup import load_base_lm, load_din, load_or_build_index
+    from training.llm.stage2 import build_stage2_model, load_stage2_weights
 
     samples, catalogue = ml100k_samples, Catalogue.from_tables(ml100k)
     lm, tok = load_base_lm(tiny_model_dir, bf16=dtype == "bfloat16")  # the trainers' base, in `dtype`
@@ -271,7 +271,7 @@ def test_fp32_projector_and_gates_over_a_bf16_base(tiny_llama, soft_tokenizer) -
 
 def _stage1_config(out: Path, tiny_model_dir: Path, index_dir: Path, lr: float = 1e-2):  # noqa: ANN202
     """The `runs` fixture's stage-1 config (at lr 1e-2), writing to `out`."""
-    from training.stage1 import Stage1Config
+    from training.llm.stage1 import Stage1Config
 
     return Stage1Config(
         out=out,
@@ -291,9 +291,9 @@ def test_runs_are_reused_only_under_the_same_config(
     stage 1 under an unchanged stage-2 config) trains again instead of returning stale weights."""
     import shutil
 
-    from training.stage1 import main as stage1
-    from training.stage2 import Stage2Config
-    from training.stage2 import main as stage2
+    from training.llm.stage1 import main as stage1
+    from training.llm.stage2 import Stage2Config
+    from training.llm.stage2 import main as stage2
 
     s1, s2 = tmp_path / "s1", tmp_path / "cflora"
     shutil.copytree(runs["s1"], s1)
@@ -337,7 +337,7 @@ def test_eval_scores_every_mode_on_the_same_rows(
     predictions; the rellax mode scores what the exported bundle serves."""
     from sklearn.metrics import roc_auc_score
 
-    from training.evaluate import EvalConfig, main
+    from training.llm.evaluate import EvalConfig, main
 
     out = runs["root"] / f"eval-{dtype}"
     report = main(
@@ -387,7 +387,7 @@ def test_a_stage_run_is_reproducible(runs: dict[str, Path], tiny_model_dir: Path
     dropout), so every model of an ablation can be rebuilt from its config."""
     from safetensors.torch import load_file
 
-    from training.stage1 import main as stage1
+    from training.llm.stage1 import main as stage1
 
     again = stage1(_stage1_config(tmp_path / "s1", tiny_model_dir, runs["root"] / "index"))
     first = load_file(runs["s1"] / "adapter" / "adapter_model.safetensors")
@@ -417,11 +417,11 @@ def test_a_correction_to_din_starts_at_dins_logit_plus_the_llms(
     from safetensors.torch import load_file
 
     from rellax.features import Featurizer
-    from training.evaluate import din_predictions
-    from training.llm_setup import load_base_lm, load_din, load_or_build_index
+    from training.llm.evaluate import din_predictions
+    from training.llm.setup import load_base_lm, load_din, load_or_build_index
+    from training.llm.stage2 import Stage2Config, build_stage2_model
+    from training.llm.stage2 import main as stage2
     from training.metrics import ctr_metrics
-    from training.stage2 import Stage2Config, build_stage2_model
-    from training.stage2 import main as stage2
 
     cfg = Stage2Config(
         stage1=runs["s1"], out=tmp_path / "residual", din_dir=din_dir, mode="cflora", din_residual=True,

@@ -112,7 +112,7 @@ def sasrec_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     from data.loading import load_dataset
     from rellax.sasrec import SASRec, SASRecConfig
-    from training.sasrec import train_sequences
+    from training.llmsrec.sasrec import train_sequences
 
     _, samples, _ = load_dataset()
     items = SASRec.item_map(np.concatenate(train_sequences(samples)))
@@ -132,7 +132,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
 
     from safetensors.torch import load_file
 
-    from training.llmsrec import LLMSRecConfig, main
+    from training.llmsrec.llmsrec import LLMSRecConfig, main
 
     def cfg(out: str) -> LLMSRecConfig:
         return LLMSRecConfig(
@@ -166,9 +166,9 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     from rellax.assets import prepare_model
     from rellax.entities import HistoryEvent
     from rellax.llmsrec import LLMSRecRanker
-    from training.llm_data import Catalogue
-    from training.llm_setup import load_base_lm
-    from training.ranking import ranking_cases
+    from training.llm.data import Catalogue
+    from training.llm.setup import load_base_lm
+    from training.llmsrec.ranking import ranking_cases
 
     data, samples, _ = load_dataset()
     items = Catalogue.from_tables(data).items
@@ -196,7 +196,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
 
     import numpy as np
 
-    from training.ranking_eval import RankingConfig, run
+    from training.llmsrec.ranking_eval import RankingConfig, run
 
     out = tmp_path / "ranking.json"
     cfg = RankingConfig(
@@ -221,7 +221,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     assert set(result["ndcg10_diffs"]) == {"LLM-SRec - SASRec", "LLM-SRec - DIN", "SASRec - DIN"}
     d = result["ndcg10_diffs"]["SASRec - DIN"]
     assert d["lo"] <= d["diff"] <= d["hi"]
-    from training.report import ranking_section
+    from training.study.report import ranking_section
 
     text = "\n".join(ranking_section(out))
     mine = result["models"]["LLM-SRec"]
@@ -231,7 +231,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
 
     # With a ReLLaX bundle (a tiny one over ML-100K's item ids): ReLLaX ranks a subset of the cases,
     # and the cascade re-scores LLM-SRec's top M of the same cases.
-    from training.tiny_bundle import make_tiny_bundle
+    from training.llm.tiny_bundle import make_tiny_bundle
 
     bundle = make_tiny_bundle(tmp_path / "bundle", n_items=1682)
     both = run(

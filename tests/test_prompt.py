@@ -257,7 +257,7 @@ GOLDEN_ML100K = (
 def test_golden_prompt_for_the_first_ml100k_test_sample(tokenizer, ml100k, ml100k_samples) -> None:  # noqa: ANN001
     """The real data path: the first test-split sample (user 90, 72 history items, candidate 187),
     recency K=3, its profile and titles exactly as the loaders and the prompt builder give them."""
-    from training.llm_data import Catalogue
+    from training.llm.data import Catalogue
 
     catalogue = Catalogue.from_tables(ml100k)
     row = int(ml100k_samples.indices("test")[0])

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rellax.sasrec import SASRec, SASRecConfig
-from training.ranking import rank_metrics, ranking_cases, ranks
+from training.llmsrec.ranking import rank_metrics, ranking_cases, ranks
 
 
 def test_rank_metrics_on_a_hand_example() -> None:
@@ -97,7 +97,7 @@ def test_sasrec_learns_ml100k_next_items(tmp_path: Path) -> None:
     100; its standard error on ~190 users is ~0.02), the best evaluation kept, and the saved model
     reproduces the recorded test figures. ~1 min on two cores (sequences cut to the newest 50)."""
     from data.loading import load_dataset
-    from training.sasrec import SASRecTrainConfig, main, score_cases, train_sequences
+    from training.llmsrec.sasrec import SASRecTrainConfig, main, score_cases, train_sequences
 
     data, samples, _ = load_dataset()
     seqs = train_sequences(samples)
@@ -122,7 +122,7 @@ def test_sasrec_learns_ml100k_next_items(tmp_path: Path) -> None:
 
 
 def test_the_cascade_reorders_the_first_stages_top_m_only() -> None:
-    from training.ranking_eval import cascade_scores
+    from training.llmsrec.ranking_eval import cascade_scores
 
     first = np.array([[0.1, 0.9, 0.5, 0.7, 0.3]])  # first-stage order: 1, 3, 2, 4, 0
     second = [np.array([0.2, 0.8, 0.6])]  # second stage's scores of items 1, 3, 2 (top-3 order)
@@ -141,9 +141,9 @@ def test_rellax_ranks_the_candidates_the_service_would_score(tmp_path: Path) -> 
     equal scoring its candidates one by one, and the cascade's top-M call scores only those."""
     from rellax.bundle import Bundle
     from rellax.entities import HistoryEvent, Profile
-    from training.ranking import RankingCase
-    from training.ranking_eval import rellax_scores
-    from training.tiny_bundle import make_tiny_bundle
+    from training.llm.tiny_bundle import make_tiny_bundle
+    from training.llmsrec.ranking import RankingCase
+    from training.llmsrec.ranking_eval import rellax_scores
 
     bundle = Bundle.load(make_tiny_bundle(tmp_path / "bundle"))
     rng = np.random.default_rng(0)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from training.tune import Trial, TuneConfig, run
+from training.study.tune import Trial, TuneConfig, run
 
 TRIALS = (
     Trial("s1", 1, lr=1e-2, batch_size=4, epochs=2, k=3, n_rows=8),
@@ -64,7 +64,7 @@ def test_trials_end_at_their_budget_and_are_reused(tune: TuneConfig) -> None:
 
 
 def test_the_report_draws_the_trials(tune: TuneConfig, tmp_path: Path) -> None:
-    from training.tune_report import tune_section
+    from training.study.tune_report import tune_section
 
     run(tune)
     din = json.loads((tune.results / "tune.json").read_text())["din_valid_auc"]
@@ -123,8 +123,8 @@ def test_weights_over_the_limit_are_kept_in_fp16(tune: TuneConfig, monkeypatch: 
     import torch
     from safetensors.torch import load_file
 
-    import training.runs as runs_module
-    import training.tune as tune_module
+    import training.llm.runs as runs_module
+    import training.study.tune as tune_module
 
     run(tune)
     trial = next(t for t in TRIALS if t.name == "s2-joint")
@@ -147,7 +147,7 @@ def test_the_repositorys_kept_weights_are_whole() -> None:
     """Every trial folder committed under docs/results/tune holds the weights a later trial or the
     demo builds on (a folder with only its metrics, e.g. weights left out by .gitignore, is useless),
     each within the 10 MB a run may take."""
-    from training.runs import MAX_WEIGHTS_BYTES, WEIGHTS
+    from training.llm.runs import MAX_WEIGHTS_BYTES, WEIGHTS
 
     root = Path(__file__).resolve().parents[1] / "docs" / "results" / "tune"
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -168,8 +168,8 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneCo
     from rellax.bundle import Bundle
     from rellax.entities import Profile
     from training.demo import _restore_study_run, best_study_run
-    from training.export import ExportConfig
-    from training.export import main as export
+    from training.llm.export import ExportConfig
+    from training.llm.export import main as export
 
     run(tune)
     results = tmp_path / "results"
@@ -224,7 +224,7 @@ def _random_llmsrec(folder: Path, model_dir: Path) -> Path:
 
     from rellax.llmsrec import LLMSRec, LLMSRecRanker
     from rellax.sasrec import SASRec, SASRecConfig
-    from training.llm_setup import load_base_lm
+    from training.llm.setup import load_base_lm
 
     lm, _ = load_base_lm(model_dir)
     ids = list(range(1, 1683))

@@ -1,4 +1,9 @@
-"""`rellax train ...` (and, later, `rellax eval` / `rellax export`): the offline pipeline's commands.
+"""Every `rellax` command of the offline pipeline; each body calls into its stage's package.
+
+    rellax train crm | sasrec | llmsrec     training.crm (DIN + baselines), training.llmsrec
+    rellax train rella | rellax             training.llm (stage 1 / stage 2)
+    rellax eval | export | demo-build       training.llm, training.demo
+    rellax experiment ...                   training.study (the quality study), training.llmsrec
 
 Each recipe is one command on `train_app`; to add one, define another `@train_app.command("name")`
 function below. Top-level commands (eval, export) get a line in `register`. Heavy imports (torch,
@@ -12,17 +17,39 @@ from typing import Annotated
 
 import typer
 
+from training.demo import DEMO_EVAL_ROWS, DEMO_ROWS, DEMO_VALID_ROWS
+
 __all__ = ["register", "train_app"]
 
 train_app = typer.Typer(help="Train models.", no_args_is_help=True)
 
 Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides as key=value (YAML values).")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML config (default: the recipe's).")]
+Force = Annotated[bool, typer.Option(help="Retrain even if a finished run is in --out.")]
+
+Nproc = Annotated[
+    int,
+    typer.Option(help="Processes on this machine (launches torchrun; --batch-size is per process)."),
+]
+ModelDir = Annotated[Path | None, typer.Option(help="Base LLM dir (default: the bundled SmolLM2).")]
+IndexDir = Annotated[
+    Path | None, typer.Option(help="Item index dir (default: the data set's, for this LLM: cache/index/...).")
+]
+Fsdp = Annotated[
+    bool, typer.Option(help="Under torchrun: shard the frozen base's layers (FSDP2) instead of DDP.")
+]
+Bf16 = Annotated[
+    bool | None, typer.Option("--bf16/--fp32", help="Frozen base dtype (default: bf16 where the CPU has it).")
+]
 
 
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `rellax` app."""
     app.add_typer(train_app, name="train")
+    app.command("eval")(evaluate)
+    app.command("export")(export)
+    app.command("demo-build")(demo)
+    app.add_typer(experiment_app, name="experiment")
 
 
 @train_app.command("crm")
@@ -48,7 +75,7 @@ def train_crm(
     ] = None,
 ) -> None:
     """Train DIN (the conventional CTR model) and its baselines; print and save their metrics."""
-    from training.crm import load_config, main
+    from training.crm.crm import load_config, main
 
     try:
         cfg = load_config(
@@ -75,7 +102,7 @@ def train_sasrec(
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
 ) -> None:
     """Train SASRec, LLM-SRec's collaborative teacher; print its ranking metrics (1 positive vs 99)."""
-    from training.sasrec import SASRecTrainConfig, main
+    from training.llmsrec.sasrec import SASRecTrainConfig, main
 
     cfg = SASRecTrainConfig(max_epochs=epochs, seed=seed)
     if out is not None:
@@ -108,7 +135,7 @@ def train_llmsrec(
     """Train LLM-SRec over the frozen LLM, distilling SASRec; print its ranking metrics."""
     import time
 
-    from training.llmsrec import LLMSRecConfig, main
+    from training.llmsrec.llmsrec import LLMSRecConfig, main
 
     cfg = LLMSRecConfig(
         steps=steps,
@@ -132,6 +159,289 @@ def train_llmsrec(
     test = result["test"]
     figures = f"HR@10 {test['hr@10']:.4f} NDCG@10 {test['ndcg@10']:.4f} on {test['n']} users"
     typer.echo(f"LLM-SRec test {figures}; {cfg.out}")
+
+
+def _maybe_launch(nproc: int) -> None:
+    """With --nproc N > 1 outside torchrun, run this same command under torchrun and exit with its
+    status; inside torchrun (or N = 1) return and train here."""
+    import os
+    import subprocess
+    import sys
+
+    from training.llm.distributed import launch_command, under_torchrun
+
+    if nproc < 1:
+        raise typer.BadParameter(f"must be >= 1, got {nproc}", param_hint="--nproc")
+    if nproc == 1 or under_torchrun():
+        return
+    argv, skip = [], False
+    for arg in sys.argv[1:]:  # the same command, minus --nproc
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            argv.append(arg)
+    raise typer.Exit(subprocess.call(launch_command(nproc, argv), env=os.environ.copy()))
+
+
+def _echo_result(metrics: dict) -> None:
+    import json
+
+    from training.llm.distributed import is_main
+
+    if is_main():
+        typer.echo(json.dumps(metrics["result"], indent=2))
+
+
+@train_app.command("rella")
+def rella(
+    out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage1].")] = None,
+    n_rows: Annotated[int, typer.Option(help="Few-shot training rows (each gives 2 prompts).")] = 256,
+    k: Annotated[int, typer.Option(help="History items per prompt.")] = 15,
+    epochs: int = 1,
+    lr: float = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, per process.")] = 64,
+    micro_batch: int = 8,
+    valid_rows: Annotated[int, typer.Option(help="Validation rows for checkpoint selection.")] = 256,
+    seed: int = 0,
+    model_dir: ModelDir = None,
+    index_dir: IndexDir = None,
+    bf16: Bf16 = None,
+    nproc: Nproc = 1,
+    fsdp: Fsdp = False,
+    force: Force = False,
+) -> None:
+    """Stage 1 (ReLLa): peft LoRA on q_proj/v_proj, selected on validation AUC."""
+    _maybe_launch(nproc)
+    from training.llm.loop import LoopConfig
+    from training.llm.stage1 import Stage1Config, main
+
+    loop = LoopConfig(
+        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16,
+        fsdp=fsdp,
+    )  # fmt: skip
+    cfg = Stage1Config(
+        n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop, model_dir=model_dir, index_dir=index_dir
+    )
+    if out:
+        cfg.out = out
+    _echo_result(main(cfg, force=force))
+
+
+@train_app.command("rellax")
+def rellax(
+    mode: Annotated[str, typer.Option(help="rellax (SPA + CFLoRA), spa or cflora.")] = "rellax",
+    stage1: Annotated[Path | None, typer.Option(help="Stage-1 run dir.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage2].")] = None,
+    gate_init: Annotated[str, typer.Option(help="identity (ours) or random (the authors').")] = "identity",
+    n_rows: int = 256,
+    k: int = 15,
+    epochs: int = 1,
+    lr: float = 3e-4,
+    batch_size: int = 64,
+    micro_batch: int = 8,
+    valid_rows: int = 256,
+    seed: int = 0,
+    din_dir: Annotated[Path | None, typer.Option(help="Frozen DIN dir (default: cache/crm/din).")] = None,
+    model_dir: ModelDir = None,
+    index_dir: IndexDir = None,
+    bf16: Bf16 = None,
+    nproc: Nproc = 1,
+    fsdp: Fsdp = False,
+    force: Force = False,
+) -> None:
+    """Stage 2 (ReLLaX): SPA projector and/or CFLoRA gates over the frozen stage-1 model."""
+    if mode not in ("rellax", "spa", "cflora"):
+        raise typer.BadParameter(f"mode must be rellax, spa or cflora, got {mode!r}", param_hint="--mode")
+    if gate_init not in ("identity", "random"):
+        raise typer.BadParameter("gate-init must be identity or random", param_hint="--gate-init")
+    _maybe_launch(nproc)
+    from training.llm.loop import LoopConfig
+    from training.llm.stage2 import Stage2Config, main
+
+    loop = LoopConfig(
+        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16,
+        fsdp=fsdp,
+    )  # fmt: skip
+    cfg = Stage2Config(
+        mode=mode, gate_init=gate_init, n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop,  # type: ignore[arg-type]
+        model_dir=model_dir, index_dir=index_dir,
+    )  # fmt: skip
+    if din_dir:
+        cfg.din_dir = din_dir
+    if stage1:
+        cfg.stage1 = stage1
+    if out:
+        cfg.out = out
+    _echo_result(main(cfg, force=force))
+
+
+def evaluate(
+    split: str = "test",
+    n: Annotated[str, typer.Option(help="Rows of the split, or 'all'.")] = "2000",
+    stage1: Annotated[Path | None, typer.Option(help="Stage-1 run dir.")] = None,
+    stage2: Annotated[list[str] | None, typer.Option(help="mode=DIR of a stage-2 run (repeatable).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Where eval.json / eval.md go.")] = None,
+    zero_shot: bool = True,
+    k: int = 15,
+    dtype: Annotated[
+        str, typer.Option(help="auto (as RELLAX_DTYPE=auto serves: float32), float32 or bfloat16.")
+    ] = "auto",
+) -> None:
+    """AUC / LogLoss / accuracy of every mode and the DIN on the same seeded rows."""
+    from training.llm.evaluate import EvalConfig, main, markdown_table
+
+    cfg = EvalConfig(split=split, n=None if n == "all" else int(n), zero_shot=zero_shot, k=k, dtype=dtype)
+    if stage1:
+        cfg.stage1 = stage1
+    for spec in stage2 or []:
+        mode, _, folder = spec.partition("=")
+        cfg.stage2[mode] = Path(folder)
+    if out:
+        cfg.out = out
+    typer.echo(markdown_table(main(cfg)))
+
+
+def export(
+    stage2: Annotated[Path | None, typer.Option(help="Stage-2 run dir.")] = None,
+    out: Annotated[Path | None, typer.Option(help="Bundle dir [default: cache/bundles/demo].")] = None,
+    eval_json: Annotated[Path | None, typer.Option(help="eval.json to record in the manifest.")] = None,
+    merged: Annotated[bool, typer.Option(help="Also write merged/ for vLLM.")] = True,
+    llmsrec: Annotated[
+        Path | None, typer.Option(help="A `rellax train llmsrec` output dir to serve beside ReLLaX.")
+    ] = None,
+    din_dir: Annotated[Path | None, typer.Option(help="Frozen DIN dir (default: the data set's).")] = None,
+    model_dir: ModelDir = None,
+    index_dir: IndexDir = None,
+) -> None:
+    """Write the bundle (and the merged vLLM checkpoint) from a stage-2 run."""
+    from training.llm.export import ExportConfig, main
+
+    cfg = ExportConfig(
+        eval_json=eval_json, merged=merged, llmsrec=llmsrec, model_dir=model_dir, index_dir=index_dir
+    )
+    if din_dir:
+        cfg.din_dir = din_dir
+    if stage2:
+        cfg.stage2 = stage2
+    if out:
+        cfg.out = out
+    manifest = main(cfg)
+    typer.echo(f"bundle {manifest['model_version']} written to {cfg.out}")
+
+
+def demo(
+    n_rows: Annotated[int, typer.Option(help="Few-shot rows per stage.")] = DEMO_ROWS,
+    eval_rows: Annotated[int, typer.Option(help="Test rows in the demo's eval table.")] = DEMO_EVAL_ROWS,
+    valid_rows: Annotated[int, typer.Option(help="Validation rows for selection.")] = DEMO_VALID_ROWS,
+    train_here: Annotated[
+        bool, typer.Option(help="Train demo-size stages here instead of using the study's committed run.")
+    ] = False,
+) -> None:
+    """Everything offline, end to end on the bundled defaults (cached on the second run)."""
+    from training.demo import build
+
+    typer.echo(build(n_rows=n_rows, eval_rows=eval_rows, valid_rows=valid_rows, train_here=train_here))
+
+
+experiment_app = typer.Typer(help="The quality study: resumable runs and the report.")
+
+
+@experiment_app.command("ml100k")
+def experiment_ml100k(
+    test_rows: Annotated[int, typer.Option(help="Fixed seeded test rows every model is scored on.")] = 2000,
+    n: Annotated[list[int] | None, typer.Option(help="Few-shot N of the ReLLa runs (repeatable).")] = None,
+    k_sweep: Annotated[list[int] | None, typer.Option(help="Extra K values for ReLLaX.")] = None,
+    din_holdout: Annotated[
+        bool, typer.Option(help="LLM steps read a DIN trained without their few-shot rows.")
+    ] = False,
+    valid_rows: int = 512,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these steps (repeatable).")] = None,
+    results: Annotated[Path, typer.Option(help="Where each step's JSON goes.")] = Path("docs/results"),
+    hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
+    report: Annotated[bool, typer.Option(help="Render docs/results.md at the end.")] = True,
+) -> None:
+    """Run every unfinished step of the ML-100K study, then render the report. Run it again to resume."""
+    from training.study.experiment import ExperimentConfig, plan, run
+
+    cfg = ExperimentConfig(
+        results=results,
+        test_rows=test_rows,
+        valid_rows=valid_rows,
+        only=tuple(only or ()),
+        din_holdout=din_holdout,
+    )
+    if n:
+        cfg.n_values = tuple(n)
+    if k_sweep is not None:
+        cfg.k_sweep = tuple(k_sweep)
+    if hours is not None:
+        cfg.max_seconds = hours * 3600
+    unknown = sorted(set(cfg.only) - set(plan(cfg)))
+    if unknown:
+        raise typer.BadParameter(f"unknown steps {unknown}", param_hint="--only")
+    for step, state in run(cfg).items():
+        typer.echo(f"{step:22s} {state}")
+    if report:
+        experiment_report(results=results, out=results.parent / "results.md")
+
+
+@experiment_app.command("ranking")
+def experiment_ranking(
+    out: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("docs/results/ranking.json"),
+    bundle: Annotated[
+        Path | None, typer.Option(help="A ReLLaX bundle: ReLLaX as a ranker, and the cascade over LLM-SRec.")
+    ] = None,
+    rellax_users: Annotated[
+        int | None, typer.Option(help="Only the first n cases for ReLLaX (100 LLM prompts each).")
+    ] = None,
+) -> None:
+    """DIN, SASRec and LLM-SRec (and with --bundle ReLLaX and the cascade at M 5/10/20) ranking the
+    same test cases (1 liked vs 99 never-seen items per user): HR/NDCG@10/20, paired intervals, and
+    the history-shuffle diagnostic."""
+    from training.llmsrec.ranking_eval import RankingConfig, run
+
+    result = run(RankingConfig(out=out, bundle=bundle, rellax_users=rellax_users))
+    for name, m in result["models"].items():
+        drop = f", shuffled -{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else ""
+        typer.echo(f"{name:9s} NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}{drop}")
+
+
+@experiment_app.command("tune")
+def experiment_tune(
+    budget_min: Annotated[float, typer.Option(help="Training minutes per trial (no validation).")] = 15,
+    only: Annotated[list[str] | None, typer.Option(help="Run only these trials (repeatable).")] = None,
+    results: Annotated[Path, typer.Option(help="Where each trial's JSON goes.")] = Path("docs/results/tune"),
+    hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
+    report: Annotated[bool, typer.Option(help="Render docs/results.md at the end.")] = True,
+) -> None:
+    """Short trials of stage 1 / stage 2 recipes under one time budget each (issue 16): valid AUC
+    against examples and training seconds. Resumable: run it again to continue."""
+    from training.study.tune import TRIALS, TuneConfig, run
+
+    cfg = TuneConfig(results=results, budget_s=budget_min * 60, only=tuple(only or ()))
+    unknown = sorted(set(cfg.only) - {t.name for t in TRIALS})
+    if unknown:
+        raise typer.BadParameter(f"unknown trials {unknown}", param_hint="--only")
+    if hours is not None:
+        cfg.max_seconds = hours * 3600
+    for trial, state in run(cfg).items():
+        typer.echo(f"{trial:22s} {state}")
+    if report:
+        experiment_report(results=results.parent, out=results.parent.parent / "results.md")
+
+
+@experiment_app.command("report")
+def experiment_report(
+    results: Annotated[Path, typer.Option(help="The steps' JSON folder.")] = Path("docs/results"),
+    out: Annotated[Path, typer.Option(help="The markdown report.")] = Path("docs/results.md"),
+) -> None:
+    """Render docs/results.md (and learning_curves.png) from the study's JSON files."""
+    from training.study.report import render
+
+    render(results, out)
+    typer.echo(f"wrote {out}")
 
 
 def _print_crm_metrics(metrics: dict) -> None:

@@ -49,7 +49,7 @@ def best_study_run(folder: Path = STUDY_RUNS) -> tuple[str, dict] | None:
     """(name, record) of the committed ReLLaX trial (SPA + CFLoRA; not the "+ DIN's logit"
     variant, which a bundle does not serve) with the highest valid AUC whose weights, and those of
     the stage-1 trial under it, are all in `folder`; None when there is none."""
-    from training.runs import WEIGHTS
+    from training.llm.runs import WEIGHTS
 
     best: tuple[str, dict] | None = None
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
@@ -69,7 +69,7 @@ def _restore_study_run(name: str, record: dict, runs: Path, folder: Path = STUDY
     """Copy the trial and its stage-1 trial into `runs`, pointing the copy at the local stage 1."""
     import shutil
 
-    from training.runs import WEIGHTS
+    from training.llm.runs import WEIGHTS
 
     s1, s2 = runs / "study-stage1", runs / "study-stage2"
     for src, dst, stage in ((folder / str(record["trial"]["over"]), s1, 1), (folder / name, s2, 2)):
@@ -100,10 +100,10 @@ def demo_paths() -> dict[str, Path]:
 def ensure_llmsrec(paths: dict[str, Path]) -> tuple[Path, dict]:
     """A finished full `rellax train llmsrec` run when the cache has one, else a demo-size one
     (teacher included) trained here once: (folder, its metrics)."""
-    from training.llmsrec import LLMSRecConfig
-    from training.llmsrec import main as train_llmsrec
-    from training.sasrec import SASRecTrainConfig
-    from training.sasrec import main as train_sasrec
+    from training.llmsrec.llmsrec import LLMSRecConfig
+    from training.llmsrec.llmsrec import main as train_llmsrec
+    from training.llmsrec.sasrec import SASRecTrainConfig
+    from training.llmsrec.sasrec import main as train_sasrec
 
     full = LLMSRecConfig().out
     if (full / "metrics.json").exists():
@@ -128,22 +128,22 @@ def build(
 ) -> str:
     """Run every offline step the demo needs; returns a human summary.
 
-    Each step is reused only when its inputs are the same: a stage run by its config (training.runs),
+    Each step is reused only when its inputs are the same: a stage run by its config (training.llm.runs),
     the eval by its rows and the run ids it scored, the bundle by the stage-2 run id it came from.
     """
     from data.loading import load_dataset
     from rellax.assets import prepare_model
-    from training.crm import ensure_din
-    from training.evaluate import EvalConfig, markdown_table
-    from training.evaluate import main as evaluate
-    from training.export import ExportConfig
-    from training.export import main as export
-    from training.llm_data import Catalogue
-    from training.llm_setup import load_base_lm, load_or_build_index
-    from training.stage1 import Stage1Config
-    from training.stage1 import main as stage1
-    from training.stage2 import Stage2Config
-    from training.stage2 import main as stage2
+    from training.crm.crm import ensure_din
+    from training.llm.data import Catalogue
+    from training.llm.evaluate import EvalConfig, markdown_table
+    from training.llm.evaluate import main as evaluate
+    from training.llm.export import ExportConfig
+    from training.llm.export import main as export
+    from training.llm.setup import load_base_lm, load_or_build_index
+    from training.llm.stage1 import Stage1Config
+    from training.llm.stage1 import main as stage1
+    from training.llm.stage2 import Stage2Config
+    from training.llm.stage2 import main as stage2
 
     paths = demo_paths()
     started = time.perf_counter()

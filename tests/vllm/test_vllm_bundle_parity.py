@@ -84,7 +84,7 @@ def _mean_gates(bundle: Bundle, n: int = 32, seed: int = 1) -> dict[str, torch.T
 
 
 def _write_merged_export(bundle: Bundle, g_bars: dict[str, torch.Tensor]) -> None:
-    """`merged/` as `training.export._export_merged` writes it: the checkpoint + the soft-token ids.
+    """`merged/` as `training.llm.export._export_merged` writes it: the checkpoint + the soft-token ids.
 
     Nothing else there may end in .safetensors: without a shard index vLLM loads every such file of
     the dir as model weights (an SPA copy there once made start-up fail on its `fc1`).
@@ -111,7 +111,7 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> Case:
     import transformers
 
     from rellax.cflora import cflora_modules
-    from training.tiny_bundle import make_tiny_bundle
+    from training.llm.tiny_bundle import make_tiny_bundle
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(transformers, "LlamaConfig", _vllm_sized_llama_config(transformers.LlamaConfig))

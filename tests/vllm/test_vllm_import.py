@@ -57,7 +57,7 @@ def test_from_bundle_uses_the_merged_export_and_the_bundles_answer_ids(tmp_path:
     from rellax.bundle_format import write_merged
     from rellax.errors import BackendError
     from service.backends.vllm_backend import VllmBackend
-    from training.tiny_bundle import make_tiny_bundle
+    from training.llm.tiny_bundle import make_tiny_bundle
 
     bundle = Bundle.load(make_tiny_bundle(tmp_path / "bundle"), dtype="float32")
     with pytest.raises(BackendError, match=r"no merged/ export.*torch backend"):

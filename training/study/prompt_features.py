@@ -19,7 +19,7 @@ from sklearn.preprocessing import StandardScaler
 from data.samples import Samples
 from rellax.item_index import ItemIndex
 from rellax.subr import subr_positions
-from training.baselines import fields_for, run_baselines
+from training.crm.baselines import fields_for, run_baselines
 from training.metrics import ctr_metrics
 
 __all__ = ["baseline_predictions", "prompt_features"]
@@ -56,8 +56,8 @@ def prompt_features(samples: Samples, index: ItemIndex, rows: np.ndarray, k: int
 
 def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
     """Test predictions of DIN, LR, prior and prompt-feature LR on `ctx.rows` (the study's rows)."""
-    from training.evaluate import din_predictions
-    from training.llm_setup import load_din
+    from training.llm.evaluate import din_predictions
+    from training.llm.setup import load_din
 
     samples, rows = ctx.samples, ctx.rows
     train, valid = samples.indices("train"), samples.indices("valid")

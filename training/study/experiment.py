@@ -55,14 +55,14 @@ from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
-from training.crm import ensure_din
+from training.crm.crm import ensure_din
 from training.fewshot import eval_rows
-from training.llm_data import Catalogue, LLMExample, build_examples
-from training.llm_loop import LoopConfig
-from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.llm.data import Catalogue, LLMExample, build_examples
+from training.llm.loop import LoopConfig
+from training.llm.runs import keep_weights, restore_weights
+from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
 from training.metrics import ctr_metrics
-from training.runs import keep_weights, restore_weights
-from training.tune import DIN_HOLDOUT
+from training.study.tune import DIN_HOLDOUT
 
 __all__ = ["ExperimentConfig", "plan", "progress", "run"]
 
@@ -97,7 +97,7 @@ class ExperimentConfig:
     only: tuple[str, ...] = ()  # run just these steps (names as in `plan`); the rest stay pending
     model_dir: Path | None = None
     din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
-    # True: the LLM steps read a DIN trained without their few-shot rows (`training.crm.holdout_rows`),
+    # True: the LLM steps read a DIN trained without their few-shot rows (`training.crm.crm.holdout_rows`),
     # so they learn from DIN outputs as good as on unseen rows. Off by default: the tuning trial with
     # it (one-stage-b8-lr1e-3-subr-holdout) reached no higher valid AUC than the shared DIN.
     din_holdout: bool = False
@@ -212,8 +212,8 @@ class _Context:
     def s1_init(self) -> Path:
         """The 0-step stage-1 run (seeded LoRA init, B = 0) every one-stage run starts from: made in
         seconds, so it is never committed."""
-        from training.stage1 import Stage1Config
-        from training.stage1 import main as train
+        from training.llm.stage1 import Stage1Config
+        from training.llm.stage1 import main as train
 
         cfg = self.cfg
         out = cfg.runs / S1_INIT
@@ -259,9 +259,9 @@ class _Context:
 
 
 def _stage1(ctx: _Context, name: str, n: int, k: int) -> dict[str, Any]:
-    from training.evaluate import stage1_model
-    from training.stage1 import Stage1Config
-    from training.stage1 import main as train
+    from training.llm.evaluate import stage1_model
+    from training.llm.stage1 import Stage1Config
+    from training.llm.stage1 import main as train
 
     cfg = ctx.cfg
     s1cfg = Stage1Config(
@@ -311,8 +311,8 @@ def _best_stage1(ctx: _Context) -> dict[str, Any] | None:
 def _stage2(ctx: _Context, name: str, k: int, over: dict[str, Any] | None = None) -> dict[str, Any]:
     """A ReLLaX-family run and its test scores: one stage over s1-init (LoRA trained too), or, with
     `over` (a finished stage-1 step), the paper's stage 2 over it with A and B frozen."""
-    from training.stage2 import Stage2Config
-    from training.stage2 import main as train
+    from training.llm.stage2 import Stage2Config
+    from training.llm.stage2 import main as train
 
     cfg = ctx.cfg
     mode = "rellax" if name.startswith("rellax") else name
@@ -347,16 +347,14 @@ def _stage2(ctx: _Context, name: str, k: int, over: dict[str, Any] | None = None
 def _load_stage2(ctx: _Context, folder: Path) -> tuple:
     """A finished stage-2 run as a scoring model. Its stage-1 run is found by name in this study's
     runs (re-made or restored when missing), never by the path recorded on another machine."""
-    from training.stage2 import build_stage2_model, load_stage2_weights
+    from training.llm.stage2 import load_stage2_run
 
     meta = json.loads((folder / "metrics.json").read_text())
     stage1_name = Path(meta["config"]["stage1"]).name
     stage1 = ctx.s1_init() if stage1_name == S1_INIT else ctx.run_dir(stage1_name, 1)
     lm, tok, index = ctx.base()
     din = load_din(ctx.din_dir)  # what every LLM step of this study trains over
-    lora = load_file(stage1 / "adapter" / "adapter_model.safetensors")
-    model = build_stage2_model(lm, tok, lora, meta["stage1_config"], meta["stage"], din.config.embed_dim)
-    load_stage2_weights(model, folder)
+    model, _ = load_stage2_run(folder, lm, tok, din.config.embed_dim, stage1=stage1)
     return model, tok, index, din
 
 
@@ -385,7 +383,7 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
     """Run one step; None when it must wait for a step that is not finished yet."""
     cfg = ctx.cfg
     if name == "baselines":
-        from training.prompt_features import baseline_predictions
+        from training.study.prompt_features import baseline_predictions
 
         return ctx.save(name, baseline_predictions(ctx, cfg.k))
     if name.startswith("zero-shot-"):

@@ -31,13 +31,13 @@ from data.samples import Samples
 from rellax.din import DIN, DINBatch, DINConfig, DINVocab, encode_batch
 from rellax.entities import Profile
 from rellax.logs import get_logger
-from training.baselines import Fields, fields_for, run_baselines
+from training.crm.baselines import Fields, fields_for, run_baselines
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
 
 __all__ = ["CONFIG_PATH", "CRMConfig", "CRMRecipe", "ensure_din", "load_config", "main"]
 
 log = get_logger(__name__)
-CONFIG_PATH = Path(__file__).parent / "configs" / "crm.yaml"
+CONFIG_PATH = Path(__file__).parents[1] / "configs" / "crm.yaml"
 
 
 @dataclass

@@ -11,7 +11,7 @@ at its epochs or its budget (`train_loop(fit_budget_s=...)`: validated there, be
 writes one JSON into `results` (config, curve, cost, device); a finished trial is skipped, and one
 cut by the session's end (`max_seconds`) resumes from its checkpoint with what is left of its
 budget (the loop counts training seconds across sessions). A stage-2 trial trains over the stage-1
-trial it names (`over`): it waits until that one is done. `training.report` draws the trials' table
+trial it names (`over`): it waits until that one is done. `training.study.report` draws the trials' table
 and plot from those files.
 
 A finished trial's trainable weights (LoRA adapter, or SPA + gates) go beside its JSON in
@@ -33,8 +33,8 @@ from rellax.device import resolve_device
 from rellax.logs import get_logger
 from rellax.paths import cache_dir
 from rellax.precision import cpu_supports_bf16
-from training import runs
-from training.llm_loop import LoopConfig
+from training.llm import runs
+from training.llm.loop import LoopConfig
 
 __all__ = ["TRIALS", "Trial", "TuneConfig", "keep_weights", "restore_weights", "run"]
 
@@ -191,8 +191,8 @@ def _loop(cfg: TuneConfig, trial: Trial) -> LoopConfig:
 
 
 def _stage_config(cfg: TuneConfig, trial: Trial):  # noqa: ANN202 - Stage1Config | Stage2Config
-    from training.stage1 import Stage1Config
-    from training.stage2 import Stage2Config
+    from training.llm.stage1 import Stage1Config
+    from training.llm.stage2 import Stage2Config
 
     common = dict(
         model_dir=cfg.model_dir,
@@ -250,10 +250,10 @@ def _record(cfg: TuneConfig, trial: Trial, metrics: dict[str, Any]) -> dict[str,
 def din_valid_auc(cfg: TuneConfig) -> float:
     """The frozen DIN's AUC on the trials' validation rows: the line stage 2 is to reach."""
     from data.loading import load_dataset
-    from training.evaluate import din_predictions
     from training.fewshot import eval_rows
-    from training.llm_data import Catalogue
-    from training.llm_setup import load_din
+    from training.llm.data import Catalogue
+    from training.llm.evaluate import din_predictions
+    from training.llm.setup import load_din
     from training.metrics import ctr_metrics
 
     data, samples, _ = load_dataset()
@@ -275,9 +275,9 @@ def restore_weights(cfg: TuneConfig, trial: Trial) -> bool:
 def run(cfg: TuneConfig) -> dict[str, str]:
     """Run every unfinished trial (of `cfg.only`, if set) in order; {trial: state}, state one of
     done (found), ran, waiting (its stage-1 trial is not done), paused (session time), not selected."""
-    from training.crm import ensure_din
-    from training.stage1 import main as stage1
-    from training.stage2 import main as stage2
+    from training.crm.crm import ensure_din
+    from training.llm.stage1 import main as stage1
+    from training.llm.stage2 import main as stage2
 
     cfg.results.mkdir(parents=True, exist_ok=True)
     ensure_din(cfg.din_dir)

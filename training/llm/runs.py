@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rellax.logs import get_logger
-from training import distributed
+from training.llm import distributed
 
 __all__ = ["canonical", "finished_run", "keep_weights", "restore_weights", "start_run", "train_or_reuse"]
 

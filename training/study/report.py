@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from training.metrics import null_auc_se, paired_bootstrap_auc_diff
-from training.tune_report import tune_section
+from training.study.tune_report import tune_section
 
 __all__ = ["load_results", "render"]
 

@@ -20,7 +20,7 @@ from rellax.item_index import ItemIndex
 from rellax.logs import get_logger
 from rellax.scorer import Scorer, ScoringModel
 from rellax.tokens import add_soft_tokens
-from training.llm_data import Catalogue, LLMExample, build_examples
+from training.llm.data import Catalogue, LLMExample, build_examples
 from training.metrics import ctr_metrics
 
 __all__ = [

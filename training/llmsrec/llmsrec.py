@@ -1,6 +1,6 @@
 """`rellax train llmsrec`: LLM-SRec over the frozen SmolLM2, distilling a trained SASRec (issue 17).
 
-Examples: from each user's train-period sequence (`training.sasrec.train_sequences`), a seeded
+Examples: from each user's train-period sequence (`training.llmsrec.sasrec.train_sequences`), a seeded
 position t: the user prompt shows the 10 items before t (dates, titles, `[hist]` tokens carrying
 SASRec's item embeddings), the positive is item t, 3 negatives are items the user never touched,
 and the teacher's user vector is SASRec's over the items before t. A step takes `batch_size`
@@ -8,7 +8,7 @@ examples; every item prompt of the step (positives and negatives) runs through t
 f_item and `[ItemOut]` train. Adam on the small modules only.
 
 Every `eval_every` steps (and at the end) the catalogue's item vectors are computed once and the
-validation cases (`training.ranking`) are ranked by user . item; the best NDCG@10 is kept. A
+validation cases (`training.llmsrec.ranking`) are ranked by user . item; the best NDCG@10 is kept. A
 checkpoint (trainable weights, optimizer, step, RNG state) is written at each evaluation, so a
 killed run resumes there. The output folder holds `llmsrec.safetensors` (trainable weights),
 `item_vectors.safetensors` (the whole catalogue, from the selected weights), the teacher's files
@@ -33,8 +33,8 @@ from rellax.llmsrec import LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
 from rellax.logs import get_logger
 from rellax.prompt import build_item_prompt, build_user_prompt
 from rellax.sasrec import SASRec
-from training.ranking import RankingCase, rank_metrics, ranking_cases
-from training.sasrec import train_sequences
+from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases
+from training.llmsrec.sasrec import train_sequences
 
 __all__ = ["LLMSRecConfig", "catalogue_vectors", "main", "user_vectors"]
 
@@ -141,8 +141,8 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
     TimeoutError: the same call later goes on from there."""
     from data.loading import load_dataset
     from rellax.assets import prepare_model
-    from training.llm_data import Catalogue
-    from training.llm_setup import load_base_lm
+    from training.llm.data import Catalogue
+    from training.llm.setup import load_base_lm
 
     data, samples, _ = load_dataset()
     items = Catalogue.from_tables(data).items

@@ -36,13 +36,20 @@ from rellax.scorer import ScoringModel
 from rellax.spa import SPAProjector
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
-from training.llm_data import Catalogue, build_examples
-from training.llm_loop import LoopConfig, TrainResult, train_loop
-from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
-from training.runs import train_or_reuse
-from training.stage1 import lora_targets
+from training.llm.data import Catalogue, build_examples
+from training.llm.loop import LoopConfig, TrainResult, train_loop
+from training.llm.runs import train_or_reuse
+from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
+from training.llm.stage1 import lora_targets
 
-__all__ = ["Stage2Config", "Stage2Mode", "build_stage2_model", "main"]
+__all__ = [
+    "Stage2Config",
+    "Stage2Mode",
+    "build_stage2_model",
+    "load_stage2_run",
+    "load_stage2_weights",
+    "main",
+]
 
 Stage2Mode = Literal["spa", "cflora", "rellax"]
 
@@ -231,6 +238,31 @@ def load_stage2_weights(model: ScoringModel, folder: Path) -> None:
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)
+
+
+def load_stage2_run(
+    run_dir: Path,
+    lm,  # noqa: ANN001
+    tokenizer,  # noqa: ANN001
+    embed_dim: int,
+    *,
+    stage1: Path | None = None,
+    mode: str | None = None,
+) -> tuple[ScoringModel, dict[str, Any]]:
+    """A finished stage-2 run rebuilt over `lm` as a scoring model, and its metrics.json.
+
+    The stage-1 LoRA comes from `stage1` (default: the run dir its config recorded), the layout from
+    `mode` (default: the stage the run trained), then the run's own tensors (`load_stage2_weights`).
+    `embed_dim` is the frozen DIN's (SPA's input width).
+    """
+    meta = json.loads((run_dir / "metrics.json").read_text())
+    stage1 = Path(meta["config"]["stage1"]) if stage1 is None else stage1
+    lora = load_file(stage1 / "adapter" / "adapter_model.safetensors")
+    model = build_stage2_model(
+        lm, tokenizer, lora, meta["stage1_config"], meta["stage"] if mode is None else mode, embed_dim
+    )
+    load_stage2_weights(model, run_dir)
+    return model, meta
 
 
 def main(

@@ -23,10 +23,10 @@ from rellax.features import Featurizer
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
-from training.llm_data import Catalogue, build_examples
-from training.llm_loop import LoopConfig, TrainResult, train_loop
-from training.llm_setup import default_index_dir, load_base_lm, load_or_build_index, make_validator
-from training.runs import train_or_reuse
+from training.llm.data import Catalogue, build_examples
+from training.llm.loop import LoopConfig, TrainResult, train_loop
+from training.llm.runs import train_or_reuse
+from training.llm.setup import default_index_dir, load_base_lm, load_or_build_index, make_validator
 
 __all__ = ["Stage1Config", "lora_targets", "main"]
 

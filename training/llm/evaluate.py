@@ -28,16 +28,16 @@ from rellax.logs import get_logger
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows
-from training.llm_data import Catalogue, build_examples
-from training.llm_setup import (
+from training.llm.data import Catalogue, build_examples
+from training.llm.setup import (
     default_index_dir,
     load_base_lm,
     load_din,
     load_or_build_index,
     score_examples,
 )
+from training.llm.stage2 import load_stage2_run
 from training.metrics import ctr_metrics
-from training.stage2 import build_stage2_model, load_stage2_weights
 
 __all__ = ["EvalConfig", "din_predictions", "main", "markdown_table"]
 
@@ -65,7 +65,7 @@ class EvalConfig:
 def stage1_model(lm, tokenizer, stage1: Path) -> ScoringModel:  # noqa: ANN001
     """The stage-1 model as served: CFLoRA layers without gates carrying the peft A and B."""
     cfg = json.loads((stage1 / "metrics.json").read_text())["config"]
-    from training.stage1 import lora_targets
+    from training.llm.stage1 import lora_targets
 
     inject_cflora(
         lm, int(cfg["r"]), float(cfg["alpha"]), float(cfg["dropout"]), lora_targets(cfg), gate_dim=None
@@ -125,17 +125,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     for mode, folder in cfg.stage2.items():
         if not (folder / "metrics.json").exists():
             continue
-        meta = json.loads((folder / "metrics.json").read_text())
         lm, tok, index = fresh()
-        model = build_stage2_model(
-            lm,
-            tok,
-            load_file(Path(meta["config"]["stage1"]) / "adapter" / "adapter_model.safetensors"),
-            meta["stage1_config"],
-            mode,
-            din.config.embed_dim,
-        )
-        load_stage2_weights(model, folder)
+        model, meta = load_stage2_run(folder, lm, tok, din.config.embed_dim, mode=mode)
         residual = bool(meta["config"].get("din_residual", False))  # beyond the paper: + DIN's logit
         name = f"{mode} + DIN logit" if residual else mode
         run(name, model, tok, index, "subr", model.spa is not None, True, residual)

@@ -23,11 +23,11 @@ from rellax.cflora import cflora_modules
 from rellax.features import Featurizer
 from rellax.logs import get_logger
 from training.fewshot import eval_rows
-from training.llm_data import Catalogue, build_examples
-from training.llm_setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.llm.data import Catalogue, build_examples
+from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.llm.stage1 import lora_targets
+from training.llm.stage2 import load_stage2_run
 from training.metrics import ctr_metrics
-from training.stage1 import lora_targets
-from training.stage2 import build_stage2_model, load_stage2_weights
 
 __all__ = ["ExportConfig", "main"]
 
@@ -66,9 +66,7 @@ def main(cfg: ExportConfig) -> dict[str, Any]:
         cfg.index_dir or default_index_dir(cfg.model_dir), lm, tokenizer, catalogue, manifest
     )
     din = load_din(cfg.din_dir, manifest)
-    lora = load_file(Path(s2cfg["stage1"]) / "adapter" / "adapter_model.safetensors")
-    model = build_stage2_model(lm, tokenizer, lora, s1cfg, mode, din.config.embed_dim)
-    load_stage2_weights(model, cfg.stage2)
+    model, _ = load_stage2_run(cfg.stage2, lm, tokenizer, din.config.embed_dim)
     config = BundleConfig(
         k=int(s2cfg["k"]),
         mode="subr",

@@ -2,7 +2,7 @@
 
 Under `torchrun --nproc-per-node N -m cli train ...` (or `rellax train ... --nproc N`, which
 launches torchrun) every process runs the same stage: the same seeded set-up, its own share of each
-optimizer step's micro-batches, gradients averaged by DistributedDataParallel (`training.llm_loop`);
+optimizer step's micro-batches, gradients averaged by DistributedDataParallel (`training.llm.loop`);
 or, with `--fsdp`, the frozen decoder layers sharded over the ranks by FSDP2 (`shard_frozen_layers`)
 for a model that does not fit one device. Rank 0 alone validates (under FSDP all ranks do, since
 every forward is a collective), shows progress, and writes checkpoints, metrics and adapters; the others wait

@@ -4,7 +4,7 @@ Sequences: each user's interactions up to the end of the train split (the global
 samples use; the first few interactions that are history only count too), the newest 128 kept.
 Every position predicts the next item: BCE on the true next item against one negative per
 position, drawn from the items the user never interacted with. Adam lr 1e-3, betas (0.9, 0.98).
-Every `eval_every` epochs the model ranks the validation cases (`training.ranking`: the first liked
+Every `eval_every` epochs the model ranks the validation cases (`training.llmsrec.ranking`: the first liked
 validation sample per user against 99 sampled negatives); the best NDCG@10 is kept, and training
 stops after `patience` evaluations without a better one. Seeded; progress shown per epoch.
 """
@@ -26,7 +26,7 @@ from data.loading import artefact_dir
 from data.samples import Samples
 from rellax.logs import get_logger
 from rellax.sasrec import SASRec, SASRecConfig
-from training.ranking import RankingCase, rank_metrics, ranking_cases
+from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases
 
 __all__ = ["SASRecTrainConfig", "main", "score_cases", "train_sequences"]
 

@@ -1,6 +1,6 @@
 """`rellax experiment ranking`: the rankers on the same sampled candidates (issue 17).
 
-Test cases come from `training.ranking` (per test user, the first liked item against 99 seeded
+Test cases come from `training.llmsrec.ranking` (per test user, the first liked item against 99 seeded
 never-seen negatives). SASRec, LLM-SRec and DIN each score every candidate of every case; the JSON
 keeps each model's per-case rank of the positive, so paired bootstrap intervals on NDCG@10 need no
 model. The shuffle diagnostic permutes every history (seeded) at test time and reports the
@@ -20,7 +20,7 @@ import torch
 
 from data.loading import artefact_dir
 from rellax.logs import get_logger
-from training.ranking import RankingCase, rank_metrics, ranking_cases, ranks
+from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases, ranks
 
 __all__ = ["RankingConfig", "cascade_scores", "paired_ndcg_diff", "rellax_scores", "run"]
 
@@ -107,8 +107,8 @@ def _shuffled(cases: list[RankingCase], seed: int) -> list[RankingCase]:
 def _din_scores(din_dir: Path, samples, data, cases: list[RankingCase]) -> np.ndarray:  # noqa: ANN001
     from rellax.entities import Profile
     from rellax.features import Featurizer, History
-    from training.llm_data import Catalogue
-    from training.llm_setup import load_din
+    from training.llm.data import Catalogue
+    from training.llm.setup import load_din
 
     catalogue = Catalogue.from_tables(data)
     featurizer = Featurizer(None, catalogue.items, None, load_din(din_dir), k=0, spa=False)  # type: ignore[arg-type]
@@ -130,7 +130,7 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
     """Score the test cases with every ranker there is a model for; write and return the JSON."""
     from data.loading import load_dataset
     from rellax.sasrec import SASRec
-    from training.sasrec import score_cases
+    from training.llmsrec.sasrec import score_cases
 
     data, samples, _ = load_dataset()
     catalogue = data.items.item_id.to_numpy()
@@ -164,7 +164,7 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
         record("LLM-SRec", llmsrec, seconds, shuffled_scores)
     if cfg.bundle is not None:
         from rellax.bundle import Bundle
-        from training.llm_data import Catalogue
+        from training.llm.data import Catalogue
 
         bundle, profiles = Bundle.load(cfg.bundle), Catalogue.from_tables(data).profiles
         n = len(cases) if cfg.rellax_users is None else min(cfg.rellax_users, len(cases))
@@ -210,9 +210,9 @@ def _llmsrec_scores(
 ) -> tuple[np.ndarray, float, np.ndarray]:  # noqa: ANN001
     from rellax.assets import prepare_model
     from rellax.llmsrec import LLMSRecRanker
-    from training.llm_data import Catalogue
-    from training.llm_setup import load_base_lm
-    from training.llmsrec import rank_cases
+    from training.llm.data import Catalogue
+    from training.llm.setup import load_base_lm
+    from training.llmsrec.llmsrec import rank_cases
 
     lm, tokenizer = load_base_lm(prepare_model(cfg.model_dir))
     items = Catalogue.from_tables(data).items

@@ -30,8 +30,8 @@ from rellax import precision
 from rellax.errors import RunError
 from rellax.logs import get_logger
 from rellax.scorer import ScoringModel
-from training import distributed
-from training.llm_data import Batch, LLMExample, collate, length_sorted_chunks
+from training.llm import distributed
+from training.llm.data import Batch, LLMExample, collate, length_sorted_chunks
 
 __all__ = ["LoopConfig", "TrainResult", "answer_loss", "train_loop"]
 
@@ -142,7 +142,7 @@ def train_loop(
     `fit_budget_s`, training *ends* (validated, best state kept, like a finished run) once that many
     training seconds (validation not counted, every session's) are spent: a tuning trial's budget.
 
-    Under torchrun (`training.distributed`) `cfg.batch_size` is per process: an optimizer step
+    Under torchrun (`training.llm.distributed`) `cfg.batch_size` is per process: an optimizer step
     takes world_size x batch_size examples, the step's micro-batches dealt round-robin to the ranks,
     and DDP averages the gradients, so N processes at batch b take the steps one process takes at
     batch N*b (the same examples per step, summed in another order). Only rank 0 validates and writes
