@@ -20,7 +20,13 @@ TRIALS = (
 
 @pytest.fixture(scope="module")
 def tune(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir: Path) -> TuneConfig:
+    import shutil
+
     root = tmp_path_factory.mktemp("tune")
+    # Its own copy of the session's DIN, recorded as trained with the default recipe (no rows held
+    # out), so `ensure_din` takes it as it is: neither retrained here nor changed under other tests.
+    shutil.copytree(din_dir, root / "din")
+    (root / "din" / "metrics.json").write_text(json.dumps({"config": {"holdout_fewshot": []}}))
     return TuneConfig(
         results=root / "docs" / "results" / "tune",
         runs=root / "runs",
@@ -30,7 +36,7 @@ def tune(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir
         evals=2,
         micro_batch=4,
         model_dir=tiny_model_dir,
-        din_dir=din_dir,
+        din_dir=root / "din",
         index_dir=root / "index",
     )
 
