@@ -114,6 +114,9 @@ class _Loss(torch.nn.Module):
 
 
 def _schedule(total: int, warmup: int) -> Callable[[int], float]:
+    """Linear warmup then linear decay. Not `transformers.get_linear_schedule_with_warmup`: that one
+    starts at lr 0 (step / warmup) where this starts at 1 / warmup, and every committed run (the
+    study's kept weights among them) was trained with this one; the decay part is the same."""
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)
