@@ -83,7 +83,7 @@ def test_logistic_baseline_learns_an_item_effect() -> None:
 def test_config_reports_every_problem_at_once(tmp_path: Path) -> None:
     cfg = load_config(overrides=["lr=2e-3", "hidden=[8, 8]"], max_epochs=2)
     assert cfg.lr == 0.002 and cfg.hidden == (8, 8) and cfg.max_epochs == 2 and cfg.embed_dim == 64
-    with pytest.raises(ValueError, match="unknown CRM config key.*epochs.*foo"):
+    with pytest.raises(ValueError, match="invalid CRMConfig config: unknown key.*epochs.*foo"):
         load_config(overrides=["epochs=3", "foo=1"])
     with pytest.raises(ValueError) as exc:
         load_config(overrides=["lr=abc", "patience=0", "dropout=1.5"])

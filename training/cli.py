@@ -17,14 +17,16 @@ from typing import Annotated
 
 import typer
 
+from training.config import with_config
+from training.crm.config import CRMConfig
 from training.demo import DEMO_EVAL_ROWS, DEMO_ROWS, DEMO_VALID_ROWS
+from training.llm.config import EvalConfig, Stage1Config, Stage2Config
+from training.llmsrec.config import LLMSRecConfig, SASRecTrainConfig
 
 __all__ = ["register", "train_app"]
 
 train_app = typer.Typer(help="Train models.", no_args_is_help=True)
 
-Overrides = Annotated[list[str] | None, typer.Argument(help="Config overrides as key=value (YAML values).")]
-ConfigFile = Annotated[Path | None, typer.Option("--config", help="YAML config (default: the recipe's).")]
 Force = Annotated[bool, typer.Option(help="Retrain even if a finished run is in --out.")]
 
 Nproc = Annotated[
@@ -34,12 +36,6 @@ Nproc = Annotated[
 ModelDir = Annotated[Path | None, typer.Option(help="Base LLM dir (default: the bundled SmolLM2).")]
 IndexDir = Annotated[
     Path | None, typer.Option(help="Item index dir (default: the data set's, for this LLM: cache/index/...).")
-]
-Fsdp = Annotated[
-    bool, typer.Option(help="Under torchrun: shard the frozen base's layers (FSDP2) instead of DDP.")
-]
-Bf16 = Annotated[
-    bool | None, typer.Option("--bf16/--fp32", help="Frozen base dtype (default: bf16 where the CPU has it).")
 ]
 
 
@@ -53,60 +49,20 @@ def register(app: typer.Typer) -> None:
 
 
 @train_app.command("crm")
-def train_crm(
-    overrides: Overrides = None,
-    config: ConfigFile = None,
-    out: Annotated[Path | None, typer.Option(help="Model folder (default: cache/crm/din).")] = None,
-    epochs: Annotated[
-        int | None, typer.Option(help="Maximum epochs (early stopping may end sooner).")
-    ] = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    lr: Annotated[float | None, typer.Option(help="Adam learning rate.")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Training batch size.")] = None,
-    patience: Annotated[int | None, typer.Option(help="Epochs without a better valid AUC.")] = None,
-    dataset: Annotated[
-        Path | None,
-        typer.Option(
-            help="Data set folder: atomic files or ML-1M .dat [env RELLAX_DATASET; default ML-100K]."
-        ),
-    ] = None,
-    baselines: Annotated[
-        bool | None, typer.Option(help="Also fit the LR and rating-prior baselines.")
-    ] = None,
-) -> None:
+@with_config(CRMConfig, recipe="crm")
+def train_crm(cfg: CRMConfig) -> None:
     """Train DIN (the conventional CTR model) and its baselines; print and save their metrics."""
-    from training.crm.crm import load_config, main
+    from training.crm.crm import main
 
-    try:
-        cfg = load_config(
-            config,
-            overrides,
-            out=str(out) if out else None,
-            max_epochs=epochs,
-            seed=seed,
-            lr=lr,
-            batch_size=batch_size,
-            patience=patience,
-            dataset=str(dataset) if dataset else None,
-            baselines=baselines,
-        )
-    except ValueError as exc:
-        raise typer.BadParameter(str(exc)) from exc
     _print_crm_metrics(main(cfg))
 
 
 @train_app.command("sasrec")
-def train_sasrec(
-    out: Annotated[Path | None, typer.Option(help="Model folder (default: cache/sasrec/ml100k).")] = None,
-    epochs: Annotated[int, typer.Option(help="Maximum epochs (early stopping may end sooner).")] = 60,
-    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
-) -> None:
+@with_config(SASRecTrainConfig, recipe="sasrec")
+def train_sasrec(cfg: SASRecTrainConfig) -> None:
     """Train SASRec, LLM-SRec's collaborative teacher; print its ranking metrics (1 positive vs 99)."""
-    from training.llmsrec.sasrec import SASRecTrainConfig, main
+    from training.llmsrec.sasrec import main
 
-    cfg = SASRecTrainConfig(max_epochs=epochs, seed=seed)
-    if out is not None:
-        cfg.out = out
     result = main(cfg)
     valid, test = result["valid"], result["test"]
     typer.echo(
@@ -116,36 +72,16 @@ def train_sasrec(
 
 
 @train_app.command("llmsrec")
+@with_config(LLMSRecConfig, recipe="llmsrec")
 def train_llmsrec(
-    steps: Annotated[int, typer.Option(help="Optimizer steps.")] = 200,
-    sasrec_dir: Annotated[
-        Path | None, typer.Option(help="The trained teacher (rellax train sasrec).")
-    ] = None,
-    model_dir: Annotated[
-        Path | None, typer.Option(help="Base LLM folder (default: the bundled SmolLM2).")
-    ] = None,
-    out: Annotated[Path | None, typer.Option(help="Output folder (default: cache/llmsrec/ml100k).")] = None,
+    cfg: LLMSRecConfig,
     hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
-    eval_every: Annotated[
-        int, typer.Option(help="Steps between validations (each ranks with a fresh catalogue pass).")
-    ] = 50,
-    valid_users: Annotated[int | None, typer.Option(help="Validation users (default: all).")] = None,
-    batch_size: Annotated[int, typer.Option(help="Users per optimizer step.")] = 8,
 ) -> None:
     """Train LLM-SRec over the frozen LLM, distilling SASRec; print its ranking metrics."""
     import time
 
-    from training.llmsrec.llmsrec import LLMSRecConfig, main
+    from training.llmsrec.llmsrec import main
 
-    cfg = LLMSRecConfig(
-        steps=steps,
-        model_dir=model_dir,
-        eval_every=eval_every,
-        valid_users=valid_users,
-        batch_size=batch_size,
-    )
-    cfg.out = out or cfg.out
-    cfg.sasrec_dir = sasrec_dir or cfg.sasrec_dir
     if not (cfg.sasrec_dir / "sasrec.safetensors").exists():
         raise typer.BadParameter(
             f"no SASRec in {cfg.sasrec_dir}: run `rellax train sasrec` first", param_hint="--sasrec-dir"
@@ -195,111 +131,40 @@ def _echo_result(metrics: dict) -> None:
 
 
 @train_app.command("rella")
-def rella(
-    out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage1].")] = None,
-    n_rows: Annotated[int, typer.Option(help="Few-shot training rows (each gives 2 prompts).")] = 256,
-    k: Annotated[int, typer.Option(help="History items per prompt.")] = 15,
-    epochs: int = 1,
-    lr: float = 1e-3,
-    batch_size: Annotated[int, typer.Option(help="Examples per optimizer step, per process.")] = 64,
-    micro_batch: int = 8,
-    valid_rows: Annotated[int, typer.Option(help="Validation rows for checkpoint selection.")] = 256,
-    seed: int = 0,
-    model_dir: ModelDir = None,
-    index_dir: IndexDir = None,
-    bf16: Bf16 = None,
-    nproc: Nproc = 1,
-    fsdp: Fsdp = False,
-    force: Force = False,
-) -> None:
-    """Stage 1 (ReLLa): peft LoRA on q_proj/v_proj, selected on validation AUC."""
+@with_config(Stage1Config, recipe="rella")
+def rella(cfg: Stage1Config, nproc: Nproc = 1, force: Force = False) -> None:
+    """Stage 1 (ReLLa): peft LoRA (q_proj/v_proj by default), selected on validation AUC."""
     _maybe_launch(nproc)
-    from training.llm.loop import LoopConfig
-    from training.llm.stage1 import Stage1Config, main
+    from training.llm.stage1 import main
 
-    loop = LoopConfig(
-        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16,
-        fsdp=fsdp,
-    )  # fmt: skip
-    cfg = Stage1Config(
-        n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop, model_dir=model_dir, index_dir=index_dir
-    )
-    if out:
-        cfg.out = out
     _echo_result(main(cfg, force=force))
 
 
 @train_app.command("rellax")
-def rellax(
-    mode: Annotated[str, typer.Option(help="rellax (SPA + CFLoRA), spa or cflora.")] = "rellax",
-    stage1: Annotated[Path | None, typer.Option(help="Stage-1 run dir.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Run dir [default: cache/runs/demo/stage2].")] = None,
-    gate_init: Annotated[str, typer.Option(help="identity (ours) or random (the authors').")] = "identity",
-    n_rows: int = 256,
-    k: int = 15,
-    epochs: int = 1,
-    lr: float = 3e-4,
-    batch_size: int = 64,
-    micro_batch: int = 8,
-    valid_rows: int = 256,
-    seed: int = 0,
-    din_dir: Annotated[Path | None, typer.Option(help="Frozen DIN dir (default: cache/crm/din).")] = None,
-    model_dir: ModelDir = None,
-    index_dir: IndexDir = None,
-    bf16: Bf16 = None,
-    nproc: Nproc = 1,
-    fsdp: Fsdp = False,
-    force: Force = False,
-) -> None:
+@with_config(Stage2Config, recipe="rellax")
+def rellax(cfg: Stage2Config, nproc: Nproc = 1, force: Force = False) -> None:
     """Stage 2 (ReLLaX): SPA projector and/or CFLoRA gates over the frozen stage-1 model."""
-    if mode not in ("rellax", "spa", "cflora"):
-        raise typer.BadParameter(f"mode must be rellax, spa or cflora, got {mode!r}", param_hint="--mode")
-    if gate_init not in ("identity", "random"):
-        raise typer.BadParameter("gate-init must be identity or random", param_hint="--gate-init")
     _maybe_launch(nproc)
-    from training.llm.loop import LoopConfig
-    from training.llm.stage2 import Stage2Config, main
+    from training.llm.stage2 import main
 
-    loop = LoopConfig(
-        lr=lr, epochs=epochs, batch_size=batch_size, micro_batch=micro_batch, seed=seed, bf16=bf16,
-        fsdp=fsdp,
-    )  # fmt: skip
-    cfg = Stage2Config(
-        mode=mode, gate_init=gate_init, n_rows=n_rows, k=k, valid_rows=valid_rows, loop=loop,  # type: ignore[arg-type]
-        model_dir=model_dir, index_dir=index_dir,
-    )  # fmt: skip
-    if din_dir:
-        cfg.din_dir = din_dir
-    if stage1:
-        cfg.stage1 = stage1
-    if out:
-        cfg.out = out
     _echo_result(main(cfg, force=force))
 
 
+@with_config(EvalConfig, recipe="eval")
 def evaluate(
-    split: str = "test",
-    n: Annotated[str, typer.Option(help="Rows of the split, or 'all'.")] = "2000",
-    stage1: Annotated[Path | None, typer.Option(help="Stage-1 run dir.")] = None,
+    cfg: EvalConfig,
     stage2: Annotated[list[str] | None, typer.Option(help="mode=DIR of a stage-2 run (repeatable).")] = None,
-    out: Annotated[Path | None, typer.Option(help="Where eval.json / eval.md go.")] = None,
-    zero_shot: bool = True,
-    k: int = 15,
-    dtype: Annotated[
-        str, typer.Option(help="auto (as RELLAX_DTYPE=auto serves: float32), float32 or bfloat16.")
-    ] = "auto",
 ) -> None:
     """AUC / LogLoss / accuracy of every mode and the DIN on the same seeded rows."""
-    from training.llm.evaluate import EvalConfig, main, markdown_table
+    from training.llm.evaluate import main, markdown_table
 
-    cfg = EvalConfig(split=split, n=None if n == "all" else int(n), zero_shot=zero_shot, k=k, dtype=dtype)
-    if stage1:
-        cfg.stage1 = stage1
     for spec in stage2 or []:
-        mode, _, folder = spec.partition("=")
+        mode, sep, folder = spec.partition("=")
+        if not sep or mode not in ("rella", "spa", "cflora", "rellax"):
+            raise typer.BadParameter(
+                f"{spec!r} is not MODE=DIR (rella, spa, cflora, rellax)", param_hint="--stage2"
+            )
         cfg.stage2[mode] = Path(folder)
-    if out:
-        cfg.out = out
     typer.echo(markdown_table(main(cfg)))
 
 

@@ -6,8 +6,8 @@ encodes every split once with the same `encode_batch` serving uses, and builds m
 `main(cfg)` also fits the baselines, evaluates everything on valid and test, and writes the model
 with `metrics.json` beside it. Fork it rather than adding flags.
 
-    python -m training.crm                     # defaults from training/configs/crm.yaml
-    rellax train crm --epochs 4 lr=0.002       # typer options and key=value overrides
+    python -m training.crm                     # the typed defaults (training/crm/config.py)
+    rellax train crm --epochs 4 lr=0.002       # generated options and key=value overrides
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ from __future__ import annotations
 import copy
 import json
 import time
-import types
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, get_args, get_origin, get_type_hints
+from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -31,97 +30,20 @@ from data.samples import Samples
 from rellax.din import DIN, DINBatch, DINConfig, DINVocab, encode_batch
 from rellax.entities import Profile
 from rellax.logs import get_logger
+from training import config
 from training.crm.baselines import Fields, fields_for, run_baselines
+from training.crm.config import CRMConfig
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff
 
-__all__ = ["CONFIG_PATH", "CRMConfig", "CRMRecipe", "ensure_din", "load_config", "main"]
+__all__ = ["CRMConfig", "CRMRecipe", "ensure_din", "load_config", "main"]
 
 log = get_logger(__name__)
-CONFIG_PATH = Path(__file__).parents[1] / "configs" / "crm.yaml"
 
 
-@dataclass
-class CRMConfig:
-    """Everything the DIN recipe reads. Defaults live in training/configs/crm.yaml."""
-
-    seed: int = 0
-    max_epochs: int = 6  # upper bound; early stopping usually ends sooner
-    patience: int = 1  # epochs without a better valid AUC before stopping
-    max_steps_per_epoch: int | None = None  # cut epochs short (smoke tests); None = the whole split
-    batch_size: int = 1024
-    eval_batch_size: int = 8192
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    embed_dim: int = 64
-    hidden: tuple[int, ...] = (256, 256, 256)
-    dropout: float = 0.1
-    max_history: int = 30
-    baselines: bool = True
-    out: str | None = None  # default: artefact_dir("crm", "din")
-    dataset: str | None = None  # atomic files (or ML-1M .dat); default: RELLAX_DATASET, else ML-100K
-    # Leave the LLM's few-shot rows for these N out of DIN's training (see `holdout_rows`).
-    holdout_fewshot: tuple[int, ...] = ()
-
-    def problems(self) -> list[str]:
-        """Every bad value, so a run fails at start-up, once, naming all of them."""
-        problems = [
-            f"{name}={getattr(self, name)!r} must be > 0"
-            for name in ("max_epochs", "patience", "batch_size", "eval_batch_size", "lr", "embed_dim")
-            if getattr(self, name) <= 0
-        ]
-        if not 0.0 <= self.dropout < 1.0:
-            problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
-        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:
-            problems.append(f"max_steps_per_epoch={self.max_steps_per_epoch!r} must be > 0 or null")
-        if self.max_history < 1:
-            problems.append(f"max_history={self.max_history!r} must be >= 1")
-        if not self.hidden or min(self.hidden) <= 0:
-            problems.append(f"hidden={self.hidden!r} needs positive layer sizes")
-        return problems
-
-
-def load_config(path: Path | None = None, overrides: list[str] | None = None, **values: Any) -> CRMConfig:
-    """YAML defaults, then `key=value` overrides (values parsed as YAML), then keyword values.
-    Unknown keys are all reported in one error."""
-    raw: dict[str, Any] = yaml.safe_load((path or CONFIG_PATH).read_text()) or {}
-    for item in overrides or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"override {item!r} is not key=value")
-        raw[key.strip()] = yaml.safe_load(value)
-    raw.update({k: v for k, v in values.items() if v is not None})
-    known = {f.name for f in fields(CRMConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ValueError(f"unknown CRM config key(s): {unknown}; known: {sorted(known)}")
-    hints, kwargs, problems = get_type_hints(CRMConfig), {}, []
-    for key, value in raw.items():
-        try:
-            kwargs[key] = _coerce(value, hints[key])
-        except (TypeError, ValueError):
-            problems.append(f"{key}={value!r} is not a {hints[key]}")
-    cfg = CRMConfig(**kwargs)
-    problems += cfg.problems()
-    if problems:
-        raise ValueError("invalid CRM config: " + "; ".join(problems))
-    return cfg
-
-
-def _coerce(value: Any, hint: Any) -> Any:
-    """YAML gives ints for floats and lists for tuples; reject what cannot be converted."""
-    optional = isinstance(hint, types.UnionType) and type(None) in get_args(hint)
-    if value is None:
-        if not optional:
-            raise TypeError("null not allowed")
-        return None
-    base = next(t for t in get_args(hint) if t is not type(None)) if optional else hint  # X | None -> X
-    if get_origin(base) is tuple:
-        return tuple(int(v) for v in value)
-    if base is bool:
-        if not isinstance(value, bool):
-            raise TypeError("not a bool")
-        return value
-    return base(value)
+def load_config(path: Path | str | None = None, overrides: Sequence[str] = (), **values: Any) -> CRMConfig:
+    """The DIN recipe's config: typed defaults, a YAML file, `key=value` overrides, then keyword
+    values (None = not given); every problem is reported in one ConfigError (a ValueError)."""
+    return config.load_config(CRMConfig, path, overrides, values)
 
 
 def holdout_rows(samples: Samples, ns: tuple[int, ...]) -> np.ndarray:

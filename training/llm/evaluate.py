@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
-from data.loading import artefact_dir, load_dataset
+from data.loading import load_dataset
 from rellax import precision
 from rellax.assets import prepare_model
 from rellax.cflora import inject_cflora, load_lora_weights
@@ -28,13 +27,14 @@ from rellax.logs import get_logger
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows
-from training.llm.data import Catalogue, build_examples
+from training.llm.config import EvalConfig
+from training.llm.data import Catalogue
+from training.llm.harness import row_examples, score_examples
 from training.llm.setup import (
     default_index_dir,
     load_base_lm,
     load_din,
     load_or_build_index,
-    score_examples,
 )
 from training.llm.stage2 import load_stage2_run
 from training.metrics import ctr_metrics
@@ -42,24 +42,6 @@ from training.metrics import ctr_metrics
 __all__ = ["EvalConfig", "din_predictions", "main", "markdown_table"]
 
 log = get_logger(__name__)
-
-
-@dataclass
-class EvalConfig:
-    split: str = "test"
-    n: int | None = 2000  # None = every row of the split
-    seed: int = 1234
-    k: int = 15
-    stage1: Path | None = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage1")
-    stage2: dict[str, Path] = field(default_factory=dict)  # mode -> run dir
-    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
-    out: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "eval")
-    zero_shot: bool = True
-    model_dir: Path | None = None
-    index_dir: Path | None = None
-    # The dtype every LLM mode is scored in: "auto" resolves as the service's RELLAX_DTYPE=auto does
-    # (`rellax.precision.resolve`), so the table describes the bundle as served; recorded in eval.json.
-    dtype: str = "auto"
 
 
 def stage1_model(lm, tokenizer, stage1: Path) -> ScoringModel:  # noqa: ANN001
@@ -99,15 +81,10 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     ) -> None:  # fmt: skip
         t = time.perf_counter()
         featurizer = Featurizer(tok, catalogue.items, index, din, k=cfg.k, spa=spa, domain=catalogue.domain)
-        examples = build_examples(
-            featurizer,
-            catalogue,
-            samples,
-            [(int(r), mode) for r in rows],
-            with_din=with_din,
-            din_logit=residual,
+        examples = row_examples(
+            featurizer, catalogue, samples, rows, mode, with_din=with_din, din_logit=residual,
             desc=f"{name} prompts",
-        )
+        )  # fmt: skip
         p = score_examples(model, examples)
         preds[name] = p
         results[name] = {**ctr_metrics(labels, p), "seconds": round(time.perf_counter() - t, 1)}

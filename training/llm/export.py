@@ -13,18 +13,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from data.loading import artefact_dir, check_same_data, load_dataset
 from rellax import precision
 from rellax.assets import DEFAULT_MODEL_NAME, file_sha256, prepare_model
 from rellax.bundle_format import BundleConfig, write_bundle, write_merged
-from rellax.cflora import cflora_modules
 from rellax.features import Featurizer
 from rellax.logs import get_logger
 from training.fewshot import eval_rows
-from training.llm.data import Catalogue, build_examples
-from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.llm.data import Catalogue
+from training.llm.harness import load_mean_gates, merged_at_mean_gates, row_examples, score_examples
+from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index
 from training.llm.stage1 import lora_targets
 from training.llm.stage2 import load_stage2_run
 from training.metrics import ctr_metrics
@@ -140,10 +140,7 @@ def _crm_config(din_dir: Path) -> dict[str, Any] | None:
 
 def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config) -> dict[str, Any]:  # noqa: ANN001
     """Write merged/ and measure validation AUC exact vs merged on the same rows."""
-    g_bars = None
-    if (cfg.stage2 / "gbar.safetensors").exists():
-        g_bars = load_file(cfg.stage2 / "gbar.safetensors")
-        g_bars = {k.removeprefix("lm."): v for k, v in g_bars.items()}
+    g_bars = load_mean_gates(cfg.stage2)
     out = cfg.out / "merged"
     scaling = config.alpha / config.r
     checksums = write_merged(out, model.lm, tokenizer, g_bars, scaling)
@@ -161,22 +158,13 @@ def _export_merged(cfg, model, tokenizer, catalogue, samples, index, din, config
         tokenizer, catalogue.items, index, din, k=config.k, spa=config.spa, domain=catalogue.domain
     )
     rows = eval_rows(samples, "valid", cfg.merged_valid_rows)
-    examples = build_examples(
-        featurizer,
-        catalogue,
-        samples,
-        [(int(r), "subr") for r in rows],
-        with_din=True,
-        desc="merged-vs-exact prompts",
+    examples = row_examples(
+        featurizer, catalogue, samples, rows, "subr", with_din=True, desc="merged-vs-exact prompts"
     )
     labels = np.array([e.label for e in examples])
     exact = ctr_metrics(labels, score_examples(model, examples))["auc"]
-    modules = cflora_modules(model.lm)
-    for name, module in modules.items():
-        module.merge(None if g_bars is None or module.gate is None else g_bars[name])
-    merged = ctr_metrics(labels, score_examples(model, examples))["auc"]
-    for module in modules.values():
-        module.unmerge()
+    with merged_at_mean_gates(model, g_bars):
+        merged = ctr_metrics(labels, score_examples(model, examples))["auc"]
     return {
         "path": "merged",
         "files": checksums,

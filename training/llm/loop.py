@@ -31,32 +31,12 @@ from rellax.errors import RunError
 from rellax.logs import get_logger
 from rellax.scorer import ScoringModel
 from training.llm import distributed
+from training.llm.config import LoopConfig
 from training.llm.data import Batch, LLMExample, collate, length_sorted_chunks
 
 __all__ = ["LoopConfig", "TrainResult", "answer_loss", "train_loop"]
 
 log = get_logger(__name__)
-
-
-@dataclass
-class LoopConfig:
-    """Optimisation settings of one stage."""
-
-    lr: float = 1e-3
-    epochs: int = 1
-    batch_size: int = 64  # examples per optimizer step (gradient accumulation)
-    micro_batch: int = 8
-    warmup_ratio: float = 0.05
-    weight_decay: float = 0.0
-    evals_per_epoch: int = 2
-    seed: int = 0
-    # Frozen base weights in bf16: None = only where the CPU has native bf16 (AMX/AVX-512-BF16).
-    # Forcing it elsewhere is a trap: emulated bf16 matmul measured 0.29 GFLOP/s vs fp32's 122 on
-    # a 2-core AMD EPYC (no AVX-512), 400x slower.
-    bf16: bool | None = None
-    # Under torchrun: shard the frozen base's decoder layers over the ranks (FSDP2 `fully_shard`) for
-    # a model that does not fit one device; the trained modules stay whole on every rank. Else DDP.
-    fsdp: bool = False
 
 
 @dataclass
@@ -117,6 +97,7 @@ def _schedule(total: int, warmup: int) -> Callable[[int], float]:
     """Linear warmup then linear decay. Not `transformers.get_linear_schedule_with_warmup`: that one
     starts at lr 0 (step / warmup) where this starts at 1 / warmup, and every committed run (the
     study's kept weights among them) was trained with this one; the decay part is the same."""
+
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / max(1, warmup)

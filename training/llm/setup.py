@@ -1,35 +1,27 @@
 """Set-up pieces both LLM stages and the evaluation share: the base LLM with soft tokens, the item
-index, the frozen DIN, the featurizer, and a validation function. Plain functions, plain arguments."""
+index and the frozen DIN. Plain functions, plain arguments (scoring lives in `training.llm.harness`)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from data.loading import check_same_data, default_index_dir, recorded_data
-from data.samples import Samples
 from index.build import build_item_index
 from rellax import precision
 from rellax.device import resolve_device
 from rellax.din import DIN
-from rellax.features import Featurizer, Mode
 from rellax.item_index import ItemIndex
 from rellax.logs import get_logger
-from rellax.scorer import Scorer, ScoringModel
 from rellax.tokens import add_soft_tokens
-from training.llm.data import Catalogue, LLMExample, build_examples
-from training.metrics import ctr_metrics
+from training.llm.data import Catalogue
 
 __all__ = [
     "default_index_dir",
     "load_base_lm",
     "load_din",
     "load_or_build_index",
-    "make_validator",
-    "score_examples",
 ]
 
 log = get_logger(__name__)
@@ -84,42 +76,3 @@ def load_din(folder: Path, manifest: dict | None = None) -> DIN:
     din = DIN.load(folder).eval()
     din.requires_grad_(False)
     return din
-
-
-def score_examples(model: ScoringModel, examples: Sequence[LLMExample], max_batch: int = 32) -> np.ndarray:
-    """P(yes) for examples' prompts with the live model, in the dtype it computes in (no casts)."""
-    scorer = Scorer(model, dtype=precision.compute_dtype(model.lm), cast=False, inference_mode=False)
-    soft = [e.soft for e in examples] if examples and examples[0].soft is not None else None
-    h = torch.stack([e.h for e in examples]) if examples and examples[0].h is not None else None
-    offsets = [e.din_logit for e in examples] if examples and examples[0].din_logit is not None else None
-    return scorer.score(
-        [e.prompt for e in examples], soft_vectors=soft, h=h, max_batch=max_batch, offsets=offsets
-    )
-
-
-def make_validator(
-    model: ScoringModel,
-    featurizer: Featurizer,
-    catalogue: Catalogue,
-    samples: Samples,
-    rows: np.ndarray,
-    mode: Mode,
-    with_din: bool,
-    din_logit: bool = False,
-):  # noqa: ANN201 - Callable[[], float]
-    """A zero-argument function returning validation AUC on fixed rows (prompts built once)."""
-    examples = build_examples(
-        featurizer,
-        catalogue,
-        samples,
-        [(int(r), mode) for r in rows],
-        with_din=with_din,
-        din_logit=din_logit,
-        desc="valid prompts",
-    )
-    labels = np.array([e.label for e in examples])
-
-    def evaluate() -> float:
-        return float(ctr_metrics(labels, score_examples(model, examples))["auc"])
-
-    return evaluate

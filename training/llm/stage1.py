@@ -11,50 +11,24 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
-from data.loading import artefact_dir, load_dataset
+from data.loading import load_dataset
 from rellax.assets import prepare_model
 from rellax.features import Featurizer
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
+from training.llm.config import Stage1Config
 from training.llm.data import Catalogue, build_examples
-from training.llm.loop import LoopConfig, TrainResult, train_loop
+from training.llm.harness import make_validator
+from training.llm.loop import TrainResult, train_loop
 from training.llm.runs import train_or_reuse
-from training.llm.setup import default_index_dir, load_base_lm, load_or_build_index, make_validator
+from training.llm.setup import default_index_dir, load_base_lm, load_or_build_index
 
 __all__ = ["Stage1Config", "lora_targets", "main"]
-
-
-@dataclass
-class Stage1Config:
-    """Stage-1 settings; defaults are sized for the demo on a 2-core CPU."""
-
-    out: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage1")
-    model_dir: Path | None = None
-    index_dir: Path | None = None
-    n_rows: int = 256  # few-shot rows; each gives two prompts
-    k: int = 15
-    valid_rows: int = 256
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.05
-    # The paper's LoRA targets; ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-    # "down_proj") adapts every attention and MLP projection (a tuning trial, issue 16).
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    # Training prompts: "mixed" = each row as a recency and a SUBR prompt (ReLLa's mix); "subr" = one
-    # SUBR prompt a row, the prompts stage 2 trains on (so an ablation differs in its modules only).
-    prompts: Literal["mixed", "subr"] = "mixed"
-    loop: LoopConfig = field(default_factory=LoopConfig)
-
-    def to_json(self) -> dict[str, Any]:
-        d = asdict(self)
-        return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
 
 
 def lora_targets(stage1_config: dict[str, Any]) -> tuple[str, ...]:

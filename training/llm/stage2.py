@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from data.loading import artefact_dir, check_same_data, load_dataset
+from data.loading import check_same_data, load_dataset
 from rellax.assets import prepare_model
 from rellax.cflora import (
     adapter_params,
@@ -36,10 +35,12 @@ from rellax.scorer import ScoringModel
 from rellax.spa import SPAProjector
 from rellax.tokens import answer_token_ids
 from training.fewshot import eval_rows, fewshot_rows, interleave_modes
+from training.llm.config import Stage2Config, Stage2Mode
 from training.llm.data import Catalogue, build_examples
-from training.llm.loop import LoopConfig, TrainResult, train_loop
+from training.llm.harness import make_validator
+from training.llm.loop import TrainResult, train_loop
 from training.llm.runs import train_or_reuse
-from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index, make_validator
+from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index
 from training.llm.stage1 import lora_targets
 
 __all__ = [
@@ -50,37 +51,6 @@ __all__ = [
     "load_stage2_weights",
     "main",
 ]
-
-Stage2Mode = Literal["spa", "cflora", "rellax"]
-
-
-@dataclass
-class Stage2Config:
-    """Stage-2 settings; defaults are sized for the demo on a 2-core CPU."""
-
-    stage1: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage1")
-    out: Path = field(default_factory=lambda: artefact_dir("runs", "demo") / "stage2")
-    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
-    model_dir: Path | None = None
-    index_dir: Path | None = None
-    mode: Stage2Mode = "rellax"
-    gate_init: Literal["identity", "random"] = "identity"
-    n_rows: int = 256
-    k: int = 15
-    valid_rows: int = 256
-    # Training prompts: "mixed" = each row as recency and SUBR prompt (ReLLa's mix); "subr" = SUBR
-    # only, as the authors' ReLLaX code trains stage 2 (validation, test and serving are SUBR).
-    prompts: Literal["mixed", "subr"] = "mixed"
-    # Train the stage-1 LoRA A, B too (beside gates / projector): over a 0-step stage-1 run (B = 0)
-    # this is the one-stage variant, where DIN's signal reaches the LLM from the first step.
-    train_lora: bool = False
-    # Beyond the paper (labelled so in every report): P(yes) = sigmoid(LLM margin + DIN's own logit),
-    # the LLM learning a correction to DIN (as FLIP and ClickPrompt do for small language models).
-    din_residual: bool = False
-    loop: LoopConfig = field(default_factory=lambda: LoopConfig(lr=3e-4))
-
-    def to_json(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 def build_stage2_model(

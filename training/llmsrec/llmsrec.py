@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -27,36 +27,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.loading import artefact_dir
 from rellax.entities import Item
 from rellax.llmsrec import LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
 from rellax.logs import get_logger
 from rellax.prompt import build_item_prompt, build_user_prompt
 from rellax.sasrec import SASRec
+from training.llmsrec.config import LLMSRecConfig
 from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases
 from training.llmsrec.sasrec import train_sequences
 
 __all__ = ["LLMSRecConfig", "catalogue_vectors", "main", "user_vectors"]
 
 log = get_logger(__name__)
-
-
-@dataclass
-class LLMSRecConfig:
-    out: Path = field(default_factory=lambda: artefact_dir("llmsrec", "ml100k"))
-    sasrec_dir: Path = field(default_factory=lambda: artefact_dir("sasrec", "ml100k"))
-    model_dir: Path | None = None
-    seed: int = 0
-    steps: int = 200
-    batch_size: int = 8
-    negatives: int = 3
-    k: int = 10  # history items in the user prompt
-    lr: float = 5e-4
-    out_dim: int = 128
-    eval_every: int = 50
-    valid_users: int | None = None  # None: every validation case
-    test_users: int | None = None  # None: every test case
-    eval_batch: int = 32
 
 
 def _history(items: dict[int, Item], ids: np.ndarray, times: np.ndarray, k: int) -> list[tuple[Item, int]]:

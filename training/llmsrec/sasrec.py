@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -22,31 +22,15 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data.loading import artefact_dir
 from data.samples import Samples
 from rellax.logs import get_logger
 from rellax.sasrec import SASRec, SASRecConfig
+from training.llmsrec.config import SASRecTrainConfig
 from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases
 
 __all__ = ["SASRecTrainConfig", "main", "score_cases", "train_sequences"]
 
 log = get_logger(__name__)
-
-
-@dataclass
-class SASRecTrainConfig:
-    out: Path = field(default_factory=lambda: artefact_dir("sasrec", "ml100k"))
-    seed: int = 0
-    dim: int = 64
-    blocks: int = 2
-    heads: int = 1
-    dropout: float = 0.1
-    max_len: int = 128
-    lr: float = 1e-3
-    batch_size: int = 128
-    max_epochs: int = 60  # ML-100K: valid NDCG@10 0.10 after 5 epochs, 0.30 after 10 (~10 s each)
-    eval_every: int = 5
-    patience: int = 4  # evaluations without a better valid NDCG@10
 
 
 def train_sequences(samples: Samples) -> list[np.ndarray]:

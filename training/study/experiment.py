@@ -43,11 +43,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from data.loading import artefact_dir
 from rellax.assets import prepare_model
-from rellax.cflora import cflora_modules
 from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
 from rellax.item_index import ItemIndex
@@ -57,10 +55,17 @@ from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.crm.crm import ensure_din
 from training.fewshot import eval_rows
-from training.llm.data import Catalogue, LLMExample, build_examples
+from training.llm.data import Catalogue, LLMExample
+from training.llm.harness import (
+    load_mean_gates,
+    load_partial_scores,
+    merged_at_mean_gates,
+    row_examples,
+    score_resumably,
+)
 from training.llm.loop import LoopConfig
 from training.llm.runs import keep_weights, restore_weights
-from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index, score_examples
+from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index
 from training.metrics import ctr_metrics
 from training.study.tune import DIN_HOLDOUT
 
@@ -120,14 +125,6 @@ def partial_scores_path(folder: Path, model_id: str, rows_hash: str) -> Path:
     """Where a model's finished scoring chunks live: named by model and rows, so a retrained model (a
     new run id) or another row set never inherits them."""
     return folder / f"partial-{model_id}-{rows_hash}.npz"
-
-
-def load_partial_scores(path: Path) -> tuple[np.ndarray, float]:
-    """(scores so far, seconds spent on them); empty and 0 s when nothing is scored yet."""
-    if not path.exists():
-        return np.zeros(0, dtype=np.float64), 0.0
-    with np.load(path) as found:
-        return found["p"], float(found["seconds"])
 
 
 class _Context:
@@ -227,8 +224,9 @@ class _Context:
         featurizer = Featurizer(
             tok, self.catalogue.items, index, din, k=k, spa=spa, domain=self.catalogue.domain
         )
-        pairs = [(int(r), mode) for r in self.rows]
-        return build_examples(featurizer, self.catalogue, self.samples, pairs, with_din=with_din, desc=desc)
+        return row_examples(
+            featurizer, self.catalogue, self.samples, self.rows, mode, with_din=with_din, desc=desc
+        )
 
     def score(
         self, name: str, model: ScoringModel, examples: Sequence[LLMExample], model_id: str
@@ -236,18 +234,7 @@ class _Context:
         """P(yes) for every test example and the scoring seconds, resumable chunk by chunk: the seconds
         count every session's chunks, not only the last session's (they are saved with the scores)."""
         partial = partial_scores_path(self.cfg.runs / name, model_id, self.rows_hash)
-        partial.parent.mkdir(parents=True, exist_ok=True)
-        done, seconds = load_partial_scores(partial)
-        while len(done) < len(examples):
-            if self.out_of_time():
-                raise TimeoutError(f"{name}: {len(done)}/{len(examples)} rows scored; run again to resume")
-            t = time.perf_counter()
-            chunk = examples[len(done) : len(done) + self.cfg.chunk]
-            done = np.concatenate([done, score_examples(model, chunk)])
-            seconds += time.perf_counter() - t
-            np.savez(partial, p=done, seconds=seconds)
-            log.info("scored", step=name, rows=len(done), of=len(examples))
-        return done, seconds
+        return score_resumably(model, examples, partial, self.cfg.chunk, self.deadline, name)
 
     def llm_payload(self, p: np.ndarray, seconds: float, **extra: Any) -> dict[str, Any]:
         return {
@@ -362,11 +349,9 @@ def _merged(ctx: _Context, exact: dict[str, Any]) -> dict[str, Any]:
     """The rellax run served the vLLM way: W0 + s·B·Ḡᵀ·A, gates off, on the same rows."""
     folder = ctx.run_dir(exact["step"], 2)
     model, tok, index, din = _load_stage2(ctx, folder)
-    g_bars = {k.removeprefix("lm."): v for k, v in load_file(folder / "gbar.safetensors").items()}
-    for name, module in cflora_modules(model.lm).items():
-        module.merge(g_bars[name].float() if module.gate is not None else None)
     examples = ctx.examples(tok, index, din, exact["k"], "subr", True, True, "rellax-merged prompts")
-    p, seconds = ctx.score("rellax-merged", model, examples, model_id=f"merged-{exact['run_id']}")
+    with merged_at_mean_gates(model, load_mean_gates(folder)):
+        p, seconds = ctx.score("rellax-merged", model, examples, model_id=f"merged-{exact['run_id']}")
     keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run", "device")
     return ctx.llm_payload(p, seconds, **{k: exact[k] for k in keep}, merged_from="rellax")
 
