@@ -45,6 +45,19 @@ def test_paired_bootstrap() -> None:
     assert d == paired_bootstrap_auc_diff(y, good, noise, n_boot=200, seed=1)
 
 
+
+def test_paired_ndcg_interval() -> None:
+    from training.llmsrec.ranking_eval import paired_ndcg_diff
+
+    rng = np.random.default_rng(0)
+    worse = rng.integers(0, 100, 300)
+    better = np.maximum(worse - 20, 0)  # the positive ranked 20 places higher in every case
+    same = paired_ndcg_diff(worse, worse)
+    assert same == {"diff": 0.0, "lo": 0.0, "hi": 0.0}
+    d = paired_ndcg_diff(better, worse)
+    assert 0 < d["lo"] < d["diff"] < d["hi"] and d == paired_ndcg_diff(better, worse)
+    assert paired_ndcg_diff(worse, better)["hi"] < 0
+
 def _fields(users: list[int], items: list[int], ratings: list[float]) -> Fields:
     n = len(users)
     other = np.array(["x"] * n, dtype=object)

@@ -47,14 +47,19 @@ def _ndcg(r: np.ndarray, k: int = 10) -> np.ndarray:
 
 
 def paired_ndcg_diff(ra: np.ndarray, rb: np.ndarray, n_boot: int = 1000, seed: int = 0) -> dict[str, float]:
-    """NDCG@10(a) - NDCG@10(b) over the same cases, with a 95% paired bootstrap interval."""
-    d = _ndcg(np.asarray(ra)) - _ndcg(np.asarray(rb))
-    rng = np.random.default_rng(seed)
-    boots = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+    """NDCG@10(a) - NDCG@10(b) over the same cases, with a 95% paired bootstrap (percentile)
+    interval from `scipy.stats.bootstrap`."""
+    from scipy.stats import bootstrap
+
+    a, b = _ndcg(np.asarray(ra)), _ndcg(np.asarray(rb))
+    res = bootstrap(
+        (a, b), lambda a, b, axis: a.mean(axis) - b.mean(axis), paired=True, n_resamples=n_boot,
+        method="percentile", rng=np.random.default_rng(seed),
+    )  # fmt: skip
     return {
-        "diff": float(d.mean()),
-        "lo": float(np.quantile(boots, 0.025)),
-        "hi": float(np.quantile(boots, 0.975)),
+        "diff": float((a - b).mean()),
+        "lo": float(res.confidence_interval.low),
+        "hi": float(res.confidence_interval.high),
     }
 
 
