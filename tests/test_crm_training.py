@@ -45,7 +45,6 @@ def test_paired_bootstrap() -> None:
     assert d == paired_bootstrap_auc_diff(y, good, noise, n_boot=200, seed=1)
 
 
-
 def test_paired_ndcg_interval() -> None:
     from training.llmsrec.ranking_eval import paired_ndcg_diff
 
@@ -57,6 +56,7 @@ def test_paired_ndcg_interval() -> None:
     d = paired_ndcg_diff(better, worse)
     assert 0 < d["lo"] < d["diff"] < d["hi"] and d == paired_ndcg_diff(better, worse)
     assert paired_ndcg_diff(worse, better)["hi"] < 0
+
 
 def _fields(users: list[int], items: list[int], ratings: list[float]) -> Fields:
     n = len(users)

@@ -19,8 +19,8 @@ from rellax.errors import BundleError
 from rellax.precision import cpu_supports_bf16
 from training.fewshot import eval_rows
 from training.llm.data import Catalogue, build_examples
-from training.llm.loop import LoopConfig
 from training.llm.harness import score_examples
+from training.llm.loop import LoopConfig
 
 LOOP = dict(batch_size=8, micro_batch=4, bf16=False, evals_per_epoch=1)
 # Train/serve parity runs in each dtype this CPU can serve in, the same dtype on both sides. Bounds:
