@@ -9,9 +9,17 @@ answers the same 422 shape a static limit gives.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from rellax.entities import AGE_BUCKETS, HistoryEvent, Profile
 
@@ -85,6 +93,12 @@ ItemId = Annotated[
     BeforeValidator(_item_id),
     Field(ge=1, le=2**31 - 1, description="Catalogue item id: an integer (a string of digits is accepted)."),
 ]
+# The data set's own item ids (the `.item` file's, e.g. "B000FA64PK"): what a client of a catalogue
+# with string ids sends instead of the integer ids; looked up in the loaded bundle's catalogue.
+ItemKey = Annotated[
+    str,
+    Field(min_length=1, max_length=256, description="The data set's own item id (the .item file's id)."),
+]
 AGE_VALUES = Literal[
     "under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "above 56", "unknown"
 ]  # fmt: skip
@@ -98,24 +112,44 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _duplicates(values: list) -> list:  # noqa: ANN001 - ints or strings
+    seen: set = set()
+    return sorted({v for v in values if v in seen or seen.add(v)})
+
+
 class ScoreRequest(_Model):
-    """Score candidates for one user."""
+    """Score candidates for one user: give `item_ids` (integers) or `item_keys` (your own ids)."""
 
     user_id: UserId
-    item_ids: list[ItemId] = Field(
+    item_ids: list[ItemId] | None = Field(
+        None,
         min_length=1,
         description="Candidate item ids, no duplicates; at most RELLAX_MAX_CANDIDATES (default 200).",
         examples=[[50, 181, 258]],
     )
+    item_keys: list[ItemKey] | None = Field(
+        None,
+        min_length=1,
+        description="Instead of item_ids: the candidates by the data set's own item ids (string ids of "
+        "your .item file), no duplicates. Unknown keys are a 404 naming them.",
+        examples=[["B000FA64PK", "0316015849"]],
+    )
 
-    @field_validator("item_ids")
+    @field_validator("item_ids", "item_keys")
     @classmethod
-    def _no_duplicates(cls, item_ids: list[int]) -> list[int]:
-        seen: set[int] = set()
-        dups = sorted({i for i in item_ids if i in seen or seen.add(i)})
-        if dups:
-            raise ValueError(f"duplicate item ids {dups[:20]}")
-        return item_ids
+    def _no_duplicates(cls, values: list | None, info: ValidationInfo) -> list | None:
+        if values and (dups := _duplicates(values)):
+            what = "item ids" if info.field_name == "item_ids" else "item keys"
+            raise ValueError(f"duplicate {what} {dups[:20]}")
+        return values
+
+    @model_validator(mode="after")
+    def _one_way_to_name_candidates(self) -> Self:
+        if self.item_ids is not None and self.item_keys is not None:
+            raise ValueError("give item_ids or item_keys, not both")
+        if self.item_ids is None and self.item_keys is None and type(self) is ScoreRequest:
+            raise ValueError("item_ids (or item_keys) is required")
+        return self
 
 
 class RerankRequest(ScoreRequest):
@@ -148,7 +182,14 @@ class RerankRequest(ScoreRequest):
         description="Return only the best top_k items (omit it for all; null is an error).",
     )
 
-    @field_validator("top_k", "m", "n_candidates", "item_ids", mode="before")
+    item_keys: list[ItemKey] | None = Field(  # type: ignore[assignment]
+        None,
+        min_length=1,
+        description="Instead of item_ids: the candidates by the data set's own item ids, no duplicates.",
+        examples=[["B000FA64PK", "0316015849"]],
+    )
+
+    @field_validator("top_k", "m", "n_candidates", "item_ids", "item_keys", mode="before")
     @classmethod
     def _no_null(cls, value: object) -> object:
         # Omitted means the default; an explicit null is a client bug that would silently change it.
@@ -175,6 +216,7 @@ class ScoredItem(_Model):
     """One candidate's score."""
 
     item_id: int = Field(description="The candidate item id.")
+    item_key: str = Field(description="The data set's own id of the item (the item id for integer ids).")
     p_click: float = Field(ge=0, le=1, description="P(click) = P('Yes') from the LLM (or DIN if degraded).")
     retrieved: list[int] = Field(description="History item ids shown to the model, in prompt order.")
     degraded: bool = Field(description="True when scored by the DIN fallback instead of the LLM.")
@@ -195,6 +237,7 @@ class RerankedItem(_Model):
     """One candidate with its rank and the model whose score placed it."""
 
     item_id: int = Field(description="The candidate item id.")
+    item_key: str = Field(description="The data set's own id of the item (the item id for integer ids).")
     rank: int = Field(ge=1, description="1 = most likely click.")
     scored_by: Literal["rellax", "llmsrec", "din"] = Field(
         description="Whose score set the rank: rellax (P(click) from the LLM), llmsrec (the user . item dot "
@@ -233,9 +276,10 @@ class RerankResponse(_Model):
 
 
 class EventIn(_Model):
-    """One interaction of the user."""
+    """One interaction of the user; the item by `item_id` or by the data set's own `item_key`."""
 
-    item_id: ItemId
+    item_id: ItemId | None = Field(None, description="Catalogue item id (or give item_key).")
+    item_key: ItemKey | None = Field(None, description="Instead of item_id: the data set's own item id.")
     rating: float = Field(
         strict=True,
         description="Explicit rating on the bundle's scale (MovieLens: whole stars 1-5; label = rating > 3). "
@@ -251,8 +295,17 @@ class EventIn(_Model):
             raise ValueError("must be a number")
         return float(rating)
 
-    def to_event(self) -> HistoryEvent:
-        return HistoryEvent(item_id=self.item_id, rating=self.rating, timestamp=self.timestamp)
+    @model_validator(mode="after")
+    def _one_item(self) -> Self:
+        if (self.item_id is None) == (self.item_key is None):
+            raise ValueError("give item_id or item_key (exactly one)")
+        return self
+
+    def to_event(self, item_id: int | None = None) -> HistoryEvent:
+        """The stored event; `item_id` is the catalogue id an `item_key` resolved to."""
+        resolved = self.item_id if item_id is None else item_id
+        assert resolved is not None, "an item_key event needs its resolved item_id"
+        return HistoryEvent(item_id=resolved, rating=self.rating, timestamp=self.timestamp)
 
 
 class EventsRequest(_Model):
@@ -262,8 +315,9 @@ class EventsRequest(_Model):
         min_length=1, max_length=MAX_EVENTS, description=f"1-{MAX_EVENTS} interactions, any order."
     )
 
-    def to_events(self) -> list[HistoryEvent]:
-        return [e.to_event() for e in self.events]
+    def to_events(self, item_ids: list[int] | None = None) -> list[HistoryEvent]:
+        """The stored events; `item_ids` are the catalogue ids, one per event, where keys were given."""
+        return [e.to_event(None if item_ids is None else item_ids[n]) for n, e in enumerate(self.events)]
 
 
 class EventsResponse(_Model):

@@ -130,6 +130,50 @@ def test_the_books_bundle_is_served_over_http(books_bundle: dict, redis_url: str
         assert httpx.get(f"{base}/v1/items/999", timeout=10).status_code == 404
         unknown = httpx.post(f"{base}/v1/score", json={"user_id": "u003", "item_ids": [999]}, timeout=10)
         assert unknown.status_code == 404 and "999" in unknown.text
+        # A client of a string-id catalogue names candidates and events by its own ids.
+        by_keys = httpx.post(
+            f"{base}/v1/score", json={"user_id": "u003", "item_keys": ["b0000", "b0001", "b0002"]}, timeout=60
+        )
+        assert by_keys.status_code == 200, by_keys.text
+        keyed = by_keys.json()["items"]
+        assert [(s["item_id"], s["item_key"]) for s in keyed] == [(1, "b0000"), (2, "b0001"), (3, "b0002")]
+        np.testing.assert_allclose([s["p_click"] for s in keyed], [s["p_click"] for s in body["items"]])
+        ranked = httpx.post(
+            f"{base}/v1/rerank", json={"user_id": "u003", "item_keys": ["b0002", "b0000"]}, timeout=60
+        ).json()["items"]
+        assert sorted(r["item_key"] for r in ranked) == ["b0000", "b0002"]
+        for payload, param in (
+            ({"user_id": "u003", "item_keys": ["b0000", "nope", "gone"]}, "item_keys"),
+            ({"user_id": "u003", "item_keys": ["b0000"], "item_ids": [1]}, None),
+            ({"user_id": "u003", "item_keys": ["b0000", "b0000"]}, None),
+            ({"user_id": "u003"}, None),
+        ):
+            bad = httpx.post(f"{base}/v1/score", json=payload, timeout=10)
+            assert bad.status_code == (404 if param else 422), (payload, bad.text)
+            if param:
+                assert bad.json()["error"]["param"] == param and "'nope', 'gone'" in bad.text
+        stored = len(history["events"])
+        events = [
+            {"item_key": "b0005", "rating": 5, "timestamp": 2_000_000_000},
+            {"item_id": 7, "rating": 1, "timestamp": 2_000_000_001},
+        ]
+        added = httpx.post(f"{base}/v1/users/u003/events", json={"events": events}, timeout=10)
+        assert added.status_code == 200 and added.json()["added"] == 2, added.text
+        newest = httpx.get(f"{base}/v1/users/u003/history", timeout=10).json()["events"][-2:]
+        assert [e["item_id"] for e in newest] == [6, 7]  # b0005 is catalogue item 6
+        refused = httpx.post(
+            f"{base}/v1/users/u003/events",
+            json={"events": [events[0] | {"timestamp": 2_000_000_002}, {"item_key": "nope", "rating": 5,
+                                                                        "timestamp": 2_000_000_003}]},
+            timeout=10,
+        )  # fmt: skip
+        assert refused.status_code == 404 and refused.json()["error"]["param"] == "events.1.item_key"
+        both = {"item_key": "b0005", "item_id": 6, "rating": 5, "timestamp": 2_000_000_004}
+        assert (
+            httpx.post(f"{base}/v1/users/u003/events", json={"events": [both]}, timeout=10).status_code == 422
+        )
+        after = httpx.get(f"{base}/v1/users/u003/history", timeout=10).json()["events"]
+        assert len(after) == stored + 2  # nothing of a refused batch was stored
     finally:
         server.should_exit = True
         thread.join(timeout=30)

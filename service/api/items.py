@@ -24,6 +24,15 @@ def _info(bundle, item_id: int) -> ItemInfo:  # noqa: ANN001 - rellax.bundle.Bun
     return ItemInfo(item_id=item_id, key=bundle.item_key(item_id), title=item.title, category=item.genre)
 
 
+def resolve_item_keys(bundle, keys: list[str], param: str = "item_keys") -> list[int]:  # noqa: ANN001
+    """Catalogue item ids for the data set's own ids, in order; a 404 naming every unknown key."""
+    ids = [bundle.item_id_of(key) for key in keys]
+    unknown = [key for key, item_id in zip(keys, ids, strict=True) if item_id is None]
+    if unknown:
+        raise NotFound(f"no item with key(s) {unknown[:20]} in this bundle's catalogue", param=param)
+    return ids  # type: ignore[return-value] - no None left
+
+
 @router.get(
     "",
     response_model=ItemInfo,

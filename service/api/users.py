@@ -6,6 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Path
 
+from service.api.items import resolve_item_keys
 from service.deps import BundleDep, StoreDep
 from service.errors import LimitExceeded
 from service.schemas import (
@@ -36,10 +37,15 @@ async def add_events(
     them as stars and DIN embeds them, so an off-scale value would be silently rounded or clipped.
     Nothing is stored when any event is rejected.
     """
+    item_ids: list[int] = []
     for n, event in enumerate(body.events):
         if (problem := bundle.config.rating_error(event.rating)) is not None:
             raise LimitExceeded(f"events.{n}.rating: {problem}", param=f"events.{n}.rating")
-    added, stored = await store.append(user_id, body.to_events())
+        if event.item_key is not None:
+            item_ids += resolve_item_keys(bundle, [event.item_key], param=f"events.{n}.item_key")
+        else:
+            item_ids.append(event.item_id)  # type: ignore[arg-type] - one of the two is set
+    added, stored = await store.append(user_id, body.to_events(item_ids))
     return EventsResponse(user_id=user_id, received=len(body.events), added=added, history_len=stored)
 
 
