@@ -79,6 +79,13 @@ class Bundle:
             return int(key)
         return None
 
+    def profile_values(self, field: str) -> list[str] | None:
+        """The values of a profile field ("genders", "ages", "jobs") the bundle's DIN has rows for,
+        sorted; None where the bundle has no DIN vocabulary to say."""
+        din = self.featurizer.din
+        vocab = getattr(din, "vocab", None)
+        return None if vocab is None else sorted(getattr(vocab, field))
+
     @property
     def model_version(self) -> str:
         return str(self.manifest["model_version"])

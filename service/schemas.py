@@ -21,7 +21,7 @@ from pydantic import (
     model_validator,
 )
 
-from rellax.entities import AGE_BUCKETS, HistoryEvent, Profile
+from rellax.entities import HistoryEvent, Profile
 
 __all__ = [
     "ErrorDetail",
@@ -33,6 +33,7 @@ __all__ = [
     "HistoryResponse",
     "MAX_EVENTS",
     "ProfileIn",
+    "StoredEvent",
     "ReadyResponse",
     "RerankRequest",
     "RerankResponse",
@@ -99,13 +100,6 @@ ItemKey = Annotated[
     str,
     Field(min_length=1, max_length=256, description="The data set's own item id (the .item file's id)."),
 ]
-AGE_VALUES = Literal[
-    "under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "above 56", "unknown"
-]  # fmt: skip
-assert set(AGE_VALUES.__args__) == {
-    *AGE_BUCKETS.values(),
-    "unknown",
-}  # keep in step with the prompt's buckets
 
 
 class _Model(BaseModel):
@@ -333,7 +327,15 @@ class ProfileIn(_Model):
     """A user's profile as the prompt states it."""
 
     gender: Literal["male", "female", "unknown"] = Field("unknown", description="Gender.")
-    age: AGE_VALUES = Field("unknown", description="Age bucket (MovieLens-1M buckets).")
+    age: str = Field(
+        "unknown",
+        min_length=1,
+        max_length=48,
+        pattern=r"^[A-Za-z0-9 /&'.+-]+$",
+        description="Age as the bundle's data set writes it, one of the values its DIN knows or 'unknown' "
+        "(MovieLens: the ML-1M buckets 'under 18', '18-24', '25-34', '35-44', '45-49', '50-55', "
+        "'above 56'); another value is a 422 listing the known ones.",
+    )
     job: str = Field(
         "unknown",
         min_length=1,
@@ -359,13 +361,21 @@ class ItemInfo(_Model):
     category: str = Field(description="The item's category (first token of the data set's category field).")
 
 
+class StoredEvent(_Model):
+    """One stored interaction, as the prompt and DIN read it."""
+
+    item_id: int = Field(description="Catalogue item id.")
+    rating: float = Field(description="The rating on the bundle's scale.")
+    timestamp: int = Field(description="Unix time in seconds.")
+
+
 class HistoryResponse(_Model):
     """A user's stored state, for debugging."""
 
     user_id: str = Field(description="The user.")
     cold_start: bool = Field(description="True when nothing is stored for the user.")
     profile: ProfileIn | None = Field(description="Stored profile, or null when none.")
-    events: list[EventIn] = Field(description="Stored events, oldest first (at most RELLAX_HISTORY_CAP).")
+    events: list[StoredEvent] = Field(description="Stored events, oldest first (at most RELLAX_HISTORY_CAP).")
 
 
 class HealthResponse(_Model):

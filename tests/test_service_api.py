@@ -417,9 +417,15 @@ async def test_a_candidate_is_never_in_its_own_history(redis_url: str) -> None:
 
 
 async def test_profile_values_are_checked(redis_url: str) -> None:
+    """Ages are the bundle's DIN's own values (here the ML-1M buckets), whatever the data set."""
     async with asgi_app(make_settings(redis_url)) as (_, client):
-        r = await client.put("/v1/users/u/profile", json={"gender": "male", "age": "31"})
+        r = await client.put("/v1/users/u-age/profile", json={"gender": "male", "age": "31"})
+        stored = (await client.get("/v1/users/u-age/history")).json()["profile"]
+        ok = await client.put("/v1/users/u-age/profile", json={"gender": "male", "age": "unknown"})
+        bad_gender = await client.put("/v1/users/u-age/profile", json={"gender": "other"})
     assert r.status_code == 422 and r.json()["error"]["param"] == "age"
+    assert "'31' is not an age this bundle knows" in r.text and "'25-34'" in r.text and stored is None
+    assert ok.status_code == 200 and bad_gender.status_code == 422
 
 
 async def test_oversized_bodies_are_413(redis_url: str) -> None:

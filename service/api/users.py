@@ -8,13 +8,13 @@ from fastapi import APIRouter, Path
 
 from service.api.items import resolve_item_keys
 from service.deps import BundleDep, StoreDep
-from service.errors import LimitExceeded
+from service.errors import InvalidRequest, LimitExceeded
 from service.schemas import (
-    EventIn,
     EventsRequest,
     EventsResponse,
     HistoryResponse,
     ProfileIn,
+    StoredEvent,
 )
 
 __all__ = ["router"]
@@ -50,8 +50,17 @@ async def add_events(
 
 
 @router.put("/{user_id}/profile", response_model=ProfileIn)
-async def put_profile(user_id: UserPath, body: ProfileIn, store: StoreDep) -> ProfileIn:
-    """Set the user's profile (gender, age bucket, job) as the prompt will state it."""
+async def put_profile(user_id: UserPath, body: ProfileIn, store: StoreDep, bundle: BundleDep) -> ProfileIn:
+    """Set the user's profile (gender, age, job) as the prompt will state it.
+
+    The age must be one the bundle's DIN knows (MovieLens: the ML-1M buckets) or "unknown": the
+    prompt states it as written and DIN embeds it, so a value from another scale would read right
+    and be embedded as unknown."""
+    known = bundle.profile_values("ages")
+    if known is not None and body.age != "unknown" and body.age not in known:
+        shown = ", ".join(repr(v) for v in known[:20])
+        message = f"age: {body.age!r} is not an age this bundle knows ({shown}, or 'unknown')"
+        raise InvalidRequest(message, param="age")
     await store.set_profile(user_id, body.to_profile())
     return body
 
@@ -64,5 +73,7 @@ async def get_history(user_id: UserPath, store: StoreDep) -> HistoryResponse:
         user_id=user_id,
         cold_start=state.cold_start and state.profile is None,
         profile=ProfileIn.from_profile(state.profile) if state.profile else None,
-        events=[EventIn(item_id=e.item_id, rating=e.rating, timestamp=e.timestamp) for e in state.history],
+        events=[
+            StoredEvent(item_id=e.item_id, rating=e.rating, timestamp=e.timestamp) for e in state.history
+        ],  # fmt: skip
     )
