@@ -162,6 +162,8 @@ def test_bad_cli_settings_exit_2_naming_each_and_train_nothing(tmp_path: Path) -
 
 
 def test_every_config_field_has_help() -> None:
-    for cls in (*RECIPES.values(), LoopConfig):
+    from training.llmsrec.config import RankingConfig
+
+    for cls in (*RECIPES.values(), LoopConfig, ExperimentConfig, RankingConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"

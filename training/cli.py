@@ -21,7 +21,8 @@ from training.config import with_config
 from training.crm.config import CRMConfig
 from training.demo import DEMO_EVAL_ROWS, DEMO_ROWS, DEMO_VALID_ROWS
 from training.llm.config import EvalConfig, Stage1Config, Stage2Config
-from training.llmsrec.config import LLMSRecConfig, SASRecTrainConfig
+from training.llmsrec.config import LLMSRecConfig, RankingConfig, SASRecTrainConfig
+from training.study.config import ExperimentConfig
 
 __all__ = ["register", "train_app"]
 
@@ -214,33 +215,15 @@ experiment_app = typer.Typer(help="The quality study: resumable runs and the rep
 
 
 @experiment_app.command("ml100k")
+@with_config(ExperimentConfig)
 def experiment_ml100k(
-    test_rows: Annotated[int, typer.Option(help="Fixed seeded test rows every model is scored on.")] = 2000,
-    n: Annotated[list[int] | None, typer.Option(help="Few-shot N of the ReLLa runs (repeatable).")] = None,
-    k_sweep: Annotated[list[int] | None, typer.Option(help="Extra K values for ReLLaX.")] = None,
-    din_holdout: Annotated[
-        bool, typer.Option(help="LLM steps read a DIN trained without their few-shot rows.")
-    ] = False,
-    valid_rows: int = 512,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these steps (repeatable).")] = None,
-    results: Annotated[Path, typer.Option(help="Where each step's JSON goes.")] = Path("docs/results"),
+    cfg: ExperimentConfig,
     hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
     report: Annotated[bool, typer.Option(help="Render docs/results.md at the end.")] = True,
 ) -> None:
     """Run every unfinished step of the ML-100K study, then render the report. Run it again to resume."""
-    from training.study.experiment import ExperimentConfig, plan, run
+    from training.study.experiment import plan, run
 
-    cfg = ExperimentConfig(
-        results=results,
-        test_rows=test_rows,
-        valid_rows=valid_rows,
-        only=tuple(only or ()),
-        din_holdout=din_holdout,
-    )
-    if n:
-        cfg.n_values = tuple(n)
-    if k_sweep is not None:
-        cfg.k_sweep = tuple(k_sweep)
     if hours is not None:
         cfg.max_seconds = hours * 3600
     unknown = sorted(set(cfg.only) - set(plan(cfg)))
@@ -249,25 +232,18 @@ def experiment_ml100k(
     for step, state in run(cfg).items():
         typer.echo(f"{step:22s} {state}")
     if report:
-        experiment_report(results=results, out=results.parent / "results.md")
+        experiment_report(results=cfg.results, out=cfg.results.parent / "results.md")
 
 
 @experiment_app.command("ranking")
-def experiment_ranking(
-    out: Annotated[Path, typer.Option(help="Where the JSON goes.")] = Path("docs/results/ranking.json"),
-    bundle: Annotated[
-        Path | None, typer.Option(help="A ReLLaX bundle: ReLLaX as a ranker, and the cascade over LLM-SRec.")
-    ] = None,
-    rellax_users: Annotated[
-        int | None, typer.Option(help="Only the first n cases for ReLLaX (100 LLM prompts each).")
-    ] = None,
-) -> None:
+@with_config(RankingConfig)
+def experiment_ranking(cfg: RankingConfig) -> None:
     """DIN, SASRec and LLM-SRec (and with --bundle ReLLaX and the cascade at M 5/10/20) ranking the
     same test cases (1 liked vs 99 never-seen items per user): HR/NDCG@10/20, paired intervals, and
     the history-shuffle diagnostic."""
-    from training.llmsrec.ranking_eval import RankingConfig, run
+    from training.llmsrec.ranking_eval import run
 
-    result = run(RankingConfig(out=out, bundle=bundle, rellax_users=rellax_users))
+    result = run(cfg)
     for name, m in result["models"].items():
         drop = f", shuffled -{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else ""
         typer.echo(f"{name:9s} NDCG@10 {m['ndcg@10']:.4f} HR@10 {m['hr@10']:.4f}{drop}")

@@ -361,7 +361,9 @@ def _default_of(cls: type, path: tuple[str, ...]) -> Any:
     return value
 
 
-def with_config(cls: type, *, recipe: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def with_config(
+    cls: type, *, recipe: str | None = None
+) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Turn `command(cfg, **own_options)` into a typer command whose options are the config's fields
     (flattened, each with its help and default) plus `--config FILE`, `--print-config` and trailing
     `key=value` overrides. The command gets the validated config; bad settings exit 2, naming each."""
@@ -391,7 +393,9 @@ def with_config(cls: type, *, recipe: str) -> Callable[[Callable[..., Any]], Cal
                     Path | None,
                     typer.Option(
                         "--config",
-                        help=f"YAML settings, or a shipped file by name (training/configs/{recipe}*.yaml).",
+                        help=f"YAML settings, or a shipped file by name (training/configs/{recipe}*.yaml)."
+                        if recipe
+                        else "YAML settings.",
                     ),
                 ],
             ),

@@ -8,7 +8,13 @@ from pathlib import Path
 
 from training.config import setting
 
-__all__ = ["LLMSRecConfig", "SASRecTrainConfig"]
+__all__ = ["LLMSRecConfig", "RankingConfig", "SASRecTrainConfig"]
+
+
+def _din() -> Path:
+    from data.loading import artefact_dir
+
+    return artefact_dir("crm", "din")
 
 
 def _artefact(kind: str) -> Path:
@@ -66,3 +72,26 @@ class LLMSRecConfig:
     def problems(self) -> list[str]:
         names = ("steps", "batch_size", "negatives", "k", "lr", "out_dim", "eval_every", "eval_batch")
         return [f"{n}={getattr(self, n)!r} must be > 0" for n in names if getattr(self, n) <= 0]
+
+
+@dataclass
+class RankingConfig:
+    """`rellax experiment ranking`: every ranker on the same seeded cases."""
+
+    out: Path = setting(Path("docs/results/ranking.json"), help="Where the JSON goes.")
+    sasrec_dir: Path = setting(factory=lambda: _artefact("sasrec"), help="The SASRec to rank with.")
+    llmsrec_dir: Path | None = setting(
+        factory=lambda: _artefact("llmsrec"), help="The LLM-SRec to rank with (null: none)."
+    )
+    din_dir: Path = setting(factory=_din, help="The DIN to rank with.")
+    model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
+    bundle: Path | None = setting(
+        None, help="A ReLLaX bundle: ReLLaX as a ranker, and the cascade over LLM-SRec at M in cascade_m."
+    )
+    rellax_users: int | None = setting(
+        None, help="Only the first n cases for ReLLaX (100 LLM prompts each; null: all)."
+    )
+    users: int | None = setting(None, help="Only the first n test cases for every model (null: all).")
+    cascade_m: tuple[int, ...] = setting((5, 10, 20), help="The cascade's M values.")
+    seed: int = setting(0, help="Seed of the sampled candidates.")
+    shuffle_seed: int = setting(1, help="Seed of the history-shuffle diagnostic.")

@@ -11,35 +11,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data.loading import artefact_dir
 from rellax.logs import get_logger
+from training.llmsrec.config import RankingConfig
 from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases, ranks
 
 __all__ = ["RankingConfig", "cascade_scores", "paired_ndcg_diff", "rellax_scores", "run"]
 
 log = get_logger(__name__)
-
-
-@dataclass
-class RankingConfig:
-    out: Path = Path("docs/results/ranking.json")
-    sasrec_dir: Path = field(default_factory=lambda: artefact_dir("sasrec", "ml100k"))
-    llmsrec_dir: Path | None = field(default_factory=lambda: artefact_dir("llmsrec", "ml100k"))
-    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
-    model_dir: Path | None = None
-    bundle: Path | None = None  # a ReLLaX bundle: ReLLaX as a ranker and the cascade over LLM-SRec
-    rellax_users: int | None = None  # score only the first n cases with ReLLaX (100 LLM passes each)
-    users: int | None = None  # only the first n test cases for every model (None: all)
-    cascade_m: tuple[int, ...] = (5, 10, 20)
-    seed: int = 0
-    shuffle_seed: int = 1
 
 
 def _ndcg(r: np.ndarray, k: int = 10) -> np.ndarray:

@@ -37,20 +37,17 @@ import hashlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from data.loading import artefact_dir
 from rellax.assets import prepare_model
 from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
 from rellax.item_index import ItemIndex
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from rellax.scorer import ScoringModel
 from rellax.tokens import answer_token_ids
 from training.crm.crm import ensure_din
@@ -67,6 +64,7 @@ from training.llm.loop import LoopConfig
 from training.llm.runs import keep_weights, restore_weights
 from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index
 from training.metrics import ctr_metrics
+from training.study.config import ExperimentConfig
 from training.study.tune import DIN_HOLDOUT
 
 __all__ = ["ExperimentConfig", "plan", "progress", "run"]
@@ -75,42 +73,6 @@ log = get_logger(__name__)
 
 STAGE2_STEPS = ("rellax", "spa", "cflora", "rellax-random-init")  # the one-stage runs, over s1-init
 S1_INIT = "s1-init"  # a 0-step stage-1 run: the seeded LoRA init (B = 0) the one-stage runs start from
-
-
-@dataclass
-class ExperimentConfig:
-    """What the study runs. Defaults are the re-planned study (module docstring); a GPU
-    (`RELLAX_DEVICE`, auto = cuda when torch sees one) runs the same steps faster."""
-
-    results: Path = Path("docs/results")
-    runs: Path = field(default_factory=lambda: cache_dir("runs") / "ml100k-v2")
-    test_rows: int = 2000
-    test_seed: int = 1234
-    k: int = 5
-    n_values: tuple[int, ...] = (1024,)
-    k_sweep: tuple[int, ...] = (10,)
-    zero_shot: tuple[str, ...] = ("subr",)
-    valid_rows: int = 512
-    stage1_lr: float = 1e-3
-    stage2_lr: float = 1e-3
-    batch_size: int = 8
-    micro_batch: int = 8
-    epochs: int = 1
-    prompts: str = "subr"  # training prompts of every LLM step: "subr", or "mixed" (ReLLa's)
-    evals_per_epoch: int = 3  # validation points per run (plus step 0): the learning curves
-    chunk: int = 128  # LLM test rows scored between checkpoints
-    only: tuple[str, ...] = ()  # run just these steps (names as in `plan`); the rest stay pending
-    model_dir: Path | None = None
-    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
-    # True: the LLM steps read a DIN trained without their few-shot rows (`training.crm.crm.holdout_rows`),
-    # so they learn from DIN outputs as good as on unseen rows. Off by default: the tuning trial with
-    # it (one-stage-b8-lr1e-3-subr-holdout) reached no higher valid AUC than the shared DIN.
-    din_holdout: bool = False
-    index_dir: Path | None = None
-    max_seconds: float | None = None  # stop starting new chunks/steps after this long
-
-    def to_json(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self), default=str))
 
 
 def plan(cfg: ExperimentConfig) -> list[str]:
