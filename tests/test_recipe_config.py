@@ -94,7 +94,7 @@ def test_precedence_defaults_file_overrides_values(tmp_path: Path) -> None:
     assert load_config(Stage1Config).k == load_config(EvalConfig).k == DEFAULT_K
 
 
-def test_every_problem_is_reported_at_once_naming_its_key() -> None:
+def test_every_problem_is_reported_at_once_naming_its_key(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as exc:
         load_config(
             Stage2Config,
@@ -113,6 +113,13 @@ def test_every_problem_is_reported_at_once_naming_its_key() -> None:
     assert len(exc.value.problems) == 6
     with pytest.raises(ValueError, match="no such file, nor a shipped config"):
         load_config(Stage1Config, "rella-nonexistent")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("k: [5\n")
+    with pytest.raises(ConfigError, match="not YAML"):
+        load_config(Stage1Config, broken)
+    broken.write_text("- k\n- 5\n")
+    with pytest.raises(ConfigError, match="a YAML mapping of settings is needed"):
+        load_config(Stage1Config, broken)
     with pytest.raises(ConfigError, match="dropout=1.5 must be in"):
         load_config(CRMConfig, overrides=["dropout=1.5"])
 

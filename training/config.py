@@ -102,7 +102,10 @@ def load_config(
     aliases, nested = _aliases(cls), _nested_paths(cls)
     raw: dict[str, Any] = {}
     if path is not None:
-        found = yaml.safe_load(resolve_config_path(path).read_text()) or {}
+        try:
+            found = yaml.safe_load(resolve_config_path(path).read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(name, [f"{path}: not YAML ({exc})"]) from None
         if not isinstance(found, dict):
             raise ConfigError(name, [f"{path}: a YAML mapping of settings is needed"])
         for key, value in _flatten(found, nested):
