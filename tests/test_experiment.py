@@ -118,6 +118,8 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
     for name in ("rella-n8", "spa", "cflora", "rellax", "rellax-merged"):
         r = _record(study, name)
         assert r["test"] == pytest.approx(ctr_metrics(labels, np.asarray(r["predictions"])), abs=1e-5)
+        # Scored as bundles are served (fp32), also where training ran in the bf16 recipe.
+        assert r["score_dtype"] == "float32", name
         assert r["trainable_params"] > 0 and r["samples_per_s"] > 0 and 0 <= r["valid_auc"] <= 1
         assert r["device"] in ("cpu/float32", "cpu/bfloat16")  # where it trained, recorded with it
     best = max(("rella-n8", "rella-n16"), key=lambda n: _record(study, n)["valid_auc"])

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from rellax import precision
 from rellax.assets import prepare_model
 from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
@@ -72,6 +73,10 @@ __all__ = ["ExperimentConfig", "plan", "progress", "run"]
 log = get_logger(__name__)
 
 STAGE2_STEPS = ("rellax", "spa", "cflora", "rellax-random-init")  # the one-stage runs, over s1-init
+# Test rows are scored in the dtype bundles are served in (`RELLAX_DTYPE=auto`: fp32), whatever the
+# CPU: on a native-bf16 CPU training may run in the bf16 recipe (faster, recorded as `device`), but
+# a figure in the report must describe the model as served, and every step the same way.
+SCORE_DTYPE = precision.name(precision.resolve("auto"))
 S1_INIT = "s1-init"  # a 0-step stage-1 run: the seeded LoRA init (B = 0) the one-stage runs start from
 
 
@@ -83,10 +88,10 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     return steps + [f"rellax-k{k}" for k in cfg.k_sweep if k != cfg.k]
 
 
-def partial_scores_path(folder: Path, model_id: str, rows_hash: str) -> Path:
-    """Where a model's finished scoring chunks live: named by model and rows, so a retrained model (a
-    new run id) or another row set never inherits them."""
-    return folder / f"partial-{model_id}-{rows_hash}.npz"
+def partial_scores_path(folder: Path, model_id: str, rows_hash: str, dtype: str = SCORE_DTYPE) -> Path:
+    """Where a model's finished scoring chunks live: named by model, dtype and rows, so a retrained
+    model (a new run id), another dtype or another row set never inherits them."""
+    return folder / f"partial-{model_id}-{dtype}-{rows_hash}.npz"
 
 
 class _Context:
@@ -138,7 +143,7 @@ class _Context:
 
     def base(self) -> tuple[Any, Any, Any]:
         """A fresh base LLM (each step injects its own adapters), its tokenizer, the item index."""
-        lm, tok = load_base_lm(self.model_dir)
+        lm, tok = load_base_lm(self.model_dir, bf16=SCORE_DTYPE == "bfloat16")
         return lm, tok, load_or_build_index(self.index_dir, lm, tok, self.catalogue, self.manifest)
 
     def item_index(self) -> Any:
@@ -195,6 +200,9 @@ class _Context:
     ) -> tuple[np.ndarray, float]:
         """P(yes) for every test example and the scoring seconds, resumable chunk by chunk: the seconds
         count every session's chunks, not only the last session's (they are saved with the scores)."""
+        computed = precision.name(precision.compute_dtype(model.lm))
+        if computed != SCORE_DTYPE:  # what llm_payload records must be what the scores came from
+            raise RuntimeError(f"{name}: scoring in {computed}, the study scores in {SCORE_DTYPE}")
         partial = partial_scores_path(self.cfg.runs / name, model_id, self.rows_hash)
         return score_resumably(model, examples, partial, self.cfg.chunk, self.deadline, name)
 
@@ -202,6 +210,7 @@ class _Context:
         return {
             "test": ctr_metrics(self.labels, p),
             "score_seconds": round(seconds, 1),
+            "score_dtype": SCORE_DTYPE,
             **extra,
             "predictions": [round(float(x), 6) for x in p],
         }

@@ -132,13 +132,22 @@ def _row(name: str, r: dict[str, Any]) -> str:
         _fmt(r.get("train_examples")),
         _fmt(r.get("train_seconds"), 0),
         _fmt(r.get("samples_per_s"), 2),
+        _dtypes(r),
     ]
     return "| " + " | ".join(cells) + " |"
 
 
+def _dtypes(r: dict[str, Any]) -> str:
+    """ "trained / scored" dtypes of an LLM step. Records from before `score_dtype` was kept were
+    scored in the recipe they trained in (the study then loaded its base as training did)."""
+    trained = r.get("device", "").rpartition("/")[2]
+    scored = r.get("score_dtype") or trained
+    return f"{trained} / {scored}" if trained else (scored or "–")
+
+
 _HEAD = (
     "| model | test AUC | LogLoss | accuracy | valid AUC (selection) | trainable params | train examples "
-    "| train s | samples/s |\n|---|---|---|---|---|---|---|---|---|"
+    "| train s | samples/s | dtype (train / test) |\n|---|---|---|---|---|---|---|---|---|---|"
 )
 
 
