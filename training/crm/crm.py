@@ -1,4 +1,4 @@
-"""Recipe: train the conventional CTR model (DIN, DESIGN §6) and its two baselines.
+"""Recipe: train the conventional CTR model (DIN, docs/design.md §6) and its two baselines.
 
 Reads top to bottom: `setup(cfg)` loads the samples, builds the vocab from the train split only,
 encodes every split once with the same `encode_batch` serving uses, and builds model and optimiser;

@@ -1,5 +1,5 @@
 """`rellax export`: a trained run -> a bundle the service loads (issue 3 §6), plus the merged
-checkpoint for vLLM (W0 + s·B·Ḡᵀ·A, DESIGN §8) with the price of merging measured on validation.
+checkpoint for vLLM (W0 + s·B·Ḡᵀ·A, docs/design.md §8) with the price of merging measured on validation.
 
 The base LLM is loaded in fp32 here, so the bundle keeps the original weights bit for bit; the
 service picks its compute dtype at load time.

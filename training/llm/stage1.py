@@ -1,4 +1,4 @@
-"""Stage 1, ReLLa instruction tuning (DESIGN §7): peft LoRA on q_proj/v_proj over few-shot prompts.
+"""Stage 1, ReLLa instruction tuning (docs/design.md §7): peft LoRA on q_proj/v_proj over few-shot prompts.
 
 A recipe, not a framework: `setup(cfg)` builds data, model and validation; `train()` runs the shared
 loop; `main(cfg)` writes the adapter and `metrics.json`. Each of the N few-shot rows is used twice,

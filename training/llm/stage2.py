@@ -1,4 +1,4 @@
-"""Stage 2, ReLLaX (DESIGN §7): SPA projector and/or CFLoRA gates over the frozen stage-1 model.
+"""Stage 2, ReLLaX (docs/design.md §7): SPA projector and/or CFLoRA gates over the frozen stage-1 model.
 
 The LLM, the stage-1 A and B, and the DIN are frozen. Modes (for the ablations):
   spa     - train the SPA projector only (prompts carry [hist]/[target]; gates absent, G = I)
@@ -171,7 +171,7 @@ class Stage2Recipe:
 
     @torch.no_grad()
     def mean_gates(self) -> dict[str, torch.Tensor]:
-        """Ḡ per gated layer: the mean of G(h) over the training instances (DESIGN §8)."""
+        """Ḡ per gated layer: the mean of G(h) over the training instances (docs/design.md §8)."""
         h = torch.stack([e.h for e in self.examples]).to(next(self.model.lm.parameters()).device)
         return {name: G.float().mean(dim=0) for name, G in gate_matrices(self.model.lm, h).items()}
 

@@ -52,7 +52,8 @@ def make_tiny_bundle(
         for i in range(1, n_items + 1)
     ]
     add_soft_tokens(tokenizer, lm)
-    index = build_item_index(lm, tokenizer, items, dim=512, progress=False)  # from the base LM (DESIGN §4)
+    # From the base LM, as `rellax index build` does (docs/design.md §4).
+    index = build_item_index(lm, tokenizer, items, dim=512, progress=False)
     staging = tempfile.TemporaryDirectory(prefix="rellax-tiny-llmsrec-")
     llmsrec_dir = _tiny_llmsrec(Path(staging.name), lm, tokenizer, items) if llmsrec else None
     config = BundleConfig(k=5)

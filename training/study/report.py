@@ -25,6 +25,8 @@ CHANCE = "chance"  # a constant score: AUC 0.5 on every resample, so "x - chance
 COMPARISONS = (
     ("DIN - LR on prompt features", "DIN", "LR on prompt features"),
     ("ReLLaX - DIN", "rellax", "DIN"),
+    ("ReLLaX - CFLoRA only (what SPA adds)", "rellax", "cflora"),
+    ("ReLLaX - SPA only (what CFLoRA adds)", "rellax", "spa"),
     ("zero-shot SUBR - zero-shot recency", "zero-shot-subr", "zero-shot-recency"),
     ("zero-shot recency - chance", "zero-shot-recency", CHANCE),
     ("zero-shot SUBR - chance", "zero-shot-subr", CHANCE),
@@ -52,7 +54,7 @@ ABLATION_NOTE = (
     "SPA + gates trained over the finished `rella` run with A, B frozen. `rellax-merged` is `rellax` "
     "served with CFLoRA folded in at the mean gate (the vLLM path)."
 )
-# ReLLa paper, ML-1M test AUC (DESIGN §12): typed once, read by both the footer and the reading.
+# ReLLa paper, ML-1M test AUC (docs/design.md §12): typed once, read by both the footer and the reading.
 PAPER_AUC = {
     "DIN": 0.7962,
     "SIM": 0.7992,
@@ -61,7 +63,9 @@ PAPER_AUC = {
     "ReLLa with <10%": 0.8033,
 }
 PAPER = (
-    "ReLLa paper, ML-1M test AUC (DESIGN §12): " + ", ".join(f"{k} {v}" for k, v in PAPER_AUC.items()) + "."
+    "ReLLa paper, ML-1M test AUC (design.md §12): "
+    + ", ".join(f"{k} {v}" for k, v in PAPER_AUC.items())
+    + "."
 )
 # The paper's pattern as differences from its DIN, to set beside ours: (what, AUC - DIN AUC).
 PAPER_VS_DIN = tuple(
