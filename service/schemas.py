@@ -32,8 +32,8 @@ __all__ = [
     "HealthResponse",
     "HistoryResponse",
     "MAX_EVENTS",
+    "ItemKey",
     "ProfileIn",
-    "StoredEvent",
     "ReadyResponse",
     "RerankRequest",
     "RerankResponse",
@@ -41,6 +41,7 @@ __all__ = [
     "ScoreRequest",
     "ScoreResponse",
     "ScoredItem",
+    "StoredEvent",
     "Timing",
     "UserId",
 ]
