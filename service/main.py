@@ -40,6 +40,25 @@ def load_bundle(settings: Settings) -> Any:
     return Bundle.load(settings.bundle, dtype=settings.dtype)
 
 
+def merge_refusal(settings: Settings, bundle: Any) -> str | None:
+    """Why the vLLM backend must not serve this bundle, or None: the merged export (CFLoRA folded in at
+    the mean gate) lost more valid AUC than RELLAX_MAX_MERGE_AUC_DROP against the exact model, as the
+    export measured on the same validation rows. Without this check it would serve the loss silently."""
+    metrics = bundle.manifest.get("metrics", {})
+    exact, merged = metrics.get("valid_auc_exact_subset"), metrics.get("valid_auc_merged_subset")
+    if settings.backend != "vllm" or exact is None or merged is None:
+        return None
+    drop = float(exact) - float(merged)
+    if drop <= settings.max_merge_auc_drop:
+        return None
+    rows = metrics.get("merged_valid_rows", "?")
+    return (
+        f"the merged export loses {drop:.4f} valid AUC (exact {exact:.4f} vs merged {merged:.4f} on {rows} "
+        f"rows), over RELLAX_MAX_MERGE_AUC_DROP={settings.max_merge_auc_drop}: serve it with "
+        "RELLAX_BACKEND=torch (exact CFLoRA), or raise the limit to accept the loss"
+    )
+
+
 def build_backend(settings: Settings, bundle: Any) -> ScoringBackend:
     """The configured backend over this bundle, through each backend's `from_bundle`: torch scores the
     bundle's exact model; vLLM serves its merged export (CFLoRA folded in with the mean gate,
@@ -60,6 +79,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             log.error("cannot serve this bundle", bundle=str(s.bundle), reason=str(exc))
             raise
     bundle = app.state.bundle
+    if (refusal := merge_refusal(s, bundle)) is not None:
+        log.error("cannot serve this bundle", bundle=str(s.bundle), reason=refusal)
+        raise BundleError(refusal)
     async with AsyncExitStack() as stack:
         client = connect(s.redis_url, timeout_s=s.redis_timeout_ms / 1000)
         stack.push_async_callback(client.aclose)

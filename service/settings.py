@@ -44,6 +44,13 @@ class Settings(BaseSettings):
     backend: Literal["torch", "vllm"] = Field(
         "torch", description="Model backend: torch (exact CFLoRA, on the CPU) or vllm (merged export, GPU)."
     )
+    max_merge_auc_drop: float = Field(
+        0.01,
+        ge=0,
+        description="vllm only: refuse to start when the bundle's merged export lost more valid AUC than "
+        "this against exact CFLoRA (the export measures both; a model that relies on per-instance gates "
+        "can lose everything when they are folded in at their mean).",
+    )
     redis_url: str | None = Field(
         None,
         description="Redis holding user histories; unset = `rellax serve` starts an embedded redis-server "

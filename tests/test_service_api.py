@@ -511,3 +511,26 @@ def test_vllm_backend_needs_the_merged_export(redis_url: str) -> None:
     with pytest.raises(BackendError, match="no merged/ export"):
         build_backend(make_settings(redis_url, backend="vllm"), tiny_bundle())
     assert build_backend(make_settings(redis_url), tiny_bundle()).name == "torch"
+
+
+async def test_vllm_refuses_a_bundle_whose_merged_export_lost_auc(redis_url: str) -> None:
+    """The study's one-stage ReLLaX lost all its signal merged at the mean gate (test AUC 0.7468 ->
+    0.5072): the vLLM backend must not serve such a bundle silently; torch (exact CFLoRA) still does."""
+    from rellax.errors import BundleError
+    from service.main import merge_refusal
+
+    bundle = tiny_bundle()
+    saved = dict(bundle.manifest["metrics"])
+    lost = {"valid_auc_exact_subset": 0.70, "valid_auc_merged_subset": 0.51, "merged_valid_rows": 256}
+    bundle.manifest["metrics"].update(lost)
+    try:
+        with pytest.raises(BundleError, match=r"loses 0\.1900 valid AUC .*256 rows.*RELLAX_BACKEND=torch"):
+            async with asgi_app(make_settings(redis_url, backend="vllm")):
+                pass
+        async with asgi_app(make_settings(redis_url)) as (_, client):
+            assert (await client.get("/readyz")).status_code == 200
+        assert merge_refusal(make_settings(redis_url, backend="vllm", max_merge_auc_drop=0.2), bundle) is None
+        bundle.manifest["metrics"].update(valid_auc_merged_subset=0.695)  # within the default 0.01
+        assert merge_refusal(make_settings(redis_url, backend="vllm"), bundle) is None
+    finally:
+        bundle.manifest["metrics"] = saved
