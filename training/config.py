@@ -27,6 +27,7 @@ import yaml
 
 __all__ = [
     "CONFIG_DIR",
+    "artefact",
     "ConfigError",
     "dump_yaml",
     "leaf_fields",
@@ -63,6 +64,18 @@ def setting(
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def artefact(kind: str, name: str, *parts: str) -> Callable[[], Path]:
+    """A `factory=` for a folder under the data set's artefacts (`data.loading.artefact_dir`), built
+    only when a default is needed: the data layer imports pandas, `rellax --help` should not."""
+
+    def build() -> Path:
+        from data.loading import artefact_dir
+
+        return artefact_dir(kind, name).joinpath(*parts)
+
+    return build
 
 
 @dataclasses.dataclass(frozen=True)

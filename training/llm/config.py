@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import setting
+from training.config import artefact, setting
 
 __all__ = ["DEFAULT_K", "EvalConfig", "LoopConfig", "Stage1Config", "Stage2Config", "Stage2Mode"]
 
@@ -22,18 +22,6 @@ PROMPTS_HELP = (
     "Training prompts: mixed = each row as a recency and a SUBR prompt (ReLLa's mix); "
     "subr = one SUBR prompt a row."
 )
-
-
-def _runs(name: str) -> Path:
-    from data.loading import artefact_dir  # pandas: only when a default is built
-
-    return artefact_dir("runs", "demo") / name
-
-
-def _din() -> Path:
-    from data.loading import artefact_dir
-
-    return artefact_dir("crm", "din")
 
 
 @dataclass
@@ -81,7 +69,7 @@ def _rows_problems(cfg: Stage1Config | Stage2Config) -> list[str]:
 class Stage1Config:
     """Stage 1 (ReLLa): LoRA over few-shot prompts; defaults are sized for the demo on a 2-core CPU."""
 
-    out: Path = setting(factory=lambda: _runs("stage1"), help="Run folder.")
+    out: Path = setting(factory=artefact("runs", "demo", "stage1"), help="Run folder.")
     model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
     index_dir: Path | None = setting(None, help="Item index folder (default: the data set's, for this LLM).")
     n_rows: int = setting(256, help="Few-shot training rows.")
@@ -109,9 +97,9 @@ class Stage1Config:
 class Stage2Config:
     """Stage 2 (ReLLaX): SPA and/or CFLoRA gates over stage 1; defaults are sized for the demo."""
 
-    stage1: Path = setting(factory=lambda: _runs("stage1"), help="The stage-1 run it builds on.")
-    out: Path = setting(factory=lambda: _runs("stage2"), help="Run folder.")
-    din_dir: Path = setting(factory=_din, help="The frozen DIN (default: the data set's).")
+    stage1: Path = setting(factory=artefact("runs", "demo", "stage1"), help="The stage-1 run it builds on.")
+    out: Path = setting(factory=artefact("runs", "demo", "stage2"), help="Run folder.")
+    din_dir: Path = setting(factory=artefact("crm", "din"), help="The frozen DIN (default: the data set's).")
     model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
     index_dir: Path | None = setting(None, help="Item index folder (default: the data set's, for this LLM).")
     mode: Stage2Mode = setting("rellax", help="rellax (SPA + CFLoRA), spa or cflora.")
@@ -148,12 +136,14 @@ class EvalConfig:
     n: int | None = setting(2000, help="Rows of the split (null: every row).")
     seed: int = setting(1234, help="Seed of the row sample.")
     k: int = setting(DEFAULT_K, help="History items per prompt.")
-    stage1: Path | None = setting(factory=lambda: _runs("stage1"), help="Stage-1 run folder (null: none).")
+    stage1: Path | None = setting(
+        factory=artefact("runs", "demo", "stage1"), help="Stage-1 run folder (null: none)."
+    )
     stage2: dict[str, Path] = setting(
         factory=dict, help="Stage-2 runs, mode -> run folder (option: --stage2 mode=DIR).", cli=False
     )
-    din_dir: Path = setting(factory=_din, help="The DIN (default: the data set's).")
-    out: Path = setting(factory=lambda: _runs("eval"), help="Where eval.json / eval.md go.")
+    din_dir: Path = setting(factory=artefact("crm", "din"), help="The DIN (default: the data set's).")
+    out: Path = setting(factory=artefact("runs", "demo", "eval"), help="Where eval.json / eval.md go.")
     zero_shot: bool = setting(True, help="Also score the base LLM zero-shot.")
     model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
     index_dir: Path | None = setting(None, help="Item index folder (default: the data set's, for this LLM).")

@@ -6,28 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.config import setting
+from training.config import artefact, setting
 
 __all__ = ["LLMSRecConfig", "RankingConfig", "SASRecTrainConfig"]
-
-
-def _din() -> Path:
-    from data.loading import artefact_dir
-
-    return artefact_dir("crm", "din")
-
-
-def _artefact(kind: str) -> Path:
-    from data.loading import artefact_dir  # pandas: only when a default is built
-
-    return artefact_dir(kind, "ml100k")
 
 
 @dataclass
 class SASRecTrainConfig:
     """SASRec, LLM-SRec's collaborative teacher."""
 
-    out: Path = setting(factory=lambda: _artefact("sasrec"), help="Model folder.")
+    out: Path = setting(factory=artefact("sasrec", "ml100k"), help="Model folder.")
     seed: int = setting(0, help="Random seed.")
     dim: int = setting(64, help="Embedding width.")
     blocks: int = setting(2, help="Transformer blocks.")
@@ -52,9 +40,9 @@ class SASRecTrainConfig:
 class LLMSRecConfig:
     """LLM-SRec over the frozen LLM, distilling SASRec."""
 
-    out: Path = setting(factory=lambda: _artefact("llmsrec"), help="Output folder.")
+    out: Path = setting(factory=artefact("llmsrec", "ml100k"), help="Output folder.")
     sasrec_dir: Path = setting(
-        factory=lambda: _artefact("sasrec"), help="The trained teacher (rellax train sasrec)."
+        factory=artefact("sasrec", "ml100k"), help="The trained teacher (rellax train sasrec)."
     )
     model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
     seed: int = setting(0, help="Random seed.")
@@ -79,11 +67,11 @@ class RankingConfig:
     """`rellax experiment ranking`: every ranker on the same seeded cases."""
 
     out: Path = setting(Path("docs/results/ranking.json"), help="Where the JSON goes.")
-    sasrec_dir: Path = setting(factory=lambda: _artefact("sasrec"), help="The SASRec to rank with.")
+    sasrec_dir: Path = setting(factory=artefact("sasrec", "ml100k"), help="The SASRec to rank with.")
     llmsrec_dir: Path | None = setting(
-        factory=lambda: _artefact("llmsrec"), help="The LLM-SRec to rank with (null: none)."
+        factory=artefact("llmsrec", "ml100k"), help="The LLM-SRec to rank with (null: none)."
     )
-    din_dir: Path = setting(factory=_din, help="The DIN to rank with.")
+    din_dir: Path = setting(factory=artefact("crm", "din"), help="The DIN to rank with.")
     model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
     bundle: Path | None = setting(
         None, help="A ReLLaX bundle: ReLLaX as a ranker, and the cascade over LLM-SRec at M in cascade_m."

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import setting
+from training.config import artefact, setting
 
 __all__ = ["ExperimentConfig"]
 
@@ -17,12 +17,6 @@ def _runs() -> Path:
     from rellax.paths import cache_dir
 
     return cache_dir("runs") / "ml100k-v2"
-
-
-def _din() -> Path:
-    from data.loading import artefact_dir  # pandas: only when a default is built
-
-    return artefact_dir("crm", "din")
 
 
 @dataclass
@@ -54,7 +48,9 @@ class ExperimentConfig:
     chunk: int = setting(128, help="LLM test rows scored between checkpoints.")
     only: tuple[str, ...] = setting((), help="Run only these steps (names as planned); the rest wait.")
     model_dir: Path | None = setting(None, help="Base LLM folder (default: the bundled SmolLM2).")
-    din_dir: Path = setting(factory=_din, help="The DIN every LLM step reads (trained when missing).")
+    din_dir: Path = setting(
+        factory=artefact("crm", "din"), help="The DIN every LLM step reads (trained when missing)."
+    )
     # Off by default: the tuning trial with it (one-stage-b8-lr1e-3-subr-holdout) reached no higher
     # valid AUC than the shared DIN.
     din_holdout: bool = setting(
