@@ -9,7 +9,7 @@ answers the same 422 shape a static limit gives.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal, Self
+from typing import Annotated, ClassVar, Literal, Self
 
 from pydantic import (
     BaseModel,
@@ -115,6 +115,8 @@ def _duplicates(values: list) -> list:  # noqa: ANN001 - ints or strings
 class ScoreRequest(_Model):
     """Score candidates for one user: give `item_ids` (integers) or `item_keys` (your own ids)."""
 
+    candidates_required: ClassVar[bool] = True  # /v1/rerank without candidates retrieves its own
+
     user_id: UserId
     item_ids: list[ItemId] | None = Field(
         None,
@@ -142,13 +144,15 @@ class ScoreRequest(_Model):
     def _one_way_to_name_candidates(self) -> Self:
         if self.item_ids is not None and self.item_keys is not None:
             raise ValueError("give item_ids or item_keys, not both")
-        if self.item_ids is None and self.item_keys is None and type(self) is ScoreRequest:
+        if self.item_ids is None and self.item_keys is None and self.candidates_required:
             raise ValueError("item_ids (or item_keys) is required")
         return self
 
 
 class RerankRequest(ScoreRequest):
     """Rank candidates (or, without item_ids, LLM-SRec's own retrieval) for one user, best first."""
+
+    candidates_required: ClassVar[bool] = False
 
     item_ids: list[ItemId] | None = Field(  # type: ignore[assignment]
         None,

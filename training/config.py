@@ -32,6 +32,7 @@ __all__ = [
     "dump_yaml",
     "leaf_fields",
     "load_config",
+    "not_positive",
     "setting",
     "with_config",
 ]
@@ -64,6 +65,11 @@ def setting(
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def not_positive(cfg: Any, *names: str) -> list[str]:
+    """The `problems()` line for each named field that is not > 0, in the order named."""
+    return [f"{n}={getattr(cfg, n)!r} must be > 0" for n in names if getattr(cfg, n) <= 0]
 
 
 def artefact(kind: str, name: str, *parts: str) -> Callable[[], Path]:

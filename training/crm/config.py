@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from training.config import setting
+from training.config import not_positive, setting
 
 __all__ = ["CRMConfig"]
 
@@ -39,11 +39,9 @@ class CRMConfig:
 
     def problems(self) -> list[str]:
         """Every bad value, so a run fails at start-up, once, naming all of them."""
-        problems = [
-            f"{name}={getattr(self, name)!r} must be > 0"
-            for name in ("max_epochs", "patience", "batch_size", "eval_batch_size", "lr", "embed_dim")
-            if getattr(self, name) <= 0
-        ]
+        problems = not_positive(
+            self, "max_epochs", "patience", "batch_size", "eval_batch_size", "lr", "embed_dim"
+        )
         if not 0.0 <= self.dropout < 1.0:
             problems.append(f"dropout={self.dropout!r} must be in [0, 1)")
         if self.max_steps_per_epoch is not None and self.max_steps_per_epoch <= 0:

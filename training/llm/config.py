@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import artefact, setting
+from training.config import artefact, not_positive, setting
 
 __all__ = ["DEFAULT_K", "EvalConfig", "LoopConfig", "Stage1Config", "Stage2Config", "Stage2Mode"]
 
@@ -45,11 +45,7 @@ class LoopConfig:
     fsdp: bool = setting(False, help="Under torchrun: shard the frozen base's layers (FSDP2) instead of DDP.")
 
     def problems(self) -> list[str]:
-        found = [
-            f"{name}={getattr(self, name)!r} must be > 0"
-            for name in ("lr", "batch_size", "micro_batch", "evals_per_epoch")
-            if getattr(self, name) <= 0
-        ]
+        found = not_positive(self, "lr", "batch_size", "micro_batch", "evals_per_epoch")
         if self.epochs < 0:  # 0 is a 0-step run: the seeded LoRA init the one-stage recipe starts from
             found.append(f"epochs={self.epochs!r} must be >= 0")
         if not 0.0 <= self.warmup_ratio < 1.0:
@@ -58,11 +54,7 @@ class LoopConfig:
 
 
 def _rows_problems(cfg: Stage1Config | Stage2Config) -> list[str]:
-    return [
-        f"{name}={getattr(cfg, name)!r} must be > 0"
-        for name in ("n_rows", "k", "valid_rows")
-        if getattr(cfg, name) <= 0
-    ]
+    return not_positive(cfg, "n_rows", "k", "valid_rows")
 
 
 @dataclass

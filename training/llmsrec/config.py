@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.config import artefact, setting
+from training.config import artefact, not_positive, setting
 
 __all__ = ["LLMSRecConfig", "RankingConfig", "SASRecTrainConfig"]
 
@@ -32,8 +32,9 @@ class SASRecTrainConfig:
     patience: int = setting(4, help="Validations without a better valid NDCG@10 before stopping.")
 
     def problems(self) -> list[str]:
-        names = ("dim", "blocks", "heads", "max_len", "lr", "batch_size", "max_epochs", "eval_every")
-        return [f"{n}={getattr(self, n)!r} must be > 0" for n in names if getattr(self, n) <= 0]
+        return not_positive(
+            self, "dim", "blocks", "heads", "max_len", "lr", "batch_size", "max_epochs", "eval_every"
+        )
 
 
 @dataclass
@@ -58,8 +59,9 @@ class LLMSRecConfig:
     eval_batch: int = setting(32, help="Prompts per forward pass when scoring.")
 
     def problems(self) -> list[str]:
-        names = ("steps", "batch_size", "negatives", "k", "lr", "out_dim", "eval_every", "eval_batch")
-        return [f"{n}={getattr(self, n)!r} must be > 0" for n in names if getattr(self, n) <= 0]
+        return not_positive(
+            self, "steps", "batch_size", "negatives", "k", "lr", "out_dim", "eval_every", "eval_batch"
+        )
 
 
 @dataclass

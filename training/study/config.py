@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from training.config import artefact, setting
+from training.config import artefact, not_positive, setting
 
 __all__ = ["ExperimentConfig"]
 
@@ -62,8 +62,9 @@ class ExperimentConfig:
     )
 
     def problems(self) -> list[str]:
-        names = ("test_rows", "k", "valid_rows", "batch_size", "micro_batch", "epochs", "chunk")
-        found = [f"{n}={getattr(self, n)!r} must be > 0" for n in names if getattr(self, n) <= 0]
+        found = not_positive(
+            self, "test_rows", "k", "valid_rows", "batch_size", "micro_batch", "epochs", "chunk"
+        )
         if not self.n_values or min(self.n_values) <= 0:
             found.append(f"n_values={self.n_values!r} needs positive N")
         return found
