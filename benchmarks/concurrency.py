@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results_io import save  # noqa: E402
 from benchmarks.service import served, workload  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 TARGET = 0.85
 
@@ -93,19 +94,15 @@ def markdown(result: dict) -> str:
         f"{result['warmup_s']} s warm-up then a {result['window_s']} s window per cell; candidates/s = "
         "what the model scored in the window (rellax_batch_size_sum).",
         "",
-        "| candidates/request | clients | cand/s | req/s | non-200 | share of 1 client |",
-        "|---:|---:|---:|---:|---:|---:|",
     ]
-    for size in result["sizes"]:
-        for lv in size["levels"]:
-            cells = (
-                size["candidates"],
-                lv["clients"],
-                lv["candidates_per_s"],
-                lv["requests_per_s"],
-                lv["non_200"],
-            )
-            lines.append("| " + " | ".join(map(str, cells)) + f" | {lv['share_of_one_client']:.0%} |")
+    cells = [
+        (size["candidates"], lv["clients"], lv["candidates_per_s"], lv["requests_per_s"], lv["non_200"],
+         f"{lv['share_of_one_client']:.0%}")
+        for size in result["sizes"]
+        for lv in size["levels"]
+    ]  # fmt: skip
+    columns = ("candidates/request", "clients", "cand/s", "req/s", "non-200", "share of 1 client")
+    lines.append(markdown_table(columns, cells, align="rrrrrr"))
     met = ", ".join(f"{s['candidates']}: {'yes' if s['target_met'] else 'no'}" for s in result["sizes"])
     most = result["sizes"][0]["levels"][-1]["clients"]
     lines += ["", f"Target: at {most} clients >= {TARGET:.0%} of 1 client. Met: {met}.", ""]

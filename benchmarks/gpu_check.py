@@ -37,6 +37,7 @@ from scoring import careful  # noqa: E402  (transformers batched, left-padded: t
 from rellax.model_input import ModelInput  # noqa: E402
 from rellax.prompt import Prompt, build_prompt  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 
 def model_dir(tiny: bool, out: Path) -> Path:
@@ -179,14 +180,17 @@ def main() -> None:
     lines = [
         f"GPU check on {device_name} ({device}, {dtype_name}); model: {result['model']}.",
         "",
-        "| K | candidates | mean tokens | transformers cand/s | vLLM cand/s | vLLM speed-up | max abs dP |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-        *(
-            f"| {r['K']} | {r['candidates']} | {r['mean_tokens']} | {r['transformers_cand_per_s']} | "
-            f"{r['vllm_cand_per_s']} | {r['vllm_speedup']}x | {r['max_abs_dp']:.2e} |"
-            for r in rows
+        markdown_table(
+            ("K", "candidates", "mean tokens", "transformers cand/s", "vLLM cand/s", "vLLM speed-up",
+             "max abs dP"),
+            [
+                (r["K"], r["candidates"], r["mean_tokens"], r["transformers_cand_per_s"],
+                 r["vllm_cand_per_s"], f"{r['vllm_speedup']}x", f"{r['max_abs_dp']:.2e}")
+                for r in rows
+            ],
+            align="rrrrrrr",
         ),
-    ]
+    ]  # fmt: skip
     save(args.out, "gpu_check", result, "\n".join(lines) + "\n")
 
 

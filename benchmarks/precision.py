@@ -40,6 +40,7 @@ from rellax.precision import cpu_supports_bf16  # noqa: E402
 from training.fewshot import eval_rows  # noqa: E402
 from training.llm.data import Catalogue  # noqa: E402
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 DTYPES = ("float32", "bfloat16")
 TARGET_P, TARGET_AUC = 0.005, 0.001
@@ -167,18 +168,21 @@ def render(report: dict) -> str:
         f"Bundle {report['model_version']}, the seeded test rows of `rellax eval` (seed {report['seed']}), "
         "served through `Bundle.prepare` + `score_inputs`; bf16 is `rellax.precision`'s recipe.",
         "",
-        "| K | rows | AUC fp32 | AUC bf16 | dAUC [95% CI] | LogLoss fp32 | LogLoss bf16 "
-        "| max / p99 / mean abs dP | rows/s fp32 / bf16 |",
-        "|---:|---:|---:|---:|---|---:|---:|---|---|",
     ]
+    cells = []
     for r in report["results"]:
         m, d, gap, speed = r["metrics"], r["auc_bf16_minus_fp32"], r["abs_p_diff"], r["rows_per_s"]
-        lines.append(
-            f"| {r['K']} | {r['rows']} | {m['float32']['auc']:.4f} | {m['bfloat16']['auc']:.4f} | "
-            f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] | {m['float32']['logloss']:.4f} | "
-            f"{m['bfloat16']['logloss']:.4f} | {gap['max']:.4f} / {gap['p99']:.4f} / {gap['mean']:.4f} | "
-            f"{speed['float32']:.2f} / {speed['bfloat16']:.2f} |"
-        )
+        cells.append((
+            r["K"], r["rows"], f"{m['float32']['auc']:.4f}", f"{m['bfloat16']['auc']:.4f}",
+            f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]", f"{m['float32']['logloss']:.4f}",
+            f"{m['bfloat16']['logloss']:.4f}", f"{gap['max']:.4f} / {gap['p99']:.4f} / {gap['mean']:.4f}",
+            f"{speed['float32']:.2f} / {speed['bfloat16']:.2f}",
+        ))  # fmt: skip
+    columns = (
+        "K", "rows", "AUC fp32", "AUC bf16", "dAUC [95% CI]", "LogLoss fp32", "LogLoss bf16",
+        "max / p99 / mean abs dP", "rows/s fp32 / bf16",
+    )  # fmt: skip
+    lines.append(markdown_table(columns, cells, align="rrrrlrrll"))
     t = report["targets"]
     lines += [
         "",
@@ -197,11 +201,13 @@ def render(report: dict) -> str:
             f"Batch invariance: user {inv['user']}, item {inv['item']} (not rated by the user), scored "
             f"alone, in a pair and inside a {inv['crowd']}-candidate request:",
             "",
-            "| dtype | alone | pair | crowd | max abs move |",
-            "|---|---:|---:|---:|---:|",
-            *(
-                f"| {d} | {v['alone']:.6f} | {v['pair']:.6f} | {v['crowd']:.6f} | {v['max_abs_move']:.1e} |"
-                for d, v in inv["by_dtype"].items()
+            markdown_table(
+                ("dtype", "alone", "pair", "crowd", "max abs move"),
+                [
+                    (d, *(f"{v[c]:.6f}" for c in ("alone", "pair", "crowd")), f"{v['max_abs_move']:.1e}")
+                    for d, v in inv["by_dtype"].items()
+                ],
+                align="lrrrr",
             ),
         ]
     return "\n".join(lines) + "\n"

@@ -26,6 +26,7 @@ from rellax.assets import prepare_model  # noqa: E402
 from rellax.entities import Profile  # noqa: E402
 from rellax.prompt import build_prompt  # noqa: E402
 from training.llm.data import Catalogue  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 CAPS = (8, 12, 16)
 
@@ -83,15 +84,16 @@ def main() -> None:
         f"Titles: {len(title):,}, mean {title.mean():.2f} tokens (year stripped), p90 "
         f"{np.percentile(title, 90):.0f}, max {title.max()}.",
         "",
-        "| K | prompt tokens | title tokens | title share | saved by cap 8 | cap 12 | cap 16 |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for k, r in per_k.items():
-        s = r["saved_by_cap"]
-        lines.append(
-            f"| {k} | {r['prompt_tokens']} | {r['title_tokens']} | {r['title_share']:.1%} | "
-            f"{s[8]:.1%} | {s[12]:.1%} | {s[16]:.1%} |"
-        )
+        markdown_table(
+            ("K", "prompt tokens", "title tokens", "title share", "saved by cap 8", "cap 12", "cap 16"),
+            [
+                (k, r["prompt_tokens"], r["title_tokens"], f"{r['title_share']:.1%}",
+                 *(f"{r['saved_by_cap'][cap]:.1%}" for cap in (8, 12, 16)))
+                for k, r in per_k.items()
+            ],
+            align="rrrrrrr",
+        ),
+    ]  # fmt: skip
     lines += ["", f"{args.prompts} real test rows per K (recency prompts, no SPA placeholders)."]
     save(ROOT / "benchmarks" / "results", "prompt_tokens", result, "\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.results_io import save  # noqa: E402
 from benchmarks.service import served  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 STRATEGIES = ("rellax", "llmsrec", "cascade")
 
@@ -92,15 +93,18 @@ def markdown(result: dict) -> str:
         f"# /v1/rerank by strategy ({result['machine']}, bundle {result['bundle_version']}, "
         f"cascade m={result['m']}, {result['requests']} requests each, concurrency 1)",
         "",
-        "| candidates | strategy | mean latency s | p50 s | candidates/s | vs rellax | user pass ms |",
-        "|---:|---|---:|---:|---:|---:|---:|",
-    ]
-    for row in result["rows"]:
-        lines.append(
-            f"| {row['candidates']} | {row['strategy']} | {row['latency_s']['mean']:.3f} | "
-            f"{row['latency_s']['p50']:.3f} | {row['candidates_per_s']:.1f} | "
-            f"{row['speedup_vs_rellax']:.1f}x faster | {row['user_pass_ms_mean']:.1f} |"
-        )
+        markdown_table(
+            ("candidates", "strategy", "mean latency s", "p50 s", "candidates/s", "vs rellax",
+             "user pass ms"),
+            [
+                (row["candidates"], row["strategy"], f"{row['latency_s']['mean']:.3f}",
+                 f"{row['latency_s']['p50']:.3f}", f"{row['candidates_per_s']:.1f}",
+                 f"{row['speedup_vs_rellax']:.1f}x faster", f"{row['user_pass_ms_mean']:.1f}")
+                for row in result["rows"]
+            ],
+            align="rlrrrrr",
+        ),
+    ]  # fmt: skip
     target = result.get("target")
     if target:
         lines += ["", f"Target (cascade m=10 at 500 candidates >= 20x faster than rellax): "

@@ -55,6 +55,7 @@ from index.embed import resolve_dtype  # noqa: E402
 from rellax.model_input import ModelInput  # noqa: E402
 from rellax.prompt import Prompt, build_prompt  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 # (b) and (c) run in the dtype the service would pick here: bf16 only where the CPU has native bf16
 # (on a CPU without it, emulated bf16 matmul measured 400x slower than fp32 and would say nothing).
@@ -297,16 +298,13 @@ def render(result: dict) -> str:
         + ", ".join(f"{name} {value} GFLOP/s" for name, value in peaks.items())
         + "; each row's % of peak is against its own dtype's peak.",
         "",
-        "| K | variant | candidates | tokens | GFLOP/cand | cand/s | GFLOP/s | % of peak |",
-        "|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in result["rows"]:
-        cells = (r["K"], r["variant"], r["candidates"], r["mean_tokens"], r["gflop_per_candidate"])
-        cells += (r["candidates_per_s"], r["achieved_gflop_s"], r["pct_of_peak"])
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    lines += ["", "| K | (b)/(a) | (c)/(a) | (c)/(b) |", "|---:|---:|---:|---:|"]
-    for k, v in result["ratios"].items():
-        lines.append(f"| {k[2:]} | {v['b_over_a']} | {v['c_over_a']} | {v['c_over_b']} |")
+    fields = ("K", "variant", "candidates", "mean_tokens", "gflop_per_candidate", "candidates_per_s",
+              "achieved_gflop_s", "pct_of_peak")  # fmt: skip
+    columns = ("K", "variant", "candidates", "tokens", "GFLOP/cand", "cand/s", "GFLOP/s", "% of peak")
+    lines.append(markdown_table(columns, [[r[f] for f in fields] for r in result["rows"]], align="rlrrrrrr"))
+    ratios = [(k[2:], v["b_over_a"], v["c_over_a"], v["c_over_b"]) for k, v in result["ratios"].items()]
+    lines += ["", markdown_table(("K", "(b)/(a)", "(c)/(a)", "(c)/(b)"), ratios, align="rrrr")]
     gaps = ", ".join(f"{k} {v['max_abs_p_yes_a_vs_b']}" for k, v in result["checks"].items())
     lines += [
         "",
@@ -338,10 +336,8 @@ def _precision_lines(result: dict) -> list[str]:
         "Precision of the bf16 recipe (`rellax.precision`) against fp32, per K (targets: max |dP| <= 0.005,"
         " |dAUC| <= 0.001; RELLAX_DTYPE=auto serves fp32):",
         "",
-        "| K | base model, these candidates: max / mean abs dP | trained demo bundle, test rows: max abs dP,"
-        " dAUC [95% CI] |",
-        "|---:|---|---|",
     ]
+    cells = []
     for k, gap in base.items():
         cell = "not measured (benchmarks/precision.py --ks K)"
         if k in trained:
@@ -350,8 +346,10 @@ def _precision_lines(result: dict) -> list[str]:
                 f"{t['abs_p_diff']['max']:.4f}, {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] "
                 f"on {t['rows']} rows"
             )
-        lines.append(f"| {k} | {gap['max']} / {gap['mean']} | {cell} |")
-    return [*lines, ""]
+        cells.append((k, f"{gap['max']} / {gap['mean']}", cell))
+    columns = ("K", "base model, these candidates: max / mean abs dP",
+               "trained demo bundle, test rows: max abs dP, dAUC [95% CI]")  # fmt: skip
+    return [*lines, markdown_table(columns, cells, align="rll"), ""]
 
 
 if __name__ == "__main__":

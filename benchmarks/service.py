@@ -45,6 +45,7 @@ from rellax.entities import HistoryEvent  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from service.metrics import STAGES  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 
 def workload(n_requests: int, n_candidates: int, seed: int = 0) -> list[tuple[str, list[int]]]:
@@ -226,18 +227,18 @@ def markdown(result: dict) -> str:
         f"(model only, batch {off['batch']}, mean prompt {off['mean_prompt_tokens']} tokens); "
         f"prepare {off['prepare_ms_per_request']} ms/request.",
         "",
-        "| concurrency | req/s | cand/s | % of offline | p50 ms | p95 ms | p99 ms | non-model p99 ms "
-        "| service-only p99 ms | " + " | ".join(f"{s} mean ms" for s in STAGES) + " |",
-        "|---" * (9 + len(STAGES)) + "|",
     ]
-    for lv in result["levels"]:
-        share = 100 * lv["candidates_per_s"] / off["model_candidates_per_s"]
-        stages = " | ".join(f"{lv['stage_mean_ms'].get(s, 0):.1f}" for s in STAGES)
-        lines.append(
-            f"| {lv['concurrency']} | {lv['requests_per_s']} | {lv['candidates_per_s']} | {share:.0f}% | "
-            f"{lv['latency_ms']['p50']} | {lv['latency_ms']['p95']} | {lv['latency_ms']['p99']} | "
-            f"{lv['non_model_overhead_ms']['p99']} | {lv['service_overhead_ms']['p99']} | {stages} |"
-        )
+    cells = [
+        (lv["concurrency"], lv["requests_per_s"], lv["candidates_per_s"],
+         f"{100 * lv['candidates_per_s'] / off['model_candidates_per_s']:.0f}%",
+         lv["latency_ms"]["p50"], lv["latency_ms"]["p95"], lv["latency_ms"]["p99"],
+         lv["non_model_overhead_ms"]["p99"], lv["service_overhead_ms"]["p99"],
+         *(f"{lv['stage_mean_ms'].get(s, 0):.1f}" for s in STAGES))
+        for lv in result["levels"]
+    ]  # fmt: skip
+    columns = ("concurrency", "req/s", "cand/s", "% of offline", "p50 ms", "p95 ms", "p99 ms",
+               "non-model p99 ms", "service-only p99 ms", *(f"{s} mean ms" for s in STAGES))  # fmt: skip
+    lines.append(markdown_table(columns, cells))
     lines += [
         "",
         "Targets: non-model overhead <= 5 ms p99; at concurrency 32 >= 85% of offline.",

@@ -38,6 +38,7 @@ from benchmarks.results_io import save  # noqa: E402
 from benchmarks.service import start_server  # noqa: E402
 from service.embedded_redis import EmbeddedRedis, free_port  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 USERS, EVENTS_PER_USER, CANDIDATES = 50, 30, 5
 MAX_OUTSTANDING = 512  # the load generator's own bound: an arrival beyond it counts as shed
@@ -265,14 +266,13 @@ def markdown(result: dict) -> str:
         f"(client pool of 64 + Redis); most Redis connections {result['max_redis_clients']}",
         f"- p99 drift (last window / first): {result['p99_drift']}x",
         "",
-        "| at s | requests | p50 ms | p99 ms | RSS MB | fds | sockets | threads | Redis conns | statuses |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for w in result["windows"]:
-        lines.append(
-            f"| {w['at_s']} | {w['requests']} | {w['p50_ms']} | {w['p99_ms']} | {w['rss_mb']} | {w['fds']} "
-            f"| {w['sockets']} | {w['threads']} | {w['redis_clients']} | {w['statuses']} |"
-        )
+    fields = ("at_s", "requests", "p50_ms", "p99_ms", "rss_mb", "fds", "sockets", "threads", "redis_clients",
+              "statuses")  # fmt: skip
+    columns = ("at s", "requests", "p50 ms", "p99 ms", "RSS MB", "fds", "sockets", "threads", "Redis conns",
+               "statuses")  # fmt: skip
+    cells = [[w[f] for f in fields] for w in result["windows"]]
+    lines.append(markdown_table(columns, cells, align="r" * 9 + "l"))
     return "\n".join(lines) + "\n"
 
 

@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from rellax.item_index import ItemIndex, fit_pca  # noqa: E402
 from rellax.paths import cache_dir  # noqa: E402
 from rellax.subr import subr_positions, subr_positions_many  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 SIZES = (100, 1_000, 10_000)
 KS = (15, 30)
@@ -186,16 +187,17 @@ def markdown(result: dict) -> str:
         "One `subr_positions` call in ms: wall p50/p99 and CPU-time p50. `exact x32` is "
         "`subr_positions_many` with 32 candidates, per candidate.",
         "",
-        "| catalogue | history | K | exact p50 | exact p99 | exact cpu | hnsw p50 | hnsw p99 | hnsw cpu "
-        f"| hnsw recall@K | exact x{MANY} p50 | exact x{MANY} cpu |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    cells = []
     for row in result["latency"]:
         e, h, m = row["exact"], row["hnsw"], row[f"exact x{MANY}"]
-        cells = [row["catalogue"], f"{row['history']:,}", row["k"]]
-        cells += [e["p50_ms"], e["p99_ms"], e["cpu_p50_ms"], h["p50_ms"], h["p99_ms"], h["cpu_p50_ms"]]
-        cells += [f"{h['recall']:.4f}", m["p50_ms"], m["cpu_p50_ms"]]
-        lines.append("| " + " | ".join(f"{c:.3f}" if isinstance(c, float) else str(c) for c in cells) + " |")
+        row_cells = [row["catalogue"], f"{row['history']:,}", row["k"]]
+        row_cells += [e["p50_ms"], e["p99_ms"], e["cpu_p50_ms"], h["p50_ms"], h["p99_ms"], h["cpu_p50_ms"]]
+        row_cells += [f"{h['recall']:.4f}", m["p50_ms"], m["cpu_p50_ms"]]
+        cells.append([f"{c:.3f}" if isinstance(c, float) else c for c in row_cells])
+    columns = ("catalogue", "history", "K", "exact p50", "exact p99", "exact cpu", "hnsw p50", "hnsw p99",
+               "hnsw cpu", "hnsw recall@K", f"exact x{MANY} p50", f"exact x{MANY} cpu")  # fmt: skip
+    lines.append(markdown_table(columns, cells, align="l" + "r" * 11))
     cat = result["catalogues"]
     lines += [
         "",
@@ -206,13 +208,13 @@ def markdown(result: dict) -> str:
         "hnsw recall@K against exact on 400 real ML-100K test-split histories: "
         + ", ".join(f"{k} {v:.4f}" for k, v in result["real_history_recall"].items()),
         "",
-        f"| embedding (SmolLM2-135M, first {result['embed_items']} ML-100K items, batch 64) | items/s |",
-        "|---|---:|",
     ]
-    lines += [f"| {name} | {rate:.1f} |" for name, rate in result["embedding_items_per_s"].items()]
+    rates = [(name, f"{rate:.1f}") for name, rate in result["embedding_items_per_s"].items()]
     if build := result.get("index_build"):
-        lines += [f"| full `rellax index build` ({build['items']} items, {build['dtype']}) "
-                  f"| {build['items_per_s']:.1f} |"]  # fmt: skip
+        rates.append((f"full `rellax index build` ({build['items']} items, {build['dtype']})",
+                      f"{build['items_per_s']:.1f}"))  # fmt: skip
+    what = f"embedding (SmolLM2-135M, first {result['embed_items']} ML-100K items, batch 64)"
+    lines.append(markdown_table((what, "items/s"), rates, align="lr"))
     return "\n".join(lines) + "\n"
 
 

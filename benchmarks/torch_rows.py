@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.results_io import save  # noqa: E402
 from service.settings import default_bundle_path  # noqa: E402
+from training.tables import markdown_table  # noqa: E402
 
 
 def prepared_inputs(bundle, n: int) -> list:  # noqa: ANN001
@@ -93,9 +94,11 @@ def main() -> None:
         f"{result['machine']}; {len(inputs)} real candidates, {result['mean_tokens']} tokens on average "
         f"({result['min_max_tokens'][0]}-{result['min_max_tokens'][1]}); best of 2 runs each.",
         "",
-        "| rows per pass | cand/s | padded tokens |",
-        "|---:|---:|---:|",
-        *(f"| {r['rows']} | {r['candidates_per_s']} | {r['padded_share']:.1%} |" for r in rows_out),
+        markdown_table(
+            ("rows per pass", "cand/s", "padded tokens"),
+            [(r["rows"], r["candidates_per_s"], f"{r['padded_share']:.1%}") for r in rows_out],
+            align="rrr",
+        ),
         "",
         f"Fastest: {top['rows']} rows per pass.",
         "",

@@ -12,6 +12,7 @@ from rellax.entities import Item
 from rellax.llmsrec import LLMSRec, llmsrec_loss
 from rellax.prompt import build_item_prompt, build_user_prompt
 from rellax.tokens import HIST_TOKEN, TARGET_TOKEN, add_soft_tokens
+from training.tables import table_rows
 
 ITEMS = [
     Item(i, t, g) for i, (t, g) in enumerate([("Heat", "Action"), ("Babe", "Comedy"), ("M*A*S*H", "War")], 1)
@@ -225,8 +226,9 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
 
     text = "\n".join(ranking_section(out))
     mine = result["models"]["LLM-SRec"]
-    row = f"| LLM-SRec | 20 | {mine['hr@10']:.4f} | {mine['ndcg@10']:.4f} |"
-    assert "## Ranking" in text and row in text and "| SASRec - DIN |" in text
+    rows = {row[0]: row for row in table_rows(text)}
+    assert rows["LLM-SRec"][:4] == ["LLM-SRec", "20", f"{mine['hr@10']:.4f}", f"{mine['ndcg@10']:.4f}"]
+    assert "## Ranking" in text and "SASRec - DIN" in rows
     assert "Rankers not run yet: ReLLaX" in text
 
     # With a ReLLaX bundle (a tiny one over ML-100K's item ids): ReLLaX ranks a subset of the cases,

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from training.study.tune import Trial, TuneConfig, run
+from training.tables import table_rows
 
 TRIALS = (
     Trial("s1", 1, lr=1e-2, batch_size=4, epochs=2, k=3, n_rows=8),
@@ -77,11 +78,7 @@ def test_the_report_draws_the_trials(tune: TuneConfig, tmp_path: Path) -> None:
     lines = tune_section(tune.results, tmp_path)
     text = "\n".join(lines)
     assert "## Recipe trials" in text and (tmp_path / "tune_trials.png").stat().st_size > 0
-    assert [line.split(" | ")[0] for line in lines if line.startswith("| s")] == [
-        "| s1",
-        "| s2-joint",
-        "| s2-over-s1",
-    ]
+    assert [row[0] for row in table_rows(text)[1:]] == ["s1", "s2-joint", "s2-over-s1"]
     assert 0.0 < din < 1.0 and f"DIN's validation AUC on the same rows: {din:.4f}" in text
     status = json.loads((tune.results / "tune.json").read_text())
     other = tmp_path / "other"

@@ -157,7 +157,7 @@ def evaluate(
     stage2: Annotated[list[str] | None, typer.Option(help="mode=DIR of a stage-2 run (repeatable).")] = None,
 ) -> None:
     """AUC / LogLoss / accuracy of every mode and the DIN on the same seeded rows."""
-    from training.llm.evaluate import main, markdown_table
+    from training.llm.evaluate import eval_markdown, main
 
     for spec in stage2 or []:
         mode, sep, folder = spec.partition("=")
@@ -166,7 +166,7 @@ def evaluate(
                 f"{spec!r} is not MODE=DIR (rella, spa, cflora, rellax)", param_hint="--stage2"
             )
         cfg.stage2[mode] = Path(folder)
-    typer.echo(markdown_table(main(cfg)))
+    typer.echo(eval_markdown(main(cfg)))
 
 
 def export(

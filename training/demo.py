@@ -135,7 +135,7 @@ def build(
     from rellax.assets import prepare_model
     from training.crm.crm import ensure_din
     from training.llm.data import Catalogue
-    from training.llm.evaluate import EvalConfig, markdown_table
+    from training.llm.evaluate import EvalConfig, eval_markdown
     from training.llm.evaluate import main as evaluate
     from training.llm.export import ExportConfig
     from training.llm.export import main as export
@@ -219,4 +219,4 @@ def build(
         bundle = export(cfg)
     lines.append(f"bundle         {bundle['model_version']}  ({paths['bundle']})")
     lines.append(f"took           {time.perf_counter() - started:.0f} s")
-    return "\n".join(lines) + "\n\n" + markdown_table(report)
+    return "\n".join(lines) + "\n\n" + eval_markdown(report)

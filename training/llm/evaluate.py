@@ -38,8 +38,9 @@ from training.llm.setup import (
 )
 from training.llm.stage2 import load_stage2_run
 from training.metrics import ctr_metrics
+from training.tables import markdown_table
 
-__all__ = ["EvalConfig", "din_predictions", "main", "markdown_table"]
+__all__ = ["EvalConfig", "din_predictions", "eval_markdown", "main"]
 
 log = get_logger(__name__)
 
@@ -122,7 +123,7 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
     }
     cfg.out.mkdir(parents=True, exist_ok=True)
     (cfg.out / "eval.json").write_text(json.dumps(report, indent=2))
-    (cfg.out / "eval.md").write_text(markdown_table(report))
+    (cfg.out / "eval.md").write_text(eval_markdown(report))
     np.savez(
         cfg.out / "predictions.npz",
         rows=rows,
@@ -149,15 +150,14 @@ def din_predictions(din, catalogue: Catalogue, samples, rows: np.ndarray) -> np.
     return featurizer.din_outputs(batch)[0]
 
 
-def markdown_table(report: Mapping[str, Any]) -> str:
+def eval_markdown(report: Mapping[str, Any]) -> str:
     """The eval table: one row per mode."""
-    lines = [
+    head = (
         f"Evaluation on {report['rows']} {report['split']} rows (seed {report['seed']}, K={report['k']}, "
-        f"{report.get('dtype', 'float32')}, label rate {report['label_rate']:.3f})",
-        "",
-        "| mode | AUC | LogLoss | accuracy |",
-        "|---|---|---|---|",
+        f"{report.get('dtype', 'float32')}, label rate {report['label_rate']:.3f})"
+    )
+    cells = [
+        (name, *(f"{m[key]:.4f}" for key in ("auc", "logloss", "accuracy")))
+        for name, m in report["results"].items()
     ]
-    for name, m in report["results"].items():
-        lines.append(f"| {name} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['accuracy']:.4f} |")
-    return "\n".join(lines) + "\n"
+    return f"{head}\n\n{markdown_table(('mode', 'AUC', 'LogLoss', 'accuracy'), cells, align='lrrr')}\n"

@@ -17,6 +17,7 @@ import numpy as np
 
 from training.metrics import null_auc_se, paired_bootstrap_auc_diff
 from training.study.tune_report import tune_section
+from training.tables import markdown_table
 
 __all__ = ["load_results", "render"]
 
@@ -124,9 +125,9 @@ def _fmt(x: Any, digits: int = 4) -> str:
     return str(x)
 
 
-def _row(name: str, r: dict[str, Any]) -> str:
+def _row(name: str, r: dict[str, Any]) -> list[str]:
     t = r["test"]
-    cells = [
+    return [
         name,
         _fmt(t["auc"]),
         _fmt(t["logloss"]),
@@ -138,7 +139,6 @@ def _row(name: str, r: dict[str, Any]) -> str:
         _fmt(r.get("samples_per_s"), 2),
         _dtypes(r),
     ]
-    return "| " + " | ".join(cells) + " |"
 
 
 def _dtypes(r: dict[str, Any]) -> str:
@@ -149,10 +149,19 @@ def _dtypes(r: dict[str, Any]) -> str:
     return f"{trained} / {scored}" if trained else (scored or "–")
 
 
-_HEAD = (
-    "| model | test AUC | LogLoss | accuracy | valid AUC (selection) | trainable params | train examples "
-    "| train s | samples/s | dtype (train / test) |\n|---|---|---|---|---|---|---|---|---|---|"
-)
+_COLUMNS = (
+    "model", "test AUC", "LogLoss", "accuracy", "valid AUC (selection)", "trainable params",
+    "train examples", "train s", "samples/s", "dtype (train / test)",
+)  # fmt: skip
+
+
+def _table(rows: list[list[str]]) -> str:
+    return markdown_table(_COLUMNS, rows, align="l" + "r" * 8 + "l")
+
+
+def _diff_table(what: str, diffs: dict[str, dict[str, float]], name: str = "AUC diff") -> str:
+    cells = [[k, f"{v['diff']:+.4f}", f"[{v['lo']:+.4f}, {v['hi']:+.4f}]"] for k, v in diffs.items()]
+    return markdown_table((what, name, "95% interval"), cells, align="lrl")
 
 
 def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -234,7 +243,6 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         "",
         "## Main table",
         "",
-        _HEAD,
     ]
     order = [
         "DIN",
@@ -251,23 +259,22 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         "cflora",
         "rellax",
     ]
-    lines += [_row(n, records[n]) for n in order if n in records]
+    lines.append(_table([_row(n, records[n]) for n in order if n in records]))
     steps = ("rella", "spa", "cflora", "rellax", "rellax-random-init", "rellax-merged", "rellax-two-stage")
     ablation = [_row(n, records[n]) for n in steps if n in records]
     lines += ["", "## Ablation", ""]
-    lines += [_HEAD, *ablation] if ablation else ["Not run yet."]
+    lines.append(_table(ablation) if ablation else "Not run yet.")
     if "rella" in records:
         lines += ["", f"`rella` is `{records['rella']['step']}` (LoRA only). " + ABLATION_NOTE]
     sweep = {r["k"]: r for n, r in records.items() if n.startswith("rellax-k")}
     if "rellax" in records:
         sweep.setdefault(records["rellax"]["k"], records["rellax"])
     if len(sweep) > 1:
-        lines += ["", "## K sweep (ReLLaX, same rows and recipe)", "", _HEAD]
-        lines += [_row(f"K={k}", sweep[k]) for k in sorted(sweep)]
+        lines += ["", "## K sweep (ReLLaX, same rows and recipe)", ""]
+        lines.append(_table([_row(f"K={k}", sweep[k]) for k in sorted(sweep)]))
     diffs = _diffs(records, labels)
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
-    lines += ["| comparison | AUC diff | 95% interval |", "|---|---|---|"]
-    lines += [f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |" for k, v in diffs.items()]
+    lines.append(_diff_table("comparison", diffs))
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
@@ -310,19 +317,16 @@ def ranking_section(path: Path) -> list[str]:
         "Ties count against the positive. Shuffled = every history permuted at test time (relative "
         "NDCG@10 drop).",
         "",
-        "| model | users | HR@10 | NDCG@10 | HR@20 | NDCG@20 | shuffled NDCG@10 drop | seconds |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, m in r["models"].items():
-        drop = f"{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else "–"
-        lines.append(f"| {name} | {m['n']} | {m['hr@10']:.4f} | {m['ndcg@10']:.4f} | {m['hr@20']:.4f} | "
-                     f"{m['ndcg@20']:.4f} | {drop} | {m['seconds']:.1f} |")  # fmt: skip
+    cells = [
+        [name, m["n"], f"{m['hr@10']:.4f}", f"{m['ndcg@10']:.4f}", f"{m['hr@20']:.4f}", f"{m['ndcg@20']:.4f}",
+         f"{m['shuffle_drop']:.1%}" if "shuffle_drop" in m else "–", f"{m['seconds']:.1f}"]
+        for name, m in r["models"].items()
+    ]  # fmt: skip
+    columns = ("model", "users", "HR@10", "NDCG@10", "HR@20", "NDCG@20", "shuffled NDCG@10 drop", "seconds")
+    lines.append(markdown_table(columns, cells, align="l" + "r" * 7))
     if r.get("ndcg10_diffs"):
-        lines += ["", "| NDCG@10 comparison (paired bootstrap) | diff | 95% interval |", "|---|---|---|"]
-        lines += [
-            f"| {k} | {v['diff']:+.4f} | [{v['lo']:+.4f}, {v['hi']:+.4f}] |"
-            for k, v in r["ndcg10_diffs"].items()
-        ]
+        lines += ["", _diff_table("NDCG@10 comparison (paired bootstrap)", r["ndcg10_diffs"], "diff")]
     missing = [m for m in ("LLM-SRec", "ReLLaX") if m not in r["models"]]
     if missing:
         lines += ["", f"Rankers not run yet: {', '.join(missing)} (train LLM-SRec, pass a bundle)."]

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from training.metrics import null_auc_se
+from training.tables import markdown_table
 
 __all__ = ["load_trials", "tune_section"]
 
@@ -70,23 +71,26 @@ def tune_section(folder: Path, out_dir: Path) -> list[str]:
         "(validation not counted) and is validated on the study's fixed validation rows. AUC/h = valid AUC "
         "gained over the trial's own step 0, per training hour, at its best point.",
         "",
-        "| trial | stage | over | lr | batch | epochs | K | targets | prompts | A,B train | examples | "
-        "train min | samples/s | valid AUC start -> best | AUC/h | device |",
-        "|---|---:|---|---:|---:|---:|---:|---|---|---|---:|---:|---:|---|---:|---|",
     ]
+    cells = []
     for name, r in trials.items():
         t = r["trial"]
-        targets = "q,v" if t["target_modules"] == ["q_proj", "v_proj"] else "all"
         label = f"{name} (beyond the paper: + DIN's logit)" if t.get("din_residual") else name
         if t.get("din", "din") != "din":
             label += " (DIN trained without the few-shot rows)"
-        lines.append(
-            f"| {label} | {t['stage']} | {t['over'] or '-'} | {t['lr']:g} | {t['batch_size']} | "
-            f"{t['epochs']} | {t['k']} | {targets} | {t['prompts'] if t['stage'] == 2 else 'mixed'} | "
-            f"{'yes' if t['stage'] == 1 or t['train_lora'] else 'no'} | {r['examples']} | "
-            f"{r['fit_seconds'] / 60:.1f} | {r['samples_per_s']:.2f} | "
-            f"{r['start_valid_auc']:.4f} -> {r['best_valid_auc']:.4f} | {_per_hour(r):+.3f} | {r['device']} |"
-        )
+        cells.append([
+            label, t["stage"], t["over"] or "-", f"{t['lr']:g}", t["batch_size"], t["epochs"], t["k"],
+            "q,v" if t["target_modules"] == ["q_proj", "v_proj"] else "all",
+            t["prompts"] if t["stage"] == 2 else "mixed",
+            "yes" if t["stage"] == 1 or t["train_lora"] else "no", r["examples"],
+            f"{r['fit_seconds'] / 60:.1f}", f"{r['samples_per_s']:.2f}",
+            f"{r['start_valid_auc']:.4f} -> {r['best_valid_auc']:.4f}", f"{_per_hour(r):+.3f}", r["device"],
+        ])  # fmt: skip
+    columns = (
+        "trial", "stage", "over", "lr", "batch", "epochs", "K", "targets", "prompts", "A,B train", "examples",
+        "train min", "samples/s", "valid AUC start -> best", "AUC/h", "device",
+    )  # fmt: skip
+    lines.append(markdown_table(columns, cells, align="lrlrrrrlllrrrlrl"))
     lines += ["", "![validation AUC against training minutes](tune_trials.png)"]
     if any(r["trial"].get("din_residual") for r in trials.values()):
         lines += [
