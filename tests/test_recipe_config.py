@@ -16,6 +16,7 @@ from training.config import CONFIG_DIR, ConfigError, leaf_fields, load_config
 from training.crm.config import CRMConfig
 from training.llm.config import DEFAULT_K, EvalConfig, LoopConfig, Stage1Config, Stage2Config
 from training.study.experiment import ExperimentConfig
+from training.study.tune_config import TRIALS, TuneConfig
 
 RECIPES = config.recipes()
 
@@ -171,6 +172,31 @@ def test_bad_cli_settings_exit_2_naming_each_and_train_nothing(tmp_path: Path) -
 def test_every_config_field_has_help() -> None:
     from training.llmsrec.config import RankingConfig
 
-    for cls in (*RECIPES.values(), LoopConfig, ExperimentConfig, RankingConfig):
+    for cls in (*RECIPES.values(), LoopConfig, ExperimentConfig, RankingConfig, TuneConfig):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("help"), f"{cls.__name__}.{f.name} has no help"
+
+
+def test_the_tuning_trials_read_the_same_config_and_a_yaml_trial_table(tmp_path: Path) -> None:
+    """`rellax experiment tune` is a recipe like the others: options from TuneConfig's fields, its
+    trial table printed as YAML blocks that load back as the same trials, and a forked table (one
+    trial of the user's own) replaces the built-in one."""
+    code, out = _invoke("experiment", "tune", "--print-config", "--budget-min", "5", "--only", "s1-init")
+    assert code == 0, out
+    printed = out[out.index("results:") :]
+    path = tmp_path / "tune.yaml"
+    path.write_text(printed)
+    cfg = load_config(TuneConfig, path)
+    assert cfg.trials == TRIALS and cfg.budget_s == 300.0 and cfg.only == ("s1-init",)
+    own = {"name": "mine", "stage": 1, "lr": 3e-4, "batch_size": 8, "target_modules": ["q_proj"]}
+    path.write_text(yaml.safe_dump({"trials": [own], "budget_min": 1}))
+    mine = load_config(TuneConfig, path)
+    assert [t.name for t in mine.trials] == ["mine"] and mine.trials[0].target_modules == ("q_proj",)
+    assert mine.trials[0].epochs == 1  # what the file leaves out is the Trial default
+    own_over = {"name": "s2", "stage": 2, "over": "nowhere"}
+    path.write_text(yaml.safe_dump({"trials": [own, own_over]}))
+    code, out = _invoke("experiment", "tune", "--config", str(path), "--only", "bogus", "--budget-min", "-1")
+    flat = " ".join(out.split())
+    assert code == 2, out
+    for expected in ("budget_min=-1.0 must be >= 0", "unknown trials ['bogus']", "s2 trains over 'nowhere'"):
+        assert expected in flat, out

@@ -32,7 +32,7 @@ def tune(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_dir
         results=root / "docs" / "results" / "tune",
         runs=root / "runs",
         trials=TRIALS,
-        budget_s=0.0,  # every trial ends after its first optimizer step
+        budget_min=0.0,  # every trial ends after its first optimizer step
         valid_rows=24,
         evals=2,
         micro_batch=4,

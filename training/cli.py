@@ -23,6 +23,7 @@ from training.demo import DEMO_EVAL_ROWS, DEMO_ROWS, DEMO_VALID_ROWS
 from training.llm.config import EvalConfig, Stage1Config, Stage2Config
 from training.llmsrec.config import LLMSRecConfig, RankingConfig, SASRecTrainConfig
 from training.study.config import ExperimentConfig
+from training.study.tune_config import TuneConfig
 
 __all__ = ["register", "train_app"]
 
@@ -250,27 +251,22 @@ def experiment_ranking(cfg: RankingConfig) -> None:
 
 
 @experiment_app.command("tune")
+@with_config(TuneConfig)
 def experiment_tune(
-    budget_min: Annotated[float, typer.Option(help="Training minutes per trial (no validation).")] = 15,
-    only: Annotated[list[str] | None, typer.Option(help="Run only these trials (repeatable).")] = None,
-    results: Annotated[Path, typer.Option(help="Where each trial's JSON goes.")] = Path("docs/results/tune"),
+    cfg: TuneConfig,
     hours: Annotated[float | None, typer.Option(help="Pause (resumably) after this long.")] = None,
     report: Annotated[bool, typer.Option(help="Render docs/results.md at the end.")] = True,
 ) -> None:
-    """Short trials of stage 1 / stage 2 recipes under one time budget each (issue 16): valid AUC
-    against examples and training seconds. Resumable: run it again to continue."""
-    from training.study.tune import TRIALS, TuneConfig, run
+    """Short trials of stage 1 / stage 2 recipes under one time budget each: valid AUC against
+    examples and training seconds. Resumable: run it again to continue."""
+    from training.study.tune import run
 
-    cfg = TuneConfig(results=results, budget_s=budget_min * 60, only=tuple(only or ()))
-    unknown = sorted(set(cfg.only) - {t.name for t in TRIALS})
-    if unknown:
-        raise typer.BadParameter(f"unknown trials {unknown}", param_hint="--only")
     if hours is not None:
         cfg.max_seconds = hours * 3600
     for trial, state in run(cfg).items():
         typer.echo(f"{trial:22s} {state}")
     if report:
-        experiment_report(results=results.parent, out=results.parent.parent / "results.md")
+        experiment_report(results=cfg.results.parent, out=cfg.results.parent.parent / "results.md")
 
 
 @experiment_app.command("report")

@@ -203,13 +203,21 @@ def _yaml_lines(cfg: Any, indent: str, portable: bool) -> list[str]:
             shown = "$RELLAX_CACHE_DIR/" + str(value.relative_to(cache_dir()))
             lines.append(f"{indent}# {f.name}: {shown}{comment}")
             continue
-        text = yaml.safe_dump(_plain(value), default_flow_style=True, width=1000).strip()
+        plain = _plain(value)
+        if isinstance(plain, list) and plain and all(isinstance(v, dict) for v in plain):
+            # A table of records (the tuning trials): one block per record, readable and forkable.
+            block = yaml.safe_dump(plain, default_flow_style=None, sort_keys=False, width=100)
+            lines += [f"{indent}{f.name}:{comment}", *(f"{indent}  {line}" for line in block.splitlines())]
+            continue
+        text = yaml.safe_dump(plain, default_flow_style=True, width=1000).strip()
         text = text.removesuffix("...").strip()
         lines.append(f"{indent}{f.name}: {text}{comment}")
     return lines
 
 
 def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):  # e.g. one tuning trial
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
     if isinstance(value, Path):
         return str(value)
     if isinstance(value, tuple | list):

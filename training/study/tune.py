@@ -24,157 +24,20 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from data.loading import artefact_dir
 from rellax.device import resolve_device
 from rellax.logs import get_logger
-from rellax.paths import cache_dir
 from rellax.precision import cpu_supports_bf16
 from training.llm import runs
 from training.llm.loop import LoopConfig
+from training.study.tune_config import DIN_HOLDOUT, TRIALS, Trial, TuneConfig
 
 __all__ = ["TRIALS", "Trial", "TuneConfig", "keep_weights", "restore_weights", "run"]
 
 log = get_logger(__name__)
-
-# The DIN whose training left out every trial's and study step's few-shot rows (N = 256, 1024,
-# 4096): stage 2 then trains on rows DIN never saw, as every validation, test and served row is.
-DIN_HOLDOUT = (256, 1024, 4096)
-
-ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-@dataclass(frozen=True)
-class Trial:
-    """One short run. Stage 1 trains LoRA on text prompts; stage 2 trains SPA + CFLoRA gates (and,
-    with `train_lora`, A and B too) over the stage-1 trial named by `over`."""
-
-    name: str
-    stage: Literal[1, 2]
-    lr: float = 1e-3
-    batch_size: int = 64
-    epochs: int = 1
-    warmup_ratio: float = 0.05
-    k: int = 5
-    n_rows: int = 256
-    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
-    over: str | None = None
-    mode: Literal["rellax", "spa", "cflora"] = "rellax"
-    prompts: Literal["mixed", "subr"] = "mixed"
-    train_lora: bool = False
-    din_residual: bool = False
-    din: Literal["din", "din-holdout"] = "din"  # which frozen DIN feeds stage 2 (see DIN_HOLDOUT)
-    note: str = ""
-
-
-# Stage 1 at K=5 on 256 rows (512 prompts an epoch). First the one-stage variant (over a 0-step
-# stage 1, so B starts at 0 and LoRA, gates and projector all train from step 0): the quickest test
-# of "DIN's signal lifts the LLM". Then stage 1 with more optimizer steps per example (small batches)
-# and stage 2 over it (small batches, SUBR-only prompts, the study's recipe, A and B unfrozen), then
-# the paper's recipe, learning rates, every projection adapted, and K=15.
-TRIALS: tuple[Trial, ...] = (
-    Trial("s1-init", 1, epochs=0, note="0 steps: the LoRA init, for the one-stage trial"),
-    Trial("one-stage-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-init", train_lora=True),
-    Trial(
-        "one-stage-b8-lr1e-3-subr",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-        note="one-stage on SUBR prompts only (as validation and serving)",
-    ),
-    Trial(
-        "one-stage-b16-lr1e-3-subr",
-        2,
-        lr=1e-3,
-        batch_size=16,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-    ),
-    Trial(
-        "one-stage-b8-lr3e-4-subr",
-        2,
-        lr=3e-4,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-    ),
-    Trial(
-        "one-stage-b8-lr1e-3-subr-k10",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-        k=10,
-        note="K=10 prompts: ~1.4x tokens",
-    ),
-    Trial(
-        "one-stage-din-residual",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-        din_residual=True,
-        note="beyond the paper: the LLM's Yes/No logit added to DIN's own logit (a correction to DIN)",
-    ),
-    Trial(
-        "one-stage-b8-lr1e-3-subr-holdout",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-        din="din-holdout",
-        note="DIN trained without the few-shot rows (its AUC on its own training rows: 0.81, unseen 0.78)",
-    ),
-    Trial("s1-b8-lr1e-3", 1, lr=1e-3, batch_size=8, epochs=4, note="small batches, the probe's recipe"),
-    Trial("s2-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", note="probe's stage 2"),
-    Trial("s2-b8-lr1e-3-subr", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", prompts="subr"),
-    Trial("s2-b64-lr3e-4", 2, lr=3e-4, batch_size=64, epochs=2, over="s1-b8-lr1e-3", note="study's stage 2"),
-    Trial("s2-b8-lr1e-3-lora", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-b8-lr1e-3", train_lora=True),
-    Trial("s1-paper", 1, lr=1e-3, batch_size=64, epochs=10, note="authors' recipe: 10 epochs, batch 64"),
-    Trial("s1-b16-lr1e-3", 1, lr=1e-3, batch_size=16, epochs=4),
-    Trial("s1-b8-lr3e-4", 1, lr=3e-4, batch_size=8, epochs=4),
-    Trial("s1-b8-lr3e-3", 1, lr=3e-3, batch_size=8, epochs=4),
-    Trial("s1-b8-lr1e-3-all", 1, lr=1e-3, batch_size=8, epochs=4, target_modules=ALL_PROJECTIONS),
-    Trial("s1-b8-lr1e-3-k15", 1, lr=1e-3, batch_size=8, epochs=4, k=15, note="K=15 prompts: ~1.6x tokens"),
-)
-
-
-@dataclass
-class TuneConfig:
-    """Where trials live and what they share."""
-
-    results: Path = Path("docs/results/tune")
-    runs: Path = field(default_factory=lambda: cache_dir("runs") / "tune")
-    trials: tuple[Trial, ...] = TRIALS
-    budget_s: float = 900.0  # training seconds per trial (validation not counted)
-    valid_rows: int = 512
-    evals: int = 4  # validation points per trial (plus step 0), spread over its planned steps
-    micro_batch: int = 8
-    only: tuple[str, ...] = ()
-    max_seconds: float | None = None  # stop starting new trials after this long (a session's end)
-    model_dir: Path | None = None
-    din_dir: Path = field(default_factory=lambda: artefact_dir("crm", "din"))
-    index_dir: Path | None = None
 
 
 def _loop(cfg: TuneConfig, trial: Trial) -> LoopConfig:
