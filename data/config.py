@@ -57,6 +57,11 @@ class DatasetConfig(BaseModel):
     gender_field: str | None = None
     age_field: str | None = None
     job_field: str | None = None
+    profile_fields: list[str] = Field(
+        default_factory=list,
+        description="More .user columns of the profile (categorical), in order: each is a sentence of the "
+        "prompt and an embedding of DIN.",
+    )
     profile_preset: Literal["none", "movielens"] = Field(
         default="none", description="movielens: M/F -> male/female, ages in years -> ML-1M buckets."
     )
@@ -72,6 +77,15 @@ class DatasetConfig(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
         Domain(item_text=self.prompt.item_text)  # a bad template fails here, naming itself
+        slots = {self.user_field, self.gender_field, self.age_field, self.job_field}
+        for name in self.profile_fields:
+            if not name.isidentifier() or name in ("gender", "age", "job") or name in slots:
+                raise ValueError(
+                    f"profile_fields: {name!r} must be a column name (letters, digits, _) other than "
+                    "the user id and the gender / age / job fields"
+                )
+        if len(set(self.profile_fields)) < len(self.profile_fields):
+            raise ValueError(f"profile_fields: {self.profile_fields} names a column twice")
         return self
 
     def stem(self, folder: Path) -> str:
@@ -101,11 +115,16 @@ class DatasetConfig(BaseModel):
             rating=rating,
             profile=self.profile_slots(),
             item_text=words.item_text,
+            extra_profile=tuple(self.profile_fields),
         )
 
     def fingerprint(self) -> str:
         """The settings that change the samples (not the wording), for the samples' cache key."""
-        keys = self.model_dump(exclude={"prompt", "name"})
+        # Profile columns do not change the samples; left out when empty so that configs from before
+        # the key existed keep their cache key.
+        keys = self.model_dump(
+            exclude={"prompt", "name"} | (set() if self.profile_fields else {"profile_fields"})
+        )
         return json.dumps(keys, sort_keys=True)
 
 

@@ -2,6 +2,7 @@
 
 The tables every later step sees (docs/design.md §3), whatever the domain:
   users:        user_id:int, gender:str, age:str, job:str        ("unknown" where the data has none)
+                [, one str column per `profile_fields` entry, named as in .user]
   items:        item_id:int, title:str, genre:str                 (genre = first token of the category)
   interactions: user_id:int, item_id:int, rating:float, timestamp:int[, split:int8]
 
@@ -55,10 +56,12 @@ class Dataset:
 
     def profile(self, user_id: int) -> Profile:
         rows = self.users.loc[self.users.user_id == user_id]
-        if rows.empty:
-            return Profile()
-        row = rows.iloc[0]
-        return Profile(gender=row.gender, age=row.age, job=row.job)
+        return Profile() if rows.empty else _profile(rows.iloc[0], self.config.profile_fields)
+
+    def profiles(self) -> dict[int, Profile]:
+        """Every user's profile, by internal user id: what prompts, DIN and the service read."""
+        fields = self.config.profile_fields
+        return {int(row.user_id): _profile(row, fields) for _, row in self.users.iterrows()}
 
     def item_records(self) -> list[Item]:
         return [Item(int(r.item_id), str(r.title), str(r.genre)) for r in self.items.itertuples()]
@@ -66,6 +69,11 @@ class Dataset:
     def user_key(self, user_id: int) -> str:
         """The data's own id of an internal user id (what the service is called with)."""
         return self.user_keys[user_id] if self.user_keys else str(user_id)
+
+
+def _profile(row: pd.Series, extra_fields: list[str]) -> Profile:
+    extra = tuple((name, str(row[name])) for name in extra_fields)
+    return Profile(gender=str(row.gender), age=str(row.age), job=str(row.job), extra=extra)
 
 
 def ml100k_age_bucket(age: int) -> str:
@@ -126,7 +134,8 @@ def read_dataset(folder: Path, config: DatasetConfig) -> Dataset:
     item.require(config.item_field, config.title_field, why="item id and title")
     if config.category_field:
         item.require(config.category_field, why="category_field")
-    profile_columns = [c for c in (config.gender_field, config.age_field, config.job_field) if c]
+    slots = [c for c in (config.gender_field, config.age_field, config.job_field) if c]
+    profile_columns = [*slots, *config.profile_fields]
     if profile_columns and user is None:
         raise DataError(
             f"{folder / f'{stem}.user'} does not exist, but the config names profile fields {profile_columns}"
@@ -225,8 +234,9 @@ def _users(
     user: AtomicTable | None, inter: AtomicTable, config: DatasetConfig, user_ids: dict[str, int]
 ) -> pd.DataFrame:
     ids = sorted(set(user_ids.values()))
+    unknown = dict.fromkeys(("gender", "age", "job", *config.profile_fields), "unknown")
     if user is None:
-        return pd.DataFrame({"user_id": ids, "gender": "unknown", "age": "unknown", "job": "unknown"})
+        return pd.DataFrame({"user_id": ids, **unknown})
     u = user.frame
     out = pd.DataFrame({"user_id": u[config.user_field].str.strip().map(user_ids).astype("int64")})
     for slot, column in (
@@ -241,8 +251,11 @@ def _users(
             ages = user.floats(column) if column else None
             values = ages.astype(int).map(ml100k_age_bucket) if ages is not None else values
         out[slot] = values.where(values != "", "unknown")
+    for name in config.profile_fields:
+        values = u[name].astype(str).str.strip()
+        out[name] = values.where(values != "", "unknown")
     missing = sorted(set(ids) - set(out.user_id))
     if missing:  # users with interactions but no .user row get an unknown profile
-        extra = pd.DataFrame({"user_id": missing, "gender": "unknown", "age": "unknown", "job": "unknown"})
+        extra = pd.DataFrame({"user_id": missing, **unknown})
         out = pd.concat([out, extra], ignore_index=True)
     return out

@@ -1,13 +1,14 @@
 """Deep Interest Network (docs/design.md §6): the frozen conventional CTR model (CRM) of ReLLaX.
 
-Fields (one 64-d embedding each): user id, gender, age bucket, job, target item id, target genre,
-and the last `max_history` history items with their ratings. With d = `embed_dim`:
+Fields (one 64-d embedding each): user id, gender, age bucket, job, the data set's own profile
+fields (`extra`: none for MovieLens), target item id, target genre, and the last `max_history`
+history items with their ratings. With d = `embed_dim`:
 
     t_j  = ReLU(W_t [e_item(x_j); e_rating(r_j)] + b_t)                  history token j,   (d,)
     q    = e_item(target)                                                 query,             (d,)
     a_j  = MLP_a([q; t_j; q - t_j; q * t_j])                              activation unit,   scalar
     p    = sum_j m_j * a_j * t_j                                          pooled interest,   (d,)
-    h    = MLP_3x256([e_user; e_gender; e_age; e_job; q; e_genre; p])     final hidden,      (256,)
+    h    = MLP_3x256([e_user; e_gender; e_age; e_job; e_extra..; q; e_genre; p])  final hidden, (256,)
     logit = w_o . h + b_o
 
 As in the DIN paper the weights a_j are *not* softmax-normalised, so the pooled vector keeps the
@@ -58,6 +59,7 @@ class DINVocab:
     genders: dict[str, int] = field(default_factory=dict)
     ages: dict[str, int] = field(default_factory=dict)
     jobs: dict[str, int] = field(default_factory=dict)
+    extra: dict[str, dict[str, int]] = field(default_factory=dict)  # profile field -> value -> row
 
     @classmethod
     def build(
@@ -68,6 +70,7 @@ class DINVocab:
         genders: Iterable[str],
         ages: Iterable[str],
         jobs: Iterable[str],
+        extra: dict[str, Iterable[str]] | None = None,
     ) -> DINVocab:
         """Number the distinct values of each table from 1 (duplicates are fine)."""
 
@@ -81,7 +84,15 @@ class DINVocab:
             genders=rows(genders, str),
             ages=rows(ages, str),
             jobs=rows(jobs, str),
+            extra={name: rows(values, str) for name, values in (extra or {}).items()},
         )
+
+    def extra_rows(self, profiles: Sequence[Profile]) -> np.ndarray:
+        """(B, fields) rows of the extra profile fields, in the vocab's field order; unknown -> 0."""
+        out = np.zeros((len(profiles), len(self.extra)), dtype=np.int64)
+        for j, (name, mapping) in enumerate(self.extra.items()):
+            out[:, j] = [mapping.get(p.value(name), 0) for p in profiles]
+        return out
 
     def rows(self, table: str, values: Iterable[Any]) -> np.ndarray:
         """Rows of `values` in `table` (one of VOCAB_FIELDS) as int64; unknown values give 0."""
@@ -95,7 +106,10 @@ class DINVocab:
 
     def sizes(self) -> dict[str, int]:
         """Embedding-table sizes for `DINConfig`, row 0 included."""
-        return {f"n_{name}": len(getattr(self, name)) + 1 for name in VOCAB_FIELDS}
+        sizes: dict[str, Any] = {f"n_{name}": len(getattr(self, name)) + 1 for name in VOCAB_FIELDS}
+        if self.extra:  # absent for data without extra fields, so their config.json stays as it was
+            sizes["n_extra"] = tuple(len(mapping) + 1 for mapping in self.extra.values())
+        return sizes
 
     def to_json(self) -> dict:
         """Values listed in row order (row = list index + 1): JSON-safe, no pickles."""
@@ -103,6 +117,11 @@ class DINVocab:
         for name in VOCAB_FIELDS:
             mapping: dict = getattr(self, name)
             out[name] = [v for v, _ in sorted(mapping.items(), key=lambda kv: kv[1])]
+        if self.extra:
+            out["extra"] = {
+                name: [v for v, _ in sorted(m.items(), key=lambda kv: kv[1])]
+                for name, m in self.extra.items()
+            }
         return out
 
     @classmethod
@@ -114,7 +133,11 @@ class DINVocab:
             **{
                 name: {cast.get(name, str)(v): r for r, v in enumerate(data[name], start=1)}
                 for name in VOCAB_FIELDS
-            }
+            },
+            extra={
+                name: {str(v): r for r, v in enumerate(values, start=1)}
+                for name, values in data.get("extra", {}).items()
+            },
         )
 
 
@@ -134,9 +157,13 @@ class DINConfig:
     n_genders: int = 1
     n_ages: int = 1
     n_jobs: int = 1
+    n_extra: tuple[int, ...] = ()  # one table per extra profile field (DINVocab.extra's order)
 
     def to_json(self) -> dict:
-        return {"format_version": FORMAT_VERSION, **asdict(self)}
+        data = asdict(self)
+        if not self.n_extra:  # as before the field existed: the same bytes, the same checksums
+            del data["n_extra"]
+        return {"format_version": FORMAT_VERSION, **data}
 
     @classmethod
     def from_json(cls, data: dict) -> DINConfig:
@@ -156,6 +183,7 @@ class DINBatch:
     gender: torch.Tensor  # (B,)
     age: torch.Tensor  # (B,)
     job: torch.Tensor  # (B,)
+    extra: torch.Tensor  # (B, extra fields) int64; (B, 0) for data without them
     item: torch.Tensor  # (B,)
     genre: torch.Tensor  # (B,)
     hist_items: torch.Tensor  # (B, L) int64
@@ -211,6 +239,7 @@ def encode_batch(
         gender=t(vocab.rows("genders", (p.gender for p in profiles))),
         age=t(vocab.rows("ages", (p.age for p in profiles))),
         job=t(vocab.rows("jobs", (p.job for p in profiles))),
+        extra=t(vocab.extra_rows(profiles)),
         item=t(vocab.rows("items", item_ids)),
         genre=t(vocab.rows("genres", item_genres)),
         hist_items=t(hist_items),
@@ -281,8 +310,10 @@ class DIN(nn.Module):
         self.rating_emb = table(config.n_ratings)
         self.token = nn.Linear(2 * d, d)
         self.attention = ActivationUnit(d, config.attention_hidden)
-        self.mlp = _mlp([7 * d, *config.hidden], config.dropout)
+        self.mlp = _mlp([(7 + len(config.n_extra)) * d, *config.hidden], config.dropout)
         self.out = nn.Linear(config.hidden[-1], 1)
+        # Created last: without extra fields nothing changes (no parameters, the same random draws).
+        self.extra_emb = nn.ModuleList(table(n) for n in config.n_extra)
         self._init_embeddings()
 
     def _init_embeddings(self) -> None:
@@ -315,6 +346,7 @@ class DIN(nn.Module):
                 self.gender_emb(batch.gender),
                 self.age_emb(batch.age),
                 self.job_emb(batch.job),
+                *(emb(batch.extra[:, j]) for j, emb in enumerate(self.extra_emb)),
                 query,
                 self.genre_emb(batch.genre),
                 pooled,

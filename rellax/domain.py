@@ -34,6 +34,8 @@ class Domain:
             "gender" the prompt says "the user" instead of a pronoun.
         item_text: SUBR's item description; `{noun}`, `{title}` and `{genre}` (the item's category)
             are filled in.
+        extra_profile: the data set's own profile fields after those, in order; each reads
+            "<Possessive> <field, underscores as spaces> is <value>." ("Her country is France.").
     """
 
     noun: str = "movie"
@@ -44,6 +46,7 @@ class Domain:
     rating: RatingDisplay = "stars"
     profile: tuple[str, ...] = PROFILE_SLOTS
     item_text: str = "Here is a {noun}. Its title is {title}. The {noun}'s genre is {genre}."
+    extra_profile: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.rating not in ("stars", "label", "none"):
@@ -52,6 +55,13 @@ class Domain:
         if unknown:
             raise ValueError(f"profile fields {unknown} are not among {list(PROFILE_SLOTS)}")
         object.__setattr__(self, "profile", tuple(p for p in PROFILE_SLOTS if p in self.profile))
+        object.__setattr__(self, "extra_profile", tuple(self.extra_profile))
+        bad = [f for f in self.extra_profile if f in PROFILE_SLOTS or not f.isidentifier()]
+        if bad or len(set(self.extra_profile)) < len(self.extra_profile):
+            raise ValueError(
+                f"extra profile fields {list(self.extra_profile)} must be distinct identifiers other "
+                f"than {list(PROFILE_SLOTS)}"
+            )
         try:
             self.item_text.format(noun="n", title="t", genre="g")
         except (KeyError, IndexError, ValueError) as err:
@@ -66,6 +76,7 @@ class Domain:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["profile"] = list(self.profile)
+        data["extra_profile"] = list(self.extra_profile)
         return data
 
     @classmethod
@@ -75,8 +86,9 @@ class Domain:
         if unknown:
             raise ValueError(f"unknown domain keys {unknown}; known: {sorted(known)}")
         values = dict(data)
-        if "profile" in values:
-            values["profile"] = tuple(values["profile"])
+        for key in ("profile", "extra_profile"):
+            if key in values:
+                values[key] = tuple(values[key])
         return cls(**values)
 
     def dumps(self) -> str:

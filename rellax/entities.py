@@ -45,11 +45,18 @@ JOBS: list[str] = [
 
 @dataclass(frozen=True, slots=True)
 class Profile:
-    """A user's profile in prompt terms. `gender` is "male", "female" or "unknown"."""
+    """A user's profile in prompt terms. `gender` is "male", "female" or "unknown"; `extra` holds
+    the data set's own profile fields beyond these three (`profile_fields` of its config), as
+    (field, value) pairs."""
 
     gender: str = "unknown"
     age: str = "unknown"
     job: str = "unknown"
+    extra: tuple[tuple[str, str], ...] = ()
+
+    def value(self, name: str) -> str:
+        """One extra field's value; "unknown" where the profile does not have it."""
+        return next((v for k, v in self.extra if k == name), "unknown")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,7 @@ turn with the generation prompt opened; the model's next token after it is the a
 Wording choices the design leaves open:
 - Pronouns follow `Profile.gender` ("male" -> he/his, "female" -> she/her). Any other value
   (e.g. "unknown") reads "The user's gender is unknown." and uses they/their, with "they have".
+  A data set's own profile fields follow job and age, one sentence each ("Their country is Peru.").
 - Ratings are shown as integers; "1 star" is singular, every other value says "stars".
 - The user id never appears. History items are numbered from 0 in the order shown, and the list is
   written the way Python prints a list of strings (as ReLLa's code does), quotes included.
@@ -132,6 +133,8 @@ def _body_pieces(
         facts.append(f"{possessive} job is {profile.job}.")
     if "age" in domain.profile:
         facts.append(f"{possessive} age is {profile.age}.")
+    for name in domain.extra_profile:  # the data set's own profile fields, one sentence each
+        facts.append(f"{possessive} {name.replace('_', ' ')} is {profile.value(name)}.")
     rated = ", and rated them" if domain.rating != "none" else ""
     hist_mark, target_mark = (f" {HIST_TOKEN}", f" {TARGET_TOKEN}") if spa else ("", "")
     header = (

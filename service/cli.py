@@ -96,12 +96,12 @@ def history_records(splits: tuple[str, ...], dataset: Path | None) -> tuple[list
 
     from data.loading import load_dataset
     from data.samples import SPLITS
-    from rellax.entities import HistoryEvent, Profile
+    from rellax.entities import HistoryEvent
     from service.store import UserRecord
 
     data, samples, _ = load_dataset(dataset)
     later = np.flatnonzero(samples.split > max(SPLITS.index(s) for s in splits))
-    profiles = {int(r.user_id): Profile(r.gender, r.age, r.job) for r in data.users.itertuples()}
+    profiles = data.profiles()
     records, n_events = [], 0
     for row, uid in enumerate(samples.user_ids.tolist()):
         lo, hi = int(samples.seq_ptr[row]), int(samples.seq_ptr[row + 1])

@@ -16,6 +16,7 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    StringConstraints,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -328,6 +329,14 @@ class EventsResponse(_Model):
     history_len: int = Field(description="Events stored for the user after capping.")
 
 
+ProfileField = Annotated[
+    str, StringConstraints(min_length=1, max_length=48, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+]
+ProfileValue = Annotated[
+    str, StringConstraints(min_length=1, max_length=48, pattern=r"^[A-Za-z0-9 /&'.+-]+$")
+]
+
+
 class ProfileIn(_Model):
     """A user's profile as the prompt states it."""
 
@@ -348,13 +357,20 @@ class ProfileIn(_Model):
         pattern=r"^[A-Za-z0-9 /&'.-]+$",
         description="Occupation in words, e.g. 'programmer'.",
     )
+    extra: dict[ProfileField, ProfileValue] = Field(
+        default_factory=dict,
+        max_length=32,
+        description="The data set's own profile fields (its `profile_fields`), by name, e.g. "
+        "{'country': 'France'}; a name the bundle's data set does not have is a 422 listing those it has.",
+    )
 
     def to_profile(self) -> Profile:
-        return Profile(gender=self.gender, age=self.age, job=self.job)
+        extra = tuple(sorted(self.extra.items()))
+        return Profile(gender=self.gender, age=self.age, job=self.job, extra=extra)
 
     @classmethod
     def from_profile(cls, profile: Profile) -> ProfileIn:
-        return cls(gender=profile.gender, age=profile.age, job=profile.job)
+        return cls(gender=profile.gender, age=profile.age, job=profile.job, extra=dict(profile.extra))
 
 
 class ItemInfo(_Model):

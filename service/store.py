@@ -4,7 +4,7 @@ Layout, namespaced and versioned so a later format can live beside this one:
 
     rellax:v2:user:{<id>}:hist     sorted set, score = timestamp,
                                    member = "{item:010d}|{rating:g}|{timestamp}"
-    rellax:v2:user:{<id>}:profile  hash with gender, age, job
+    rellax:v2:user:{<id>}:profile  hash with gender, age, job (+ the data set's own profile fields)
 
 The braces are a Redis Cluster hash tag: only `<id>` decides the slot, so one user's two keys live
 on one node and every operation below stays single-slot (the read's pipeline, the write's MULTI) on
@@ -202,9 +202,12 @@ class HistoryStore:
             return int(await self.client.zcard(self.hist_key(user_id)))
 
     async def set_profile(self, user_id: str, profile: Profile) -> None:
-        mapping = {"gender": profile.gender, "age": profile.age, "job": profile.job}
-        async with _mapped("write"):
-            await self.client.hset(self.profile_key(user_id), mapping=mapping)
+        """Replace the stored profile (a field left out is gone, not kept from before)."""
+        key = self.profile_key(user_id)
+        async with _mapped("write"), self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(key)
+            pipe.hset(key, mapping=_profile_mapping(profile))
+            await pipe.execute()
 
     async def bulk_load(self, users: Iterable[UserRecord], chunk_events: int = 20_000) -> int:
         """Load many users with few round trips (pipelined, no MULTI); returns users written.
@@ -219,11 +222,7 @@ class HistoryStore:
                     pipe.zadd(key, {encode_event(e): int(e.timestamp) for e in user.events})
                     pipe.zremrangebyrank(key, 0, -(self.cap + 1))
                 if user.profile is not None:
-                    p = user.profile
-                    pipe.hset(
-                        self.profile_key(user.user_id),
-                        mapping={"gender": p.gender, "age": p.age, "job": p.job},
-                    )
+                    pipe.hset(self.profile_key(user.user_id), mapping=_profile_mapping(user.profile))
                 written += 1
                 pending += len(user.events) + 1
                 if pending >= chunk_events:
@@ -233,10 +232,16 @@ class HistoryStore:
         return written
 
 
+_SLOTS = ("gender", "age", "job")
+
+
+def _profile_mapping(profile: Profile) -> dict[str, str]:
+    return {"gender": profile.gender, "age": profile.age, "job": profile.job, **dict(profile.extra)}
+
+
 def _profile(fields: dict[bytes, bytes]) -> Profile | None:
     if not fields:
         return None
     text = {k.decode(): v.decode() for k, v in fields.items()}
-    return Profile(
-        gender=text.get("gender", "unknown"), age=text.get("age", "unknown"), job=text.get("job", "unknown")
-    )
+    extra = tuple(sorted((k, v) for k, v in text.items() if k not in _SLOTS))
+    return Profile(*(text.get(slot, "unknown") for slot in _SLOTS), extra=extra)

@@ -63,8 +63,9 @@ def _fields(users: list[int], items: list[int], ratings: list[float]) -> Fields:
     other = np.array(["x"] * n, dtype=object)
     r = np.array(ratings)
     return Fields(
-        np.array(users), np.array(items), other, other, other, other, r, (r > 3).astype(int), np.arange(n)
-    )
+        np.array(users), np.array(items), other, other, other, other, r, (r > 3).astype(int), np.arange(n),
+        np.empty((n, 0), dtype=object),
+    )  # fmt: skip
 
 
 def test_rating_prior_is_smoothed_user_plus_item_mean() -> None:

@@ -161,7 +161,7 @@ async def test_events_are_idempotent_and_history_reads_back(redis_url: str) -> N
         "events": [],
     }
     body = hist.json()
-    assert body["profile"] == {"gender": "male", "age": "under 18", "job": "student"}
+    assert body["profile"] == {"gender": "male", "age": "under 18", "job": "student", "extra": {}}
     assert [e["item_id"] for e in body["events"]] == [e["item_id"] for e in events[1:]]
     assert [e["rating"] for e in body["events"]] == [float(e["rating"]) for e in events[1:]]
 

@@ -51,16 +51,24 @@ async def add_events(
 
 @router.put("/{user_id}/profile", response_model=ProfileIn)
 async def put_profile(user_id: UserPath, body: ProfileIn, store: StoreDep, bundle: BundleDep) -> ProfileIn:
-    """Set the user's profile (gender, age, job) as the prompt will state it.
+    """Set the user's profile (gender, age, job, and the data set's own fields in `extra`) as the
+    prompt will state it.
 
     The age must be one the bundle's DIN knows (MovieLens: the ML-1M buckets) or "unknown": the
     prompt states it as written and DIN embeds it, so a value from another scale would read right
-    and be embedded as unknown."""
+    and be embedded as unknown. An `extra` field the data set does not have would never reach the
+    prompt or DIN: refused, naming it."""
     known = bundle.profile_values("ages")
     if known is not None and body.age != "unknown" and body.age not in known:
         shown = ", ".join(repr(v) for v in known[:20])
         message = f"age: {body.age!r} is not an age this bundle knows ({shown}, or 'unknown')"
         raise InvalidRequest(message, param="age")
+    fields = bundle.featurizer.domain.extra_profile
+    for name in body.extra:
+        if name not in fields:
+            has = f"its fields: {', '.join(fields)}" if fields else "it has none"
+            message = f"extra.{name}: not a profile field of this bundle's data set ({has})"
+            raise InvalidRequest(message, param=f"extra.{name}")
     await store.set_profile(user_id, body.to_profile())
     return body
 

@@ -19,6 +19,7 @@ from sklearn.preprocessing import OneHotEncoder
 
 from data.dataset import Dataset
 from data.samples import Samples
+from rellax.entities import Profile
 from training.metrics import ctr_metrics
 
 __all__ = ["Fields", "LogisticBaseline", "RatingPrior", "fields_for", "run_baselines"]
@@ -39,17 +40,28 @@ class Fields:
     rating: np.ndarray
     label: np.ndarray
     index: np.ndarray  # positions in `Samples`
+    extra: np.ndarray  # (n, fields) str: the data set's own profile fields (`extra_names`); (n, 0) if none
+    extra_names: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.label)
 
     def select(self, mask: np.ndarray) -> Fields:
         """The rows where `mask` is true (or at the given positions), every column alike."""
-        return Fields(**{name: getattr(self, name)[mask] for name in self.__dataclass_fields__})
+        arrays = [name for name in self.__dataclass_fields__ if name != "extra_names"]
+        return Fields(**{name: getattr(self, name)[mask] for name in arrays}, extra_names=self.extra_names)
+
+    def profiles(self) -> list[Profile]:
+        """Each row's profile, extra fields included (what DIN encodes)."""
+        return [
+            Profile(g, a, j, tuple(zip(self.extra_names, map(str, x), strict=True)))
+            for g, a, j, x in zip(self.gender, self.age, self.job, self.extra, strict=True)
+        ]
 
     def categorical(self) -> np.ndarray:
-        """(n, 6) object array of the one-hot fields, for `OneHotEncoder`."""
-        return np.column_stack([getattr(self, name).astype(str) for name in CATEGORICAL]).astype(object)
+        """(n, 6 + extra fields) object array of the one-hot fields, for `OneHotEncoder`."""
+        columns = [getattr(self, name).astype(str) for name in CATEGORICAL]
+        return np.column_stack([*columns, self.extra.astype(str)]).astype(object)
 
 
 def fields_for(data: Dataset, samples: Samples, split: str) -> Fields:
@@ -63,6 +75,8 @@ def fields_for(data: Dataset, samples: Samples, split: str) -> Fields:
         return users[name].reindex(user_ids).fillna("unknown").astype(str).to_numpy()
 
     item_ids = samples.item_id[idx]
+    names = tuple(data.config.profile_fields)
+    extra = np.column_stack([profile_col(n) for n in names]) if names else np.empty((len(idx), 0), object)
     return Fields(
         user_id=user_ids,
         item_id=item_ids,
@@ -73,6 +87,8 @@ def fields_for(data: Dataset, samples: Samples, split: str) -> Fields:
         rating=samples.rating[idx].astype(np.float64),
         label=samples.label[idx].astype(np.int64),
         index=idx,
+        extra=extra,
+        extra_names=names,
     )
 
 

@@ -28,7 +28,6 @@ from tqdm import tqdm
 from data.loading import artefact_dir, load_dataset
 from data.samples import Samples
 from rellax.din import DIN, DINBatch, DINConfig, DINVocab, encode_batch
-from rellax.entities import Profile
 from rellax.logs import get_logger
 from training import config
 from training.crm.baselines import Fields, fields_for, run_baselines
@@ -100,13 +99,19 @@ class CRMRecipe:
             genders=train.gender,
             ages=train.age,
             jobs=train.job,
+            extra={name: train.extra[:, j] for j, name in enumerate(train.extra_names)},
         )
 
     def _encode(self, f: Fields) -> DINBatch:
         histories = [self.samples.history(int(i), last=self.cfg.max_history)[:2] for i in f.index]
-        profiles = [Profile(g, a, j) for g, a, j in zip(f.gender, f.age, f.job, strict=True)]
         return encode_batch(
-            self.vocab, f.user_id, profiles, f.item_id, f.genre, histories, max_history=self.cfg.max_history
+            self.vocab,
+            f.user_id,
+            f.profiles(),
+            f.item_id,
+            f.genre,
+            histories,
+            max_history=self.cfg.max_history,
         )
 
     @staticmethod

@@ -34,11 +34,7 @@ class Catalogue:
 
     @classmethod
     def from_tables(cls, data: Dataset) -> Catalogue:
-        profiles = {
-            int(r.user_id): Profile(gender=str(r.gender), age=str(r.age), job=str(r.job))
-            for r in data.users.itertuples()
-        }
-        return cls(profiles, {item.item_id: item for item in data.item_records()}, data.domain)
+        return cls(data.profiles(), {item.item_id: item for item in data.item_records()}, data.domain)
 
 
 @dataclass(frozen=True, slots=True)
