@@ -19,7 +19,7 @@ from rellax.din import DIN, DINConfig, DINVocab, encode_batch
 from rellax.entities import Item, Profile
 from rellax.errors import DataError
 from rellax.prompt import build_prompt
-from service.store import HistoryStore, connect
+from service.store import HistoryStore, UserRecord, connect
 from tests.domain_support import write_books
 from training.crm.config import CRMConfig
 
@@ -121,6 +121,10 @@ async def test_the_store_keeps_the_fields_and_replaces_a_profile_whole(store: Hi
     )
     await store.set_profile(uid, Profile("male"))  # PUT replaces: the old fields are gone
     assert (await store.fetch(uid)).profile == Profile("male")
+    # `rellax load-history` writes through the bulk loader: the same fields, the same layout.
+    loaded = Profile("female", extra=(("country", "Japan"), ("plan", "premium")))
+    assert await store.bulk_load([UserRecord("bulk-" + uid, loaded)]) == 1
+    assert (await store.fetch("bulk-" + uid)).profile == loaded
 
 
 async def test_the_api_refuses_a_field_the_bundle_does_not_have(redis_url: str) -> None:
