@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from service.store import HistoryStore
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +26,18 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield server.url
     finally:
         server.stop()
+
+
+@pytest.fixture()
+async def store(redis_url: str) -> AsyncIterator[HistoryStore]:
+    """A history store over the real Redis (cap 1,000 events a user)."""
+    from service.store import HistoryStore, connect
+
+    client = connect(redis_url)
+    try:
+        yield HistoryStore(client, cap=1000)
+    finally:
+        await client.aclose()
 
 
 @pytest.fixture(scope="session")

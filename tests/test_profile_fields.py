@@ -4,12 +4,10 @@ the prompt, embedded by DIN, stored and served; MovieLens, which has none, is un
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import pytest_asyncio
 import torch
 from service_support import asgi_app, make_settings
 
@@ -19,7 +17,7 @@ from rellax.din import DIN, DINConfig, DINVocab, encode_batch
 from rellax.entities import Item, Profile
 from rellax.errors import DataError
 from rellax.prompt import build_prompt
-from service.store import HistoryStore, UserRecord, connect
+from service.store import HistoryStore, UserRecord
 from tests.domain_support import write_books
 from training.crm.config import CRMConfig
 
@@ -102,15 +100,6 @@ def test_a_vocab_without_fields_writes_what_it_always_wrote() -> None:
     assert "n_extra" not in DINConfig(**vocab.sizes()).to_json()
     model = DIN(DINConfig(**vocab.sizes()), vocab)
     assert not any(k.startswith("extra_emb") for k in model.state_dict())
-
-
-@pytest_asyncio.fixture()
-async def store(redis_url: str) -> AsyncIterator[HistoryStore]:
-    client = connect(redis_url)
-    try:
-        yield HistoryStore(client, cap=10)
-    finally:
-        await client.aclose()
 
 
 async def test_the_store_keeps_the_fields_and_replaces_a_profile_whole(store: HistoryStore) -> None:

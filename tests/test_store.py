@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
-from collections.abc import AsyncIterator
 
 import pytest
 
@@ -13,15 +12,6 @@ from rellax.entities import HistoryEvent, Profile
 from rellax.errors import HistoryStoreError
 from service.embedded_redis import free_port
 from service.store import HistoryStore, UserRecord, connect, decode_event, encode_event
-
-
-@pytest.fixture()
-async def store(redis_url: str) -> AsyncIterator[HistoryStore]:
-    client = connect(redis_url)
-    try:
-        yield HistoryStore(client, cap=1000)
-    finally:
-        await client.aclose()
 
 
 def user() -> str:

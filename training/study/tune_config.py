@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from training.config import artefact, not_positive, setting
 
@@ -53,73 +53,29 @@ class Trial:
 # of "DIN's signal lifts the LLM". Then stage 1 with more optimizer steps per example (small batches)
 # and stage 2 over it (small batches, SUBR-only prompts, the study's recipe, A and B unfrozen), then
 # the paper's recipe, learning rates, every projection adapted, and K=15.
+def _one_stage(name: str, **changes: Any) -> Trial:
+    """A one-stage trial: LoRA, gates and projector from step 0 over the 0-step stage 1, on SUBR
+    prompts, batch 8, lr 1e-3, 4 epochs, unless `changes` say otherwise."""
+    base: dict[str, Any] = dict(
+        stage=2, lr=1e-3, batch_size=8, epochs=4, over="s1-init", train_lora=True, prompts="subr"
+    )
+    return Trial(name, **{**base, **changes})
+
+
 TRIALS: tuple[Trial, ...] = (
     Trial("s1-init", 1, epochs=0, note="0 steps: the LoRA init, for the one-stage trial"),
-    Trial("one-stage-b8-lr1e-3", 2, lr=1e-3, batch_size=8, epochs=2, over="s1-init", train_lora=True),
-    Trial(
-        "one-stage-b8-lr1e-3-subr",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-        note="one-stage on SUBR prompts only (as validation and serving)",
-    ),
-    Trial(
-        "one-stage-b16-lr1e-3-subr",
-        2,
-        lr=1e-3,
-        batch_size=16,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-    ),
-    Trial(
-        "one-stage-b8-lr3e-4-subr",
-        2,
-        lr=3e-4,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-    ),
-    Trial(
-        "one-stage-b8-lr1e-3-subr-k10",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
-        k=10,
-        note="K=10 prompts: ~1.4x tokens",
-    ),
-    Trial(
+    _one_stage("one-stage-b8-lr1e-3", epochs=2, prompts="mixed"),
+    _one_stage("one-stage-b8-lr1e-3-subr", note="one-stage on SUBR prompts only (as validation and serving)"),
+    _one_stage("one-stage-b16-lr1e-3-subr", batch_size=16),
+    _one_stage("one-stage-b8-lr3e-4-subr", lr=3e-4),
+    _one_stage("one-stage-b8-lr1e-3-subr-k10", k=10, note="K=10 prompts: ~1.4x tokens"),
+    _one_stage(
         "one-stage-din-residual",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
         din_residual=True,
         note="beyond the paper: the LLM's Yes/No logit added to DIN's own logit (a correction to DIN)",
     ),
-    Trial(
+    _one_stage(
         "one-stage-b8-lr1e-3-subr-holdout",
-        2,
-        lr=1e-3,
-        batch_size=8,
-        epochs=4,
-        over="s1-init",
-        train_lora=True,
-        prompts="subr",
         din="din-holdout",
         note="DIN trained without the few-shot rows (its AUC on its own training rows: 0.81, unseen 0.78)",
     ),
