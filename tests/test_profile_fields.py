@@ -92,6 +92,12 @@ def test_din_embeds_the_fields_and_keeps_them_through_save(books: Path, tmp_path
     assert len(set(np.round(logits, 6))) == 4  # the country moves DIN's score
     saved = json.loads((tmp_path / "din" / "vocab.json").read_text())
     assert saved["extra"]["plan"] == ["free", "premium", "unknown"]
+    # `rellax load-history` hands the same profiles to Redis, under the data's own user ids.
+    from service.cli import history_records
+
+    records, _ = history_records(("train", "valid"), books)
+    by_key = {r.user_id: r.profile for r in records}
+    assert by_key["u001"] == Profile("female", extra=(("country", "Peru"), ("plan", "free")))
 
 
 def test_a_vocab_without_fields_writes_what_it_always_wrote() -> None:
