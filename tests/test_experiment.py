@@ -320,3 +320,21 @@ def test_a_fresh_cache_resumes_from_the_committed_weights(study, ran, tmp_path: 
     for name in ("rellax-merged", "rellax-two-stage"):
         again, before = _record(cfg, name), _record(study, name)
         np.testing.assert_allclose(again["predictions"], before["predictions"], atol=1e-5)
+
+
+def test_the_report_flags_comparisons_across_training_dtypes() -> None:
+    """A run trained in fp32 beside one trained in the bf16 recipe is not a like-for-like ablation:
+    the report says which comparisons mix the two."""
+    from training.study.report import _mixed_dtypes
+
+    records = {
+        "rellax": {"device": "cpu/float32"},
+        "cflora": {"device": "cpu/bfloat16"},
+        "spa": {"device": "cpu/float32"},
+        "DIN": {},
+    }
+    labels = ("ReLLaX - CFLoRA only (what SPA adds)", "ReLLaX - SPA only (what CFLoRA adds)", "ReLLaX - DIN")
+    diffs = {label: {} for label in labels}
+    assert _mixed_dtypes(records, diffs) == [
+        "ReLLaX - CFLoRA only (what SPA adds) (rellax float32, cflora bfloat16)"
+    ]

@@ -144,7 +144,7 @@ def _row(name: str, r: dict[str, Any]) -> list[str]:
 def _dtypes(r: dict[str, Any]) -> str:
     """ "trained / scored" dtypes of an LLM step. Records from before `score_dtype` was kept were
     scored in the recipe they trained in (the study then loaded its base as training did)."""
-    trained = r.get("device", "").rpartition("/")[2]
+    trained = _trained_dtype(r)
     scored = r.get("score_dtype") or trained
     return f"{trained} / {scored}" if trained else (scored or "–")
 
@@ -162,6 +162,22 @@ def _table(rows: list[list[str]]) -> str:
 def _diff_table(what: str, diffs: dict[str, dict[str, float]], name: str = "AUC diff") -> str:
     cells = [[k, f"{v['diff']:+.4f}", f"[{v['lo']:+.4f}, {v['hi']:+.4f}]"] for k, v in diffs.items()]
     return markdown_table((what, name, "95% interval"), cells, align="lrl")
+
+
+def _trained_dtype(r: dict[str, Any]) -> str | None:
+    """The dtype an LLM step trained in ("cpu/bfloat16" -> "bfloat16"); None for models without one."""
+    return r.get("device", "").rpartition("/")[2] or None
+
+
+def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, float]]) -> list[str]:
+    """The measured comparisons whose two LLM runs trained in different dtypes."""
+    out = []
+    for label, a, b in COMPARISONS:
+        if label in diffs and b in records:
+            ta, tb = _trained_dtype(records[a]), _trained_dtype(records[b])
+            if ta and tb and ta != tb:
+                out.append(f"{label} ({a} {ta}, {b} {tb})")
+    return out
 
 
 def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -278,6 +294,10 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
+    mixed = _mixed_dtypes(records, diffs)
+    if mixed:
+        lines += ["", "Trained in different dtypes, so the difference mixes the recipe's dtype with the "
+                  f"method (every model is scored in the same dtype): {'; '.join(mixed)}."]  # fmt: skip
     # A step is finished when its JSON is here, whatever the last invocation said about it.
     pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
     # Unfinished runs' curves so far, as the last `rellax experiment ml100k` saved them.
