@@ -171,6 +171,7 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
         assert heading in text
     assert (study.results.parent / "learning_curves.png").stat().st_size > 1000
     assert "ReLLaX - DIN" in rows and "+SPA - ReLLa" in rows
+    assert "ReLLaX K=3 - DIN" in rows and "ReLLaX K=3 - K=5" in rows  # the K sweep against the bar
     chance = rows["zero-shot SUBR - chance"][1]  # its AUC - 0.5, exactly
     assert float(chance) == pytest.approx(_record(study, "zero-shot-subr")["test"]["auc"] - 0.5, abs=1e-4)
     assert "ReLLaX >= DIN on test AUC: " in text and "not measured yet" not in text

@@ -172,7 +172,7 @@ def _trained_dtype(r: dict[str, Any]) -> str | None:
 def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, float]]) -> list[str]:
     """The measured comparisons whose two LLM runs trained in different dtypes."""
     out = []
-    for label, a, b in COMPARISONS:
+    for label, a, b in _comparisons(records):
         if label in diffs and b in records:
             ta, tb = _trained_dtype(records[a]), _trained_dtype(records[b])
             if ta and tb and ta != tb:
@@ -180,9 +180,18 @@ def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str,
     return out
 
 
+def _comparisons(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+    """COMPARISONS, plus each K-sweep run against DIN and against the main ReLLaX run's K."""
+    base = records.get("rellax", {}).get("k")
+    sweep = sorted((r["k"], n) for n, r in records.items() if n.startswith("rellax-k"))
+    extra = [(f"ReLLaX K={k} - DIN", n, "DIN") for k, n in sweep]
+    extra += [(f"ReLLaX K={k} - K={base}", n, "rellax") for k, n in sweep if base is not None]
+    return (*COMPARISONS, *extra)
+
+
 def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, float]]:
     out = {}
-    for label, a, b in COMPARISONS:
+    for label, a, b in _comparisons(records):
         if a in records and (b in records or b == CHANCE):
             pa = np.asarray(records[a]["predictions"])
             pb = np.zeros_like(pa) if b == CHANCE else np.asarray(records[b]["predictions"])
