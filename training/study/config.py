@@ -34,6 +34,13 @@ class ExperimentConfig:
         flag=("--n-values", "--n"),
     )  # fmt: skip
     k_sweep: tuple[int, ...] = setting((10,), help="Extra K values for ReLLaX.")
+    n_sweep: tuple[int, ...] = setting(
+        (2048,), help="More training rows for ReLLaX, at the K of the K sweep with the best valid AUC."
+    )
+    bf16_rerun: bool = setting(
+        True, help="Retrain ReLLaX in the bf16 recipe (rellax-bf16) when its run trained in another dtype.",
+        flag="--bf16-rerun/--no-bf16-rerun",
+    )  # fmt: skip
     zero_shot: tuple[str, ...] = setting(("subr",), help="Zero-shot modes scored (subr, recency).")
     valid_rows: int = setting(512, help="Validation rows for selection and the curves.")
     stage1_lr: float = setting(1e-3, help="Learning rate of the stage-1 (ReLLa) runs.")
@@ -67,6 +74,8 @@ class ExperimentConfig:
         )
         if not self.n_values or min(self.n_values) <= 0:
             found.append(f"n_values={self.n_values!r} needs positive N")
+        if self.n_sweep and min(self.n_sweep) <= 0:
+            found.append(f"n_sweep={self.n_sweep!r} needs positive N")
         return found
 
     def to_json(self) -> dict[str, Any]:

@@ -29,6 +29,11 @@ the answers the conclusions rest on first.
   rellax-merged        the rellax run with CFLoRA folded in at the mean gate (what vLLM serves)
   rellax-two-stage     the paper's two stages: SPA + gates over the ReLLa run, A and B frozen
   rellax-k{K}          ReLLaX at another K
+  rellax-n{N}          ReLLaX on N training rows, at the K whose run has the best valid AUC (waits
+                       for the K sweep): does more data close the gap to DIN?
+  rellax-bf16          `rellax` retrained in the bf16 recipe, where it trained in fp32 (another
+                       machine) and this CPU has native bf16: the one-stage ablations trained in
+                       bf16, so the within-family comparisons need a like-for-like ReLLaX
 """
 
 from __future__ import annotations
@@ -85,7 +90,9 @@ def plan(cfg: ExperimentConfig) -> list[str]:
     zero_shot = [f"zero-shot-{mode}" for mode in cfg.zero_shot]
     steps = ["baselines", *zero_shot, "rellax", *(f"rella-n{n}" for n in cfg.n_values)]
     steps += [s for s in STAGE2_STEPS if s != "rellax"] + ["rellax-merged", "rellax-two-stage"]
-    return steps + [f"rellax-k{k}" for k in cfg.k_sweep if k != cfg.k]
+    steps += [f"rellax-k{k}" for k in cfg.k_sweep if k != cfg.k]
+    steps += [f"rellax-n{n}" for n in cfg.n_sweep if n != max(cfg.n_values)]
+    return steps + (["rellax-bf16"] if cfg.bf16_rerun else [])
 
 
 def partial_scores_path(folder: Path, model_id: str, rows_hash: str, dtype: str = SCORE_DTYPE) -> Path:
@@ -151,7 +158,7 @@ class _Context:
             self.base()[2] if not (self.index_dir / "meta.json").exists() else ItemIndex.load(self.index_dir)
         )
 
-    def loop(self, lr: float) -> LoopConfig:
+    def loop(self, lr: float, bf16: bool | None = None) -> LoopConfig:
         cfg = self.cfg
         return LoopConfig(
             lr=lr,
@@ -159,6 +166,7 @@ class _Context:
             batch_size=cfg.batch_size,
             micro_batch=min(cfg.micro_batch, cfg.batch_size),
             evals_per_epoch=cfg.evals_per_epoch,
+            bf16=bf16,
         )
 
     def keep(self, name: str, stage: int) -> str:
@@ -266,9 +274,39 @@ def _best_stage1(ctx: _Context) -> dict[str, Any] | None:
     return max(found, key=lambda f: f["valid_auc"])
 
 
-def _stage2(ctx: _Context, name: str, k: int, over: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A ReLLaX-family run and its test scores: one stage over s1-init (LoRA trained too), or, with
-    `over` (a finished stage-1 step), the paper's stage 2 over it with A and B frozen."""
+def _best_k(ctx: _Context) -> int | None:
+    """The K of the ReLLaX run (main K or the K sweep) with the best *validation* AUC; None until
+    every one of them has finished."""
+    names = ["rellax", *(f"rellax-k{k}" for k in ctx.cfg.k_sweep if k != ctx.cfg.k)]
+    found = [ctx.result(n) for n in names]
+    if any(f is None for f in found):
+        return None
+    return int(max(found, key=lambda f: f["valid_auc"])["k"])  # type: ignore[index]
+
+
+def _no_bf16_rerun(ctx: _Context) -> str | None:
+    """Why `rellax-bf16` cannot run (yet) here, or None when it should."""
+    main = ctx.result("rellax")
+    if main is None:
+        return "the rellax step has not finished"
+    if main.get("device", "").endswith("/bfloat16"):
+        return "rellax trained in the bf16 recipe already: nothing to rerun"
+    if resolve_device().type == "cpu" and not precision.cpu_supports_bf16():
+        return "this CPU has no native bf16 (emulated bf16 is ~400x slower)"
+    return None
+
+
+def _stage2(
+    ctx: _Context,
+    name: str,
+    k: int,
+    over: dict[str, Any] | None = None,
+    n: int | None = None,
+    bf16: bool | None = None,
+) -> dict[str, Any]:
+    """A ReLLaX-family run and its test scores: one stage over s1-init (LoRA trained too) on `n`
+    rows (default: the largest N), or, with `over` (a finished stage-1 step), the paper's stage 2
+    over it with A and B frozen. `bf16` forces the training recipe's dtype (default: the CPU's)."""
     from training.llm.stage2 import Stage2Config
     from training.llm.stage2 import main as train
 
@@ -283,12 +321,12 @@ def _stage2(ctx: _Context, name: str, k: int, over: dict[str, Any] | None = None
         index_dir=ctx.index_dir,
         mode=mode,  # type: ignore[arg-type]
         gate_init="random" if name == "rellax-random-init" else "identity",
-        n_rows=max(cfg.n_values) if over is None else over["n_rows"],  # one stage: the largest N
+        n_rows=(n or max(cfg.n_values)) if over is None else over["n_rows"],  # one stage: the largest N
         k=k,
         valid_rows=cfg.valid_rows,
         prompts=cfg.prompts,  # type: ignore[arg-type]
         train_lora=over is None,
-        loop=ctx.loop(cfg.stage2_lr),
+        loop=ctx.loop(cfg.stage2_lr, bf16),
     )
     trained = train(s2cfg, deadline=ctx.deadline)
     weights_dtype = ctx.keep(name, 2)
@@ -350,6 +388,18 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
         return ctx.save(name, _stage2(ctx, name, cfg.k))
     if name.startswith("rellax-k"):
         return ctx.save(name, _stage2(ctx, name, int(name.removeprefix("rellax-k"))))
+    if name.startswith("rellax-n"):
+        k = _best_k(ctx)
+        if k is None:
+            log.info("waiting for the K sweep", step=name)
+            return None
+        return ctx.save(name, _stage2(ctx, name, k, n=int(name.removeprefix("rellax-n"))))
+    if name == "rellax-bf16":
+        why = _no_bf16_rerun(ctx)
+        if why:
+            log.info("waiting", step=name, why=why)
+            return None
+        return ctx.save(name, _stage2(ctx, name, cfg.k, bf16=True))
     if name == "rellax-merged":
         exact = ctx.result("rellax")
         return None if exact is None else ctx.save(name, _merged(ctx, exact))

@@ -181,12 +181,36 @@ def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str,
 
 
 def _comparisons(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
-    """COMPARISONS, plus each K-sweep run against DIN and against the main ReLLaX run's K."""
+    """COMPARISONS, plus each K-sweep run against DIN and against the main ReLLaX run's K, each
+    N-sweep run against DIN and against the run at its K on the default N, and, once `rellax-bf16`
+    exists, every comparison of `rellax` with a run trained in another dtype again with it."""
     base = records.get("rellax", {}).get("k")
     sweep = sorted((r["k"], n) for n, r in records.items() if n.startswith("rellax-k"))
     extra = [(f"ReLLaX K={k} - DIN", n, "DIN") for k, n in sweep]
     extra += [(f"ReLLaX K={k} - K={base}", n, "rellax") for k, n in sweep if base is not None]
-    return (*COMPARISONS, *extra)
+    at_k = {k: n for k, n in sweep} | ({base: "rellax"} if base is not None else {})
+    for n, r in sorted(records.items()):
+        if n.startswith("rellax-n"):
+            extra.append((f"ReLLaX N={r['n_rows']:,} (K={r['k']}) - DIN", n, "DIN"))
+            if r["k"] in at_k:
+                shorter = records[at_k[r["k"]]]
+                label = f"ReLLaX N={r['n_rows']:,} - N={shorter['n_rows']:,} (K={r['k']})"
+                extra.append((label, n, at_k[r["k"]]))
+    best = _best_rellax(records)
+    if best and not any((x, y) == (best[0], "DIN") for _, x, y in (*COMPARISONS, *extra)):
+        extra.append((f"{best[0]} - DIN (the ReLLaX run with the best valid AUC)", best[0], "DIN"))
+    found = (*COMPARISONS, *extra)
+    if "rellax-bf16" not in records:
+        return found
+    rerun = [("ReLLaX bf16 recipe - fp32 recipe (same run otherwise)", "rellax-bf16", "rellax")]
+    own = _trained_dtype(records["rellax-bf16"])
+    for label, a, b in found:
+        if "rellax" in (a, b) and (other := b if a == "rellax" else a) in records:
+            theirs = _trained_dtype(records[other])
+            if theirs and theirs == own != _trained_dtype(records["rellax"]):
+                swap = ("rellax-bf16", b) if a == "rellax" else (a, "rellax-bf16")
+                rerun.append((f"{label}, bf16 rerun", *swap))
+    return (*found, *rerun)
 
 
 def _diffs(records: dict[str, dict[str, Any]], labels: np.ndarray) -> dict[str, dict[str, float]]:
@@ -285,7 +309,10 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         "rellax",
     ]
     lines.append(_table([_row(n, records[n]) for n in order if n in records]))
-    steps = ("rella", "spa", "cflora", "rellax", "rellax-random-init", "rellax-merged", "rellax-two-stage")
+    steps = (
+        "rella", "spa", "cflora", "rellax", "rellax-bf16", "rellax-random-init", "rellax-merged",
+        "rellax-two-stage",
+    )  # fmt: skip
     ablation = [_row(n, records[n]) for n in steps if n in records]
     lines += ["", "## Ablation", ""]
     lines.append(_table(ablation) if ablation else "Not run yet.")
@@ -297,6 +324,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     if len(sweep) > 1:
         lines += ["", "## K sweep (ReLLaX, same rows and recipe)", ""]
         lines.append(_table([_row(f"K={k}", sweep[k]) for k in sorted(sweep)]))
+    lines += _n_sweep_section(records)
     diffs = _diffs(records, labels)
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
     lines.append(_diff_table("comparison", diffs))
@@ -330,6 +358,29 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     text = "\n".join(lines)
     out.write_text(text)
     return text
+
+
+def _n_sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
+    """ReLLaX on more training rows (rellax-n*), beside the run at the same K on the default N."""
+    longer = [r for n, r in records.items() if n.startswith("rellax-n")]
+    if not longer:
+        return []
+    at_k = {r["k"]: r for n, r in records.items() if n == "rellax" or n.startswith("rellax-k")}
+    runs = [at_k[r["k"]] for r in longer if r["k"] in at_k] + longer
+    lines = ["", "## N sweep (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
+    lines.append(_table([_row(f"K={r['k']}, N={r['n_rows']:,}", r) for r in runs]))
+    return lines
+
+
+def _best_rellax(records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
+    """The ReLLaX run (any K, N, init or recipe dtype; exact CFLoRA, SPA and gates) with the best
+    *validation* AUC: the one the study would ship, chosen without looking at test."""
+    family = {
+        n: r for n, r in records.items()
+        if (n in ("rellax", "rellax-bf16", "rellax-random-init") or n.startswith(("rellax-k", "rellax-n")))
+        and r.get("valid_auc") is not None
+    }  # fmt: skip
+    return max(family.items(), key=lambda kv: kv[1]["valid_auc"]) if family else None
 
 
 def ranking_section(path: Path) -> list[str]:
@@ -381,6 +432,7 @@ def _reading(
         verdict = _verdict(d, ci)
         out.append(f"- {text}: {verdict}, {a} {records[a]['test']['auc']:.4f} vs {b} "
                    f"{records[b]['test']['auc']:.4f}, difference {d:+.4f}{span}.")  # fmt: skip
+    out += _best_reading(records, diffs)
     out += _paper_pattern(records)
     out += _curve_reading(records, valid_rows, label_rate)
     bar = records.get("LR on prompt features")
@@ -391,6 +443,22 @@ def _reading(
         out.append(f"- The best LLM so far ({best_name}, {best['test']['auc']:.4f}) {verdict} the LR on "
                    f"the prompt's own features ({bar['test']['auc']:.4f}).")  # fmt: skip
     return out
+
+
+def _best_reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str, float]]) -> list[str]:
+    """ReLLaX >= DIN again for the run selected on validation among every ReLLaX setting tried."""
+    best = _best_rellax(records)
+    if best is None or "DIN" not in records:
+        return []
+    name, r = best
+    label = next((k for k, a, b in _comparisons(records) if (a, b) == (name, "DIN")), None)
+    ci = diffs.get(label) if label else None
+    d = r["test"]["auc"] - records["DIN"]["test"]["auc"]
+    span = f" (95% interval [{ci['lo']:+.4f}, {ci['hi']:+.4f}])" if ci else ""
+    din = records["DIN"]["test"]["auc"]
+    return [f"- ReLLaX >= DIN, for the ReLLaX run with the best valid AUC ({name}, K={r['k']}, "
+            f"N={r['n_rows']:,}, valid {r['valid_auc']:.4f}): {_verdict(d, ci)}, test AUC "
+            f"{r['test']['auc']:.4f} vs DIN {din:.4f}, difference {d:+.4f}{span}."]  # fmt: skip
 
 
 def _verdict(d: float, ci: dict[str, float] | None) -> str:
