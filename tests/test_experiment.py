@@ -30,6 +30,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_di
         k=5,
         n_values=(8, 16),
         k_sweep=(3,),
+        n_sweep=(24,),
         zero_shot=("recency", "subr"),
         valid_rows=24,
         stage1_lr=1e-2,
@@ -86,11 +87,19 @@ def test_every_step_runs_once_then_is_reused(study, ran) -> None:  # noqa: ANN00
         "rellax-merged",
         "rellax-two-stage",
         "rellax-k3",
+        "rellax-n24",
+        "rellax-bf16",
     ]
-    assert status == dict.fromkeys(steps, "ran")
-    before = {name: (study.results / f"{name}.json").read_text() for name in steps}
-    assert run(study) == dict.fromkeys(steps, "done")
-    assert {name: (study.results / f"{name}.json").read_text() for name in steps} == before
+    # rellax-bf16 reruns a ReLLaX that trained in fp32, on a native-bf16 CPU only: here rellax trained
+    # in this CPU's own recipe, so the step waits (no native bf16) or has nothing to do (the test
+    # below makes the case for a rerun).
+    from rellax import precision
+
+    rerun = "not needed" if precision.cpu_supports_bf16() else "waiting"
+    assert status == dict.fromkeys(steps[:-1], "ran") | {"rellax-bf16": rerun}
+    before = {name: (study.results / f"{name}.json").read_text() for name in steps[:-1]}
+    assert run(study) == dict.fromkeys(steps[:-1], "done") | {"rellax-bf16": rerun}
+    assert {name: (study.results / f"{name}.json").read_text() for name in steps[:-1]} == before
 
 
 def test_scoring_resumed_from_the_partial_file(study, ran) -> None:  # noqa: ANN001
@@ -130,6 +139,11 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
     two = _record(study, "rellax-two-stage")
     assert not two["one_stage"] and two["stage1"] == best  # chosen on validation, never test
     assert _record(study, "rellax-k3")["k"] == 3
+    # More rows at the K whose run validated best (never test): 24 rows, the one-stage recipe.
+    longer = _record(study, "rellax-n24")
+    best_k = max(("rellax", "rellax-k3"), key=lambda n: _record(study, n)["valid_auc"])
+    assert longer["n_rows"] == 24 and longer["k"] == _record(study, best_k)["k"] and longer["one_stage"]
+    assert longer["train_examples"] > _record(study, "rellax")["train_examples"]
     # Every LLM step read the hold-out DIN, not the shared one.
     meta = json.loads((study.runs / "rellax" / "metrics.json").read_text())
     assert Path(meta["config"]["din_dir"]) == study.din_dir.parent / "din-holdout"
@@ -172,10 +186,22 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
     assert (study.results.parent / "learning_curves.png").stat().st_size > 1000
     assert "ReLLaX - DIN" in rows and "+SPA - ReLLa" in rows
     assert "ReLLaX K=3 - DIN" in rows and "ReLLaX K=3 - K=5" in rows  # the K sweep against the bar
+    k = _record(study, "rellax-n24")["k"]
+    assert "## N sweep" in text and f"K={k}, N=24" in rows and f"K={k}, N=16" in rows
+    assert f"ReLLaX N=24 (K={k}) - DIN" in rows and f"ReLLaX N=24 - N=16 (K={k})" in rows
+    assert "- ReLLaX >= DIN, for the ReLLaX run with the best valid AUC (" in text
+    assert "Read a DIN retrained" not in text  # every step read the DIN the baselines scored
     chance = rows["zero-shot SUBR - chance"][1]  # its AUC - 0.5, exactly
     assert float(chance) == pytest.approx(_record(study, "zero-shot-subr")["test"]["auc"] - 0.5, abs=1e-4)
     assert "ReLLaX >= DIN on test AUC: " in text and "not measured yet" not in text
-    assert "Pending steps" not in text and "Not measured yet" not in text and "Not run yet" not in text
+    assert "Not measured yet" not in text and "Not run yet" not in text
+    from rellax import precision
+
+    # Only the bf16 rerun can stay pending: on a CPU without native bf16 it waits for one.
+    pending = [line for line in text.splitlines() if line.startswith("Pending steps")]
+    assert [p.rpartition(": ")[2] for p in pending] == (
+        [] if precision.cpu_supports_bf16() else ["rellax-bf16."]
+    )
     assert "Against DIN, the paper (ML-1M, 13B LLM): zero-shot -0.0969" in text
     assert "- Curve, rella-n8: valid AUC" in text and "- Curve, rellax: valid AUC" in text
     assert "N=16,384 (x1 prompts) was not run" in text  # SUBR prompts only: one a row
@@ -339,3 +365,49 @@ def test_the_report_flags_comparisons_across_training_dtypes() -> None:
     assert _mixed_dtypes(records, diffs) == [
         "ReLLaX - CFLoRA only (what SPA adds) (rellax float32, cflora bfloat16)"
     ]
+
+
+def test_a_fp32_rellax_is_rerun_in_bf16_and_compared_like_for_like(
+    study, ran, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # noqa: ANN001
+    """The ablations trained in the bf16 recipe, ReLLaX in fp32 on another machine: rellax-bf16
+    retrains it in bf16 and the report repeats each mixed comparison with it (and says what the
+    recipe's dtype alone does). Where the CPU lacks native bf16 the step waits instead of running
+    emulated bf16 (~400x slower): forced here to the native case, on the tiny model."""
+    import dataclasses
+    import shutil
+
+    from rellax import precision
+    from training.study.experiment import run
+    from training.study.report import render
+
+    results = tmp_path / "results"
+    shutil.copytree(study.results, results)
+    for name, device in (("rellax", "cpu/float32"), ("cflora", "cpu/bfloat16"), ("spa", "cpu/bfloat16")):
+        record = json.loads((results / f"{name}.json").read_text())
+        record["device"] = device  # as the records of two machines would say
+        (results / f"{name}.json").write_text(json.dumps(record))
+    cfg = dataclasses.replace(study, results=results, only=("rellax-bf16",))
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: False)
+    assert run(cfg)["rellax-bf16"] == "waiting"  # no native bf16: not run emulated
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: True)
+    assert run(cfg)["rellax-bf16"] == "ran"
+    rerun = json.loads((results / "rellax-bf16.json").read_text())
+    assert rerun["device"] == "cpu/bfloat16" and rerun["score_dtype"] == "float32"
+    assert rerun["k"] == study.k and rerun["n_rows"] == _record(study, "rellax")["n_rows"]
+    rows = {row[0]: row for row in table_rows(render(results, tmp_path / "results.md"))}
+    assert "rellax-bf16" in rows  # the ablation table
+    assert "ReLLaX bf16 recipe - fp32 recipe (same run otherwise)" in rows
+    for label in ("ReLLaX - CFLoRA only (what SPA adds)", "ReLLaX - SPA only (what CFLoRA adds)"):
+        assert f"{label}, bf16 rerun" in rows
+    assert "ReLLaX - DIN, bf16 rerun" not in rows  # DIN has no recipe dtype: nothing was mixed
+    # The baselines' DIN retrained after a lost cache: the steps that read the earlier one say so.
+    base = json.loads((results / "baselines.json").read_text())
+    din = rerun["din"]
+    assert din["sha256"] == base["models"]["DIN (hold-out)"]["sha256"]  # the one the LLM steps read
+    assert din["test_auc"] == pytest.approx(base["models"]["DIN (hold-out)"]["test"]["auc"], abs=1e-6)
+    base["models"]["DIN"]["sha256"] = "0" * 16
+    (results / "baselines.json").write_text(json.dumps(base))
+    text = render(results, tmp_path / "results.md")
+    drift = next(line for line in text.splitlines() if line.startswith("Read a DIN retrained"))
+    assert f"rellax-bf16 (DIN {din['sha256'][:8]}, test AUC {din['test_auc']:.4f})" in drift

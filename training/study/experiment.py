@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 from rellax import precision
-from rellax.assets import prepare_model
+from rellax.assets import file_sha256, prepare_model
 from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
 from rellax.item_index import ItemIndex
@@ -147,6 +147,18 @@ class _Context:
         aucs = {m: round(r["test"]["auc"], 4) for m, r in models.items() if "test" in r}
         log.info("experiment step done", step=name, test_auc=aucs)
         return payload
+
+    def din_facts(self) -> dict[str, Any]:
+        """Which DIN the LLM steps read: its weights' checksum and its AUC on the fixed test rows. A
+        DIN retrained on another machine differs in the last digits (BLAS kernels differ), so a step
+        records the one it read and the report can say when that is not the DIN row's."""
+        if not hasattr(self, "_din_facts"):
+            from training.llm.evaluate import din_predictions
+
+            p = din_predictions(load_din(self.din_dir), self.catalogue, self.samples, self.rows)
+            sha = file_sha256(self.din_dir / "model.safetensors")[:16]
+            self._din_facts = {"sha256": sha, "test_auc": ctr_metrics(self.labels, p)["auc"]}
+        return self._din_facts
 
     def base(self) -> tuple[Any, Any, Any]:
         """A fresh base LLM (each step injects its own adapters), its tokenizer, the item index."""
@@ -284,13 +296,14 @@ def _best_k(ctx: _Context) -> int | None:
     return int(max(found, key=lambda f: f["valid_auc"])["k"])  # type: ignore[index]
 
 
+class NotNeeded(Exception):
+    """A planned step that has nothing to do in this study (its status says why, never pending)."""
+
+
 def _no_bf16_rerun(ctx: _Context) -> str | None:
     """Why `rellax-bf16` cannot run (yet) here, or None when it should."""
-    main = ctx.result("rellax")
-    if main is None:
+    if ctx.result("rellax") is None:
         return "the rellax step has not finished"
-    if main.get("device", "").endswith("/bfloat16"):
-        return "rellax trained in the bf16 recipe already: nothing to rerun"
     if resolve_device().type == "cpu" and not precision.cpu_supports_bf16():
         return "this CPU has no native bf16 (emulated bf16 is ~400x slower)"
     return None
@@ -334,7 +347,11 @@ def _stage2(
     examples = ctx.examples(tok, index, din, k, "subr", model.spa is not None, True, f"{name} prompts")
     p, seconds = ctx.score(name, model, examples, model_id=trained["run_id"])
     facts = _training_facts(trained)
-    extra = {"one_stage": over is None, "stage1": S1_INIT if over is None else over["step"]}
+    extra = {
+        "one_stage": over is None,
+        "stage1": S1_INIT if over is None else over["step"],
+        "din": ctx.din_facts(),
+    }
     return ctx.llm_payload(
         p, seconds, **facts, n_rows=s2cfg.n_rows, k=k, run=name, weights_dtype=weights_dtype, **extra
     )
@@ -399,6 +416,8 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
         if why:
             log.info("waiting", step=name, why=why)
             return None
+        if ctx.result("rellax")["device"].endswith("/bfloat16"):  # type: ignore[index]
+            raise NotNeeded("rellax trained in the bf16 recipe already: nothing to rerun")
         return ctx.save(name, _stage2(ctx, name, cfg.k, bf16=True))
     if name == "rellax-merged":
         exact = ctx.result("rellax")
@@ -414,7 +433,8 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
 
 def run(cfg: ExperimentConfig) -> dict[str, str]:
     """Run every unfinished step of the plan (or of `cfg.only`); returns {step: state}, state one of
-    done (found), ran, waiting (needs an unfinished step), paused (out of time), not selected."""
+    done (found), ran, waiting (needs an unfinished step or another CPU), paused (out of time), not
+    selected, not needed (nothing to do in this study)."""
     torch.manual_seed(0)
     ctx = _Context(cfg)
     status: dict[str, str] = {}
@@ -430,6 +450,9 @@ def run(cfg: ExperimentConfig) -> dict[str, str]:
             continue
         try:
             status[name] = "ran" if _step(ctx, name) is not None else "waiting"
+        except NotNeeded as why:
+            log.info("not needed", step=name, why=str(why))
+            status[name] = "not needed"
         except TimeoutError as stop:
             log.info("paused", step=name, why=str(stop))
             status[name] = "paused"
@@ -439,7 +462,7 @@ def run(cfg: ExperimentConfig) -> dict[str, str]:
         "rows_hash": ctx.rows_hash,
         "status": status,
     }
-    unfinished = [n for n, state in status.items() if state not in ("done", "ran")]
+    unfinished = [n for n, state in status.items() if state not in ("done", "ran", "not needed")]
     payload["progress"] = progress(cfg, ctx.rows_hash, unfinished)
     (cfg.results / "experiment.json").write_text(json.dumps(payload, indent=1))
     return status

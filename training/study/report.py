@@ -180,6 +180,26 @@ def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str,
     return out
 
 
+def _din_drift(records: dict[str, dict[str, Any]]) -> list[str]:
+    """The LLM steps that read another DIN than the DIN row's (retrained after a lost cache: the
+    same recipe, other last digits), each with that DIN's own test AUC on these rows."""
+    own = records.get("DIN", {}).get("sha256")
+    other = {
+        n: r["din"] for n, r in records.items()
+        if n != "rella" and r.get("din") and r["din"]["sha256"] != own
+    }  # fmt: skip
+    if not other:
+        return []
+    what = "; ".join(
+        f"{n} (DIN {d['sha256'][:8]}, test AUC {d['test_auc']:.4f})" for n, d in sorted(other.items())
+    )
+    row = f"{records['DIN']['test']['auc']:.4f}" if "DIN" in records else "–"
+    return [
+        "",
+        f"Read a DIN retrained from the same recipe on another machine, not the DIN row's ({row}): {what}.",
+    ]
+
+
 def _comparisons(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
     """COMPARISONS, plus each K-sweep run against DIN and against the main ReLLaX run's K, each
     N-sweep run against DIN and against the run at its K on the default N, and, once `rellax-bf16`
@@ -331,12 +351,16 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     missing = [label for label, a, b in COMPARISONS if label not in diffs]
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
+    lines += _din_drift(records)
     mixed = _mixed_dtypes(records, diffs)
     if mixed:
         lines += ["", "Trained in different dtypes, so the difference mixes the recipe's dtype with the "
                   f"method (every model is scored in the same dtype): {'; '.join(mixed)}."]  # fmt: skip
     # A step is finished when its JSON is here, whatever the last invocation said about it.
-    pending = [name for name in status.get("status", {}) if not (folder / f"{name}.json").exists()]
+    pending = [
+        name for name, state in status.get("status", {}).items()
+        if state != "not needed" and not (folder / f"{name}.json").exists()
+    ]  # fmt: skip
     # Unfinished runs' curves so far, as the last `rellax experiment ml100k` saved them.
     progress = {n: p for n, p in status.get("progress", {}).items() if n in pending}
     if _curves(records, out.parent / "learning_curves.png", valid_rows, progress):
