@@ -76,16 +76,11 @@ class DatasetConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> DatasetConfig:
-        Domain(item_text=self.prompt.item_text)  # a bad template fails here, naming itself
-        slots = {self.user_field, self.gender_field, self.age_field, self.job_field}
-        for name in self.profile_fields:
-            if not name.isidentifier() or name in ("gender", "age", "job") or name in slots:
-                raise ValueError(
-                    f"profile_fields: {name!r} must be a column name (letters, digits, _) other than "
-                    "the user id and the gender / age / job fields"
-                )
-        if len(set(self.profile_fields)) < len(self.profile_fields):
-            raise ValueError(f"profile_fields: {self.profile_fields} names a column twice")
+        columns = {self.user_field, self.gender_field, self.age_field, self.job_field}
+        clash = [name for name in self.profile_fields if name in columns]
+        if clash:
+            raise ValueError(f"profile_fields: {clash} are the user id / gender / age / job columns")
+        self.domain()  # the rest (a bad template, a repeated or non-identifier field) fails here, named
         return self
 
     def stem(self, folder: Path) -> str:

@@ -59,8 +59,8 @@ class Domain:
         bad = [f for f in self.extra_profile if f in PROFILE_SLOTS or not f.isidentifier()]
         if bad or len(set(self.extra_profile)) < len(self.extra_profile):
             raise ValueError(
-                f"extra profile fields {list(self.extra_profile)} must be distinct identifiers other "
-                f"than {list(PROFILE_SLOTS)}"
+                f"profile_fields: {list(self.extra_profile)} must be distinct column names "
+                f"(letters, digits, _) other than {list(PROFILE_SLOTS)}"
             )
         try:
             self.item_text.format(noun="n", title="t", genre="g")

@@ -54,6 +54,12 @@ class Profile:
     job: str = "unknown"
     extra: tuple[tuple[str, str], ...] = ()
 
+    def __post_init__(self) -> None:
+        # One order whatever the source (a data set's config order, a JSON object, a Redis hash):
+        # two profiles with the same fields compare and hash equal. Prompts follow the domain's own
+        # field order (Domain.extra_profile), never this one.
+        object.__setattr__(self, "extra", tuple(sorted((str(k), str(v)) for k, v in self.extra)))
+
     def value(self, name: str) -> str:
         """One extra field's value; "unknown" where the profile does not have it."""
         return next((v for k, v in self.extra if k == name), "unknown")

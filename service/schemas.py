@@ -365,7 +365,7 @@ class ProfileIn(_Model):
     )
 
     def to_profile(self) -> Profile:
-        extra = tuple(sorted(self.extra.items()))
+        extra = tuple(self.extra.items())  # Profile sorts them
         return Profile(gender=self.gender, age=self.age, job=self.job, extra=extra)
 
     @classmethod

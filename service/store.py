@@ -243,5 +243,5 @@ def _profile(fields: dict[bytes, bytes]) -> Profile | None:
     if not fields:
         return None
     text = {k.decode(): v.decode() for k, v in fields.items()}
-    extra = tuple(sorted((k, v) for k, v in text.items() if k not in _SLOTS))
+    extra = tuple((k, v) for k, v in text.items() if k not in _SLOTS)  # Profile sorts them
     return Profile(*(text.get(slot, "unknown") for slot in _SLOTS), extra=extra)

@@ -65,6 +65,24 @@ def test_the_fields_are_read_and_stated_by_the_prompt(books: Path, soft_tokenize
     assert "profile_fields" not in ML100K.fingerprint()
 
 
+def test_a_profile_is_one_value_whatever_order_its_fields_come_in(books: Path, soft_tokenizer) -> None:  # noqa: ANN001
+    """The data set lists its fields in config order, a JSON object and a Redis hash in theirs: the
+    same fields are the same profile (equal, same hash), and the prompt keeps the config's order."""
+    from service.schemas import ProfileIn
+
+    config = load_config(books).model_copy(update={"profile_fields": ["plan", "country"]})
+    data = read_dataset(books, config)
+    u001 = data.profile(2)
+    sent = ProfileIn(gender="female", extra={"country": "Peru", "plan": "free"}).to_profile()
+    assert u001 == sent and hash(u001) == hash(sent)
+    history = [(Item(13, "Salt Map 12", "poetry"), 1.0)]
+    prompt = build_prompt(
+        soft_tokenizer, u001, history, Item(8, "Iron Letters 7", "history"), k=5, mode="recency",
+        spa=False, domain=config.domain(),
+    )  # fmt: skip
+    assert "The user is a female. Her plan is free. Her country is Peru." in prompt.text
+
+
 def test_a_field_the_user_file_lacks_or_a_clash_is_refused(books: Path) -> None:
     bad = load_config(books).model_copy(update={"profile_fields": ["country", "tier"]})
     with pytest.raises(DataError, match=r"books.user: missing required column\(s\) \['tier'\]"):
