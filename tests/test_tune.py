@@ -162,10 +162,11 @@ def test_the_repositorys_kept_weights_are_whole() -> None:
         assert size <= MAX_WEIGHTS_BYTES, f"{folder.name}: {size} bytes"
 
 
-def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneConfig, tmp_path: Path) -> None:
-    """`make demo` in a clone: the committed ReLLaX trial with the best valid AUC (never the
-    "+ DIN's logit" variant, which bundles do not serve), restored from its kept weights alone,
-    exports to a bundle that loads and scores with the trial's K and run id."""
+def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_run(tune: TuneConfig, tmp_path: Path) -> None:
+    """`make demo` in a clone: the committed ReLLaX run with the best valid AUC, a recipe trial or a
+    study step (never the "+ DIN's logit" variant, which bundles do not serve, nor a step whose stage
+    1 has another LoRA layout), restored from its kept weights alone, exports to a bundle that loads
+    and scores with the run's K and run id."""
     import shutil
 
     from rellax.bundle import Bundle
@@ -176,19 +177,42 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneCo
 
     run(tune)
     results = tmp_path / "results"
-    shutil.copytree(tune.results, results)
+    shutil.copytree(tune.results, results / "tune")
     want = "s2-over-s1"  # made the best of the two ReLLaX trials, beaten only by the variant
-    record = json.loads((results / f"{want}.json").read_text())
-    (results / f"{want}.json").write_text(json.dumps({**record, "best_valid_auc": 0.9}))
+    record = json.loads((results / "tune" / f"{want}.json").read_text())
+    (results / "tune" / f"{want}.json").write_text(json.dumps({**record, "best_valid_auc": 0.9}))
     fake = {**record, "best_valid_auc": 0.99}
     fake["trial"] = {**fake["trial"], "name": "residual", "din_residual": True}
-    (results / "residual.json").write_text(json.dumps(fake))
-    shutil.copytree(results / want, results / "residual")
-    name, record = best_study_run(results)  # type: ignore[misc]
-    assert name == want
+    (results / "tune" / "residual.json").write_text(json.dumps(fake))
+    shutil.copytree(results / "tune" / want, results / "tune" / "residual")
+    best = best_study_run(results)
+    assert best is not None and (best.name, best.where, best.test_auc) == (want, "trial", None)
     assert best_study_run(tmp_path / "nothing") is None
 
-    s1, s2 = _restore_study_run(name, record, tmp_path / "runs", results)
+    # A one-stage study step (its own A, B; stage 1 = the 0-step init the trials keep as s1-init)
+    # with a higher valid AUC wins, and the demo reports its test AUC on the study's rows.
+    shutil.copytree(results / "tune" / "s1", results / "tune" / "s1-init")
+    shutil.copytree(results / "tune" / "s2-joint", results / "rellax-k3")
+    step = {"step": "rellax-k3", "valid_auc": 0.95, "k": 3, "stage1": "s1-init", "one_stage": True,
+            "device": "cpu/float32", "test": {"auc": 0.61}, "test_rows": 40}  # fmt: skip
+    (results / "rellax-k3.json").write_text(json.dumps(step))
+    (results / "rellax-merged.json").write_text(
+        json.dumps({**step, "step": "rellax-merged", "valid_auc": 1.0})
+    )
+    best = best_study_run(results)
+    assert best is not None and (best.name, best.where, best.test_auc, best.k) == (
+        "rellax-k3",
+        "step",
+        0.61,
+        3,
+    )
+    adapter = results / "tune" / "s1-init" / "adapter" / "adapter_config.json"
+    layout = json.loads(adapter.read_text())
+    adapter.write_text(json.dumps({**layout, "r": 4}))  # not the layout rellax-k3 was trained over
+    assert best_study_run(results).name == want  # type: ignore[union-attr]
+    adapter.write_text(json.dumps(layout))
+
+    s1, s2 = _restore_study_run(best, tmp_path / "runs")
     meta = json.loads((s2 / "metrics.json").read_text())
     assert meta["config"]["stage1"] == str(s1)  # points at the restored stage 1, not the trainer's cache
     llmsrec = _random_llmsrec(tmp_path / "llmsrec", tune.model_dir)
@@ -207,7 +231,7 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_trial(tune: TuneCo
     assert bundle["training"]["llmsrec"]["test"] == {"ndcg@10": 0.5, "hr@10": 0.7, "n": 3}
     assert "llmsrec/items.hnsw" in bundle["files"]  # checksummed like every other part
     loaded = Bundle.load(tmp_path / "bundle")
-    assert loaded.config.k == record["trial"]["k"]
+    assert loaded.config.k == best.k
     item = sorted(loaded.items)[0]
     (p,) = loaded.score_prepared(loaded.prepare(Profile(), [], [item]))
     assert 0.0 < p < 1.0

@@ -3,16 +3,18 @@ eval -> LLM-SRec (SASRec teacher + the frozen LLM's small modules) -> bundle, ea
 a second run only re-checks. Prints what it made and where.
 
 In a clone of the repository the two LLM stages are not trained here: the demo builds its bundle
-from the best ReLLaX run of the recipe trials whose trainable weights are committed under
-docs/results/tune/ (its stage-1 LoRA, its stage-2 SPA projector, gates and A/B), so a newcomer
-serves the study's model, not a 64-row toy. DIN and the item index are rebuilt here as always
-(both deterministic from the data and the LLM). `--train-here` (or no committed run) trains the
+from the committed ReLLaX run with the best valid AUC, a study step (docs/results/<step>/) or a
+recipe trial (docs/results/tune/), from its trainable weights (stage-1 LoRA, stage-2 SPA projector,
+gates and A/B), so a newcomer serves the study's model, not a 64-row toy. DIN and the item index
+are rebuilt here as always (the same seeded recipes; a DIN retrained on another CPU differs in its
+last digits, valid AUC 0.7443 vs 0.7441 measured). `--train-here` (or no committed run) trains the
 demo-size stages instead."""
 
 from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from data.loading import artefact_dir
@@ -22,7 +24,9 @@ __all__ = [
     "DEMO_EVAL_ROWS",
     "DEMO_ROWS",
     "DEMO_VALID_ROWS",
+    "RESULTS",
     "STUDY_RUNS",
+    "KeptRun",
     "best_study_run",
     "build",
     "demo_paths",
@@ -42,37 +46,106 @@ DEMO_SASREC_EPOCHS = 20
 DEMO_LLMSREC_STEPS = 30
 
 
-STUDY_RUNS = Path(__file__).resolve().parents[1] / "docs" / "results" / "tune"
+RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
+STUDY_RUNS = RESULTS / "tune"
+# The study's ReLLaX steps a bundle can serve: exact CFLoRA with SPA (not the merged model).
+_SERVABLE_STEPS = ("rellax", "rellax-bf16", "rellax-random-init", "rellax-two-stage")
 
 
-def best_study_run(folder: Path = STUDY_RUNS) -> tuple[str, dict] | None:
-    """(name, record) of the committed ReLLaX trial (SPA + CFLoRA; not the "+ DIN's logit"
-    variant, which a bundle does not serve) with the highest valid AUC whose weights, and those of
-    the stage-1 trial under it, are all in `folder`; None when there is none."""
+@dataclass(frozen=True)
+class KeptRun:
+    """A committed ReLLaX run a bundle can be built from: its stage-2 and stage-1 weight folders,
+    what it was selected on (valid AUC on the study's fixed validation rows), and where known its
+    test AUC on the study's fixed test rows."""
+
+    name: str
+    where: str  # "trial" (docs/results/tune/) or "step" (docs/results/)
+    stage2: Path
+    stage1: Path
+    valid_auc: float
+    valid_rows: int
+    k: int
+    device: str
+    test_auc: float | None = None
+    test_rows: int | None = None
+
+
+def _whole(folder: Path, stage: int) -> bool:
     from training.llm.runs import WEIGHTS
 
-    best: tuple[str, dict] | None = None
+    return all((folder / name).exists() for name in WEIGHTS[stage])
+
+
+def _same_layout(stage1: Path, stage2: Path) -> bool:
+    """The stage-1 adapter has the LoRA layout the stage-2 run was built over (rank, targets)."""
+    want = json.loads((stage2 / "metrics.json").read_text())["stage1_config"]
+    have = json.loads((stage1 / "adapter" / "adapter_config.json").read_text())
+    return have.get("r") == want["r"] and sorted(have.get("target_modules") or []) == sorted(
+        want["target_modules"]
+    )
+
+
+def _trials(folder: Path) -> list[KeptRun]:
+    """ReLLaX recipe trials (never the "+ DIN's logit" variant, which a bundle does not serve)."""
+    out = []
     for path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
         record = json.loads(path.read_text())
         trial = record.get("trial")
         if not trial or trial["stage"] != 2 or trial["mode"] != "rellax" or trial.get("din_residual"):
             continue
-        whole = all((folder / trial["name"] / name).exists() for name in WEIGHTS[2]) and all(
-            (folder / str(trial["over"]) / name).exists() for name in WEIGHTS[1]
+        s2, s1 = folder / trial["name"], folder / str(trial["over"])
+        if _whole(s2, 2) and _whole(s1, 1):
+            out.append(KeptRun(trial["name"], "trial", s2, s1, record["best_valid_auc"], record["valid_rows"],
+                               int(trial["k"]), record["device"]))  # fmt: skip
+    return out
+
+
+def _steps(results: Path) -> list[KeptRun]:
+    """The quality study's ReLLaX steps. A one-stage step keeps its own LoRA A, B with its SPA and
+    gates; its stage 1 is the seeded 0-step init, which the recipe trials commit as `tune/s1-init`
+    (used when its layout is the step's: the step's A, B replace its tensors on load)."""
+    out = []
+    for path in sorted(results.glob("*.json")):
+        record = json.loads(path.read_text())
+        name = record.get("step", "")
+        if (
+            not (name in _SERVABLE_STEPS or name.startswith(("rellax-k", "rellax-n")))
+            or "valid_auc" not in record
+        ):
+            continue
+        s2 = results / name
+        s1 = (
+            results / "tune" / "s1-init"
+            if record.get("stage1") == "s1-init"
+            else results / str(record.get("stage1"))
         )
-        if whole and (best is None or record["best_valid_auc"] > best[1]["best_valid_auc"]):
-            best = (trial["name"], record)
-    return best
+        if _whole(s2, 2) and _whole(s1, 1) and _same_layout(s1, s2):
+            meta = json.loads((s2 / "metrics.json").read_text())
+            rows = int(meta["config"]["valid_rows"])
+            test = record["test"]["auc"], record["test_rows"]
+            out.append(
+                KeptRun(
+                    name, "step", s2, s1, record["valid_auc"], rows, int(record["k"]), record["device"], *test
+                )
+            )
+    return out
 
 
-def _restore_study_run(name: str, record: dict, runs: Path, folder: Path = STUDY_RUNS) -> tuple[Path, Path]:
-    """Copy the trial and its stage-1 trial into `runs`, pointing the copy at the local stage 1."""
+def best_study_run(results: Path = RESULTS) -> KeptRun | None:
+    """The committed ReLLaX run, recipe trial or study step, with the highest valid AUC (all on the
+    study's 512 fixed validation rows; selection never looks at test); None when none is whole."""
+    found = _trials(results / "tune") + _steps(results)
+    return max(found, key=lambda r: r.valid_auc) if found else None
+
+
+def _restore_study_run(run: KeptRun, runs: Path) -> tuple[Path, Path]:
+    """Copy the run and its stage 1 into `runs`, pointing the copy at the local stage 1."""
     import shutil
 
     from training.llm.runs import WEIGHTS
 
     s1, s2 = runs / "study-stage1", runs / "study-stage2"
-    for src, dst, stage in ((folder / str(record["trial"]["over"]), s1, 1), (folder / name, s2, 2)):
+    for src, dst, stage in ((run.stage1, s1, 1), (run.stage2, s2, 2)):
         for file in WEIGHTS[stage]:
             if (src / file).exists():
                 (dst / file).parent.mkdir(parents=True, exist_ok=True)
@@ -162,14 +235,16 @@ def build(
     study = None if train_here else best_study_run()
     k = 15
     if study is not None:
-        name, record = study
-        paths["stage1"], paths["stage2"] = _restore_study_run(name, record, paths["stage2"].parent)
+        paths["stage1"], paths["stage2"] = _restore_study_run(study, paths["stage2"].parent)
         s1 = json.loads((paths["stage1"] / "metrics.json").read_text())
         s2 = json.loads((paths["stage2"] / "metrics.json").read_text())
         k = int(s2["config"]["k"])
+        where = "docs/results/tune/" if study.where == "trial" else "docs/results/"
+        test = (f"; test AUC {study.test_auc:.4f} on the study's {study.test_rows:,} test rows"
+                if study.test_auc is not None else "")  # fmt: skip
         lines.append(
-            f"stage 1 + 2    the study's trial {name} (docs/results/tune/, trained on {record['device']}): "
-            f"valid AUC {record['best_valid_auc']:.4f} on {record['valid_rows']} rows, K={k}"
+            f"stage 1 + 2    the study's {study.where} {study.name} ({where}, trained on {study.device}): "
+            f"valid AUC {study.valid_auc:.4f} on {study.valid_rows} rows, K={k}{test}"
         )
     else:
         s1 = stage1(Stage1Config(out=paths["stage1"], n_rows=n_rows, valid_rows=valid_rows))
