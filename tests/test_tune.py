@@ -169,6 +169,7 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_run(tune: TuneConf
     and scores with the run's K and run id."""
     import shutil
 
+    import training.study.tune as tune_module
     from rellax.bundle import Bundle
     from rellax.entities import Profile
     from training.demo import _restore_study_run, best_study_run
@@ -176,6 +177,8 @@ def test_the_demo_builds_its_bundle_from_the_best_kept_rellax_run(tune: TuneConf
     from training.llm.export import main as export
 
     run(tune)
+    joint = next(t for t in TRIALS if t.name == "s2-joint")  # the one-stage trial: its own A, B
+    tune_module.keep_weights(tune, joint)  # kept again: the fp16 test above may have removed it
     results = tmp_path / "results"
     shutil.copytree(tune.results, results / "tune")
     want = "s2-over-s1"  # made the best of the two ReLLaX trials, beaten only by the variant

@@ -48,8 +48,6 @@ DEMO_LLMSREC_STEPS = 30
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
 STUDY_RUNS = RESULTS / "tune"
-# The study's ReLLaX steps a bundle can serve: exact CFLoRA with SPA (not the merged model).
-_SERVABLE_STEPS = ("rellax", "rellax-bf16", "rellax-random-init", "rellax-two-stage")
 
 
 @dataclass(frozen=True)
@@ -104,14 +102,13 @@ def _steps(results: Path) -> list[KeptRun]:
     """The quality study's ReLLaX steps. A one-stage step keeps its own LoRA A, B with its SPA and
     gates; its stage 1 is the seeded 0-step init, which the recipe trials commit as `tune/s1-init`
     (used when its layout is the step's: the step's A, B replace its tensors on load)."""
+    from training.study.config import serves_as_rellax
+
     out = []
     for path in sorted(results.glob("*.json")):
         record = json.loads(path.read_text())
         name = record.get("step", "")
-        if (
-            not (name in _SERVABLE_STEPS or name.startswith(("rellax-k", "rellax-n")))
-            or "valid_auc" not in record
-        ):
+        if not serves_as_rellax(name) or "valid_auc" not in record:
             continue
         s2 = results / name
         s1 = (

@@ -10,7 +10,16 @@ from typing import Any, Literal
 
 from training.config import artefact, not_positive, setting
 
-__all__ = ["ExperimentConfig"]
+__all__ = ["ExperimentConfig", "serves_as_rellax"]
+
+
+def serves_as_rellax(step: str) -> bool:
+    """A study step that is ReLLaX as a bundle serves it (exact CFLoRA with SPA, any K, N, gate
+    init, recipe dtype or stage order): what the report and `make demo` select among on validation.
+    Not the merged model, the ablations without SPA or gates, nor ReLLa."""
+    return step in ("rellax", "rellax-bf16", "rellax-random-init", "rellax-two-stage") or step.startswith(
+        ("rellax-k", "rellax-n")
+    )
 
 
 def _runs() -> Path:

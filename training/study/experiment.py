@@ -38,6 +38,7 @@ the answers the conclusions rest on first.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -148,17 +149,16 @@ class _Context:
         log.info("experiment step done", step=name, test_auc=aucs)
         return payload
 
+    @functools.cached_property
     def din_facts(self) -> dict[str, Any]:
         """Which DIN the LLM steps read: its weights' checksum and its AUC on the fixed test rows. A
         DIN retrained on another machine differs in the last digits (BLAS kernels differ), so a step
         records the one it read and the report can say when that is not the DIN row's."""
-        if not hasattr(self, "_din_facts"):
-            from training.llm.evaluate import din_predictions
+        from training.llm.evaluate import din_predictions
 
-            p = din_predictions(load_din(self.din_dir), self.catalogue, self.samples, self.rows)
-            sha = file_sha256(self.din_dir / "model.safetensors")[:16]
-            self._din_facts = {"sha256": sha, "test_auc": ctr_metrics(self.labels, p)["auc"]}
-        return self._din_facts
+        p = din_predictions(load_din(self.din_dir), self.catalogue, self.samples, self.rows)
+        sha = file_sha256(self.din_dir / "model.safetensors")[:16]
+        return {"sha256": sha, "test_auc": ctr_metrics(self.labels, p)["auc"]}
 
     def base(self) -> tuple[Any, Any, Any]:
         """A fresh base LLM (each step injects its own adapters), its tokenizer, the item index."""
@@ -301,9 +301,13 @@ class NotNeeded(Exception):
 
 
 def _no_bf16_rerun(ctx: _Context) -> str | None:
-    """Why `rellax-bf16` cannot run (yet) here, or None when it should."""
-    if ctx.result("rellax") is None:
+    """Why `rellax-bf16` cannot run (yet) here, or None when it should; NotNeeded when `rellax`
+    trained in the bf16 recipe itself."""
+    main = ctx.result("rellax")
+    if main is None:
         return "the rellax step has not finished"
+    if main.get("device", "").endswith("/bfloat16"):
+        raise NotNeeded("rellax trained in the bf16 recipe already: nothing to rerun")
     if resolve_device().type == "cpu" and not precision.cpu_supports_bf16():
         return "this CPU has no native bf16 (emulated bf16 is ~400x slower)"
     return None
@@ -350,7 +354,7 @@ def _stage2(
     extra = {
         "one_stage": over is None,
         "stage1": S1_INIT if over is None else over["step"],
-        "din": ctx.din_facts(),
+        "din": ctx.din_facts,
     }
     return ctx.llm_payload(
         p, seconds, **facts, n_rows=s2cfg.n_rows, k=k, run=name, weights_dtype=weights_dtype, **extra
@@ -416,8 +420,6 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
         if why:
             log.info("waiting", step=name, why=why)
             return None
-        if ctx.result("rellax")["device"].endswith("/bfloat16"):  # type: ignore[index]
-            raise NotNeeded("rellax trained in the bf16 recipe already: nothing to rerun")
         return ctx.save(name, _stage2(ctx, name, cfg.k, bf16=True))
     if name == "rellax-merged":
         exact = ctx.result("rellax")

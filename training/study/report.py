@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from training.metrics import null_auc_se, paired_bootstrap_auc_diff
+from training.study.config import serves_as_rellax
 from training.study.tune_report import tune_section
 from training.tables import markdown_table
 
@@ -181,12 +182,12 @@ def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str,
 
 
 def _din_drift(records: dict[str, dict[str, Any]]) -> list[str]:
-    """The LLM steps that read another DIN than the DIN row's (retrained after a lost cache: the
+    """The LLM steps that read another DIN than the DIN rows' (retrained after a lost cache: the
     same recipe, other last digits), each with that DIN's own test AUC on these rows."""
-    own = records.get("DIN", {}).get("sha256")
+    scored = {records[n].get("sha256") for n in ("DIN", "DIN (hold-out)") if n in records}
     other = {
         n: r["din"] for n, r in records.items()
-        if n != "rella" and r.get("din") and r["din"]["sha256"] != own
+        if n != "rella" and r.get("din") and r["din"]["sha256"] not in scored
     }  # fmt: skip
     if not other:
         return []
@@ -397,13 +398,9 @@ def _n_sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _best_rellax(records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
-    """The ReLLaX run (any K, N, init or recipe dtype; exact CFLoRA, SPA and gates) with the best
-    *validation* AUC: the one the study would ship, chosen without looking at test."""
-    family = {
-        n: r for n, r in records.items()
-        if (n in ("rellax", "rellax-bf16", "rellax-random-init") or n.startswith(("rellax-k", "rellax-n")))
-        and r.get("valid_auc") is not None
-    }  # fmt: skip
+    """The ReLLaX run (`serves_as_rellax`) with the best *validation* AUC: the one the study would
+    ship, chosen without looking at test."""
+    family = {n: r for n, r in records.items() if serves_as_rellax(n) and r.get("valid_auc") is not None}
     return max(family.items(), key=lambda kv: kv[1]["valid_auc"]) if family else None
 
 
