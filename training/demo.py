@@ -25,7 +25,6 @@ __all__ = [
     "DEMO_ROWS",
     "DEMO_VALID_ROWS",
     "RESULTS",
-    "STUDY_RUNS",
     "KeptRun",
     "best_study_run",
     "build",
@@ -47,7 +46,6 @@ DEMO_LLMSREC_STEPS = 30
 
 
 RESULTS = Path(__file__).resolve().parents[1] / "docs" / "results"
-STUDY_RUNS = RESULTS / "tune"
 
 
 @dataclass(frozen=True)
