@@ -410,5 +410,8 @@ def test_a_fp32_rellax_is_rerun_in_bf16_and_compared_like_for_like(
         base["models"][name]["sha256"] = "0" * 16
     (results / "baselines.json").write_text(json.dumps(base))
     text = render(results, tmp_path / "results.md")
+    mixed = next(line for line in text.splitlines() if line.startswith("Trained in different dtypes"))
+    assert "ReLLaX - CFLoRA only (what SPA adds) (rellax float32, cflora bfloat16)" in mixed
+    assert "bf16 recipe - fp32 recipe" not in mixed  # that one measures the dtype, by design
     drift = next(line for line in text.splitlines() if line.startswith("Read a DIN retrained"))
     assert f"rellax-bf16 (DIN {din['sha256'][:8]}, test AUC {din['test_auc']:.4f})" in drift

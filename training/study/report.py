@@ -54,7 +54,9 @@ ABLATION_NOTE = (
     "with the SPA projector and/or the CFLoRA gates from step 0, on the same prompts and steps as "
     "`rella`, so each differs from it in its modules only. `rellax-two-stage` is the paper's order: "
     "SPA + gates trained over the finished `rella` run with A, B frozen. `rellax-merged` is `rellax` "
-    "served with CFLoRA folded in at the mean gate (the vLLM path)."
+    "served with CFLoRA folded in at the mean gate (the vLLM path). `rellax-bf16` is `rellax` "
+    "trained again in the bf16 recipe the other ablations trained in (`rellax` trained in fp32 on an "
+    "fp32-only machine): the like-for-like ReLLaX of the `..., bf16 rerun` comparisons."
 )
 # ReLLa paper, ML-1M test AUC (docs/design.md §12): typed once, read by both the footer and the reading.
 PAPER_AUC = {
@@ -174,6 +176,8 @@ def _mixed_dtypes(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str,
     """The measured comparisons whose two LLM runs trained in different dtypes."""
     out = []
     for label, a, b in _comparisons(records):
+        if (a, b) == ("rellax-bf16", "rellax"):  # the comparison that measures the dtype itself
+            continue
         if label in diffs and b in records:
             ta, tb = _trained_dtype(records[a]), _trained_dtype(records[b])
             if ta and tb and ta != tb:
