@@ -76,3 +76,11 @@ def load_din(folder: Path, manifest: dict | None = None) -> DIN:
     din = DIN.load(folder).eval()
     din.requires_grad_(False)
     return din
+
+
+def din_checksum(folder: Path) -> str:
+    """Which DIN a folder holds (its weights' SHA-256, 16 hex digits): a DIN retrained on another
+    CPU from the same recipe differs in its last digits, so study records name the one they read."""
+    from rellax.assets import file_sha256
+
+    return file_sha256(folder / "model.safetensors")[:16]

@@ -50,7 +50,7 @@ import numpy as np
 import torch
 
 from rellax import precision
-from rellax.assets import file_sha256, prepare_model
+from rellax.assets import prepare_model
 from rellax.device import resolve_device
 from rellax.features import Featurizer, Mode
 from rellax.item_index import ItemIndex
@@ -69,7 +69,7 @@ from training.llm.harness import (
 )
 from training.llm.loop import LoopConfig
 from training.llm.runs import keep_weights, restore_weights
-from training.llm.setup import default_index_dir, load_base_lm, load_din, load_or_build_index
+from training.llm.setup import default_index_dir, din_checksum, load_base_lm, load_din, load_or_build_index
 from training.metrics import ctr_metrics
 from training.study.config import ExperimentConfig
 from training.study.tune import DIN_HOLDOUT
@@ -157,8 +157,7 @@ class _Context:
         from training.llm.evaluate import din_predictions
 
         p = din_predictions(load_din(self.din_dir), self.catalogue, self.samples, self.rows)
-        sha = file_sha256(self.din_dir / "model.safetensors")[:16]
-        return {"sha256": sha, "test_auc": ctr_metrics(self.labels, p)["auc"]}
+        return {"sha256": din_checksum(self.din_dir), "test_auc": ctr_metrics(self.labels, p)["auc"]}
 
     def base(self) -> tuple[Any, Any, Any]:
         """A fresh base LLM (each step injects its own adapters), its tokenizer, the item index."""

@@ -56,9 +56,8 @@ def prompt_features(samples: Samples, index: ItemIndex, rows: np.ndarray, k: int
 
 def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
     """Test predictions of DIN, LR, prior and prompt-feature LR on `ctx.rows` (the study's rows)."""
-    from rellax.assets import file_sha256
     from training.llm.evaluate import din_predictions
-    from training.llm.setup import load_din
+    from training.llm.setup import din_checksum, load_din
 
     samples, rows = ctx.samples, ctx.rows
     train, valid = samples.indices("train"), samples.indices("valid")
@@ -72,9 +71,7 @@ def baseline_predictions(ctx: Any, k: int) -> dict[str, Any]:
         models[name] = {
             "p": din_predictions(din, ctx.catalogue, samples, rows),
             "trainable_params": sum(p.numel() for p in din.parameters()),
-            "sha256": file_sha256(folder / "model.safetensors")[
-                :16
-            ],  # which DIN (the LLM steps record theirs)
+            "sha256": din_checksum(folder),  # which DIN (the LLM steps record theirs)
         }
         crm = folder / "metrics.json"
         if crm.exists():  # what `rellax train crm` selected the DIN on, and what it cost
