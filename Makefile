@@ -69,6 +69,7 @@ bench: setup
 	$(PY) benchmarks/subr.py
 	$(PY) benchmarks/scoring.py
 	$(PY) benchmarks/precision.py
+	$(PY) benchmarks/bf16_split.py
 	$(PY) benchmarks/service.py
 	$(PY) benchmarks/torch_rows.py
 	$(PY) benchmarks/concurrency.py
