@@ -25,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
 
 from rellax import precision
 from rellax.errors import RunError
@@ -93,19 +94,6 @@ class _Loss(torch.nn.Module):
         return answer_loss(self.model, batch)
 
 
-def _schedule(total: int, warmup: int) -> Callable[[int], float]:
-    """Linear warmup then linear decay. Not `transformers.get_linear_schedule_with_warmup`: that one
-    starts at lr 0 (step / warmup) where this starts at 1 / warmup, and every committed run (the
-    study's kept weights among them) was trained with this one; the decay part is the same."""
-
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / max(1, warmup)
-        return max(0.0, (total - step) / max(1, total - warmup))
-
-    return factor
-
-
 def train_loop(
     model: ScoringModel,
     params: Mapping[str, torch.nn.Parameter],
@@ -144,9 +132,9 @@ def train_loop(
     total_steps = math.ceil(micro_total / micro_per_step)
     eval_every = max(1, total_steps // max(1, cfg.evals_per_epoch * cfg.epochs))
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, _schedule(total_steps, int(cfg.warmup_ratio * total_steps))
-    )
+    # transformers' linear warmup + decay. Runs committed before it (the study's steps and trials up
+    # to rellax-k15) used a warmup that started at lr/W instead of 0, one step ahead; the decay is the same.
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     device = next(iter(params.values())).device
     base_dtype = precision.compute_dtype(model.lm)
     loss_fn: torch.nn.Module = _Loss(model)
