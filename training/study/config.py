@@ -42,7 +42,7 @@ class ExperimentConfig:
         (1024,), help="Few-shot N of the ReLLa runs (the one-stage runs use the largest).",
         flag=("--n-values", "--n"),
     )  # fmt: skip
-    k_sweep: tuple[int, ...] = setting((10,), help="Extra K values for ReLLaX.")
+    k_sweep: tuple[int, ...] = setting((10, 15), help="Extra K values for ReLLaX.")
     n_sweep: tuple[int, ...] = setting(
         (2048,), help="More training rows for ReLLaX, at the K of the K sweep with the best valid AUC."
     )
