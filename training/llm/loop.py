@@ -132,8 +132,8 @@ def train_loop(
     total_steps = math.ceil(micro_total / micro_per_step)
     eval_every = max(1, total_steps // max(1, cfg.evals_per_epoch * cfg.epochs))
     optimizer = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    # transformers' linear warmup + decay. Runs committed before it (the study's steps and trials up
-    # to rellax-k15) used a warmup that started at lr/W instead of 0, one step ahead; the decay is the same.
+    # transformers' linear warmup + decay. The runs committed under docs/results/ (study steps and
+    # recipe trials) warmed up one step ahead of it, from lr/W instead of 0; the decay is the same.
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg.warmup_ratio * total_steps), total_steps)
     device = next(iter(params.values())).device
     base_dtype = precision.compute_dtype(model.lm)
