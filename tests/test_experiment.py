@@ -31,6 +31,7 @@ def study(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path, din_di
         n_values=(8, 16),
         k_sweep=(3,),
         n_sweep=(24,),
+        b_sweep=(16,),
         zero_shot=("recency", "subr"),
         valid_rows=24,
         stage1_lr=1e-2,
@@ -88,6 +89,7 @@ def test_every_step_runs_once_then_is_reused(study, ran) -> None:  # noqa: ANN00
         "rellax-two-stage",
         "rellax-k3",
         "rellax-n24",
+        "rellax-b16",
         "rellax-bf16",
     ]
     # rellax-bf16 reruns a ReLLaX that trained in fp32, on a native-bf16 CPU only: here rellax trained
@@ -144,6 +146,12 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
     best_k = max(("rellax", "rellax-k3"), key=lambda n: _record(study, n)["valid_auc"])
     assert longer["n_rows"] == 24 and longer["k"] == _record(study, best_k)["k"] and longer["one_stage"]
     assert longer["train_examples"] > _record(study, "rellax")["train_examples"]
+    # Another optimizer batch at that K, on the same rows: half the optimizer steps of batch 8.
+    wider = _record(study, "rellax-b16")
+    assert wider["batch_size"] == 16 and wider["k"] == longer["k"] and wider["n_rows"] == 16
+    assert wider["one_stage"] and _record(study, "rellax")["batch_size"] == 8
+    steps = json.loads((study.runs / "rellax-b16" / "metrics.json").read_text())["result"]["steps"]
+    assert steps == json.loads((study.runs / "rellax" / "metrics.json").read_text())["result"]["steps"] // 2
     # Every LLM step read the hold-out DIN, not the shared one.
     meta = json.loads((study.runs / "rellax" / "metrics.json").read_text())
     assert Path(meta["config"]["din_dir"]) == study.din_dir.parent / "din-holdout"
@@ -189,6 +197,8 @@ def test_report_renders_from_the_json(study, ran) -> None:  # noqa: ANN001
     k = _record(study, "rellax-n24")["k"]
     assert "## N sweep" in text and f"K={k}, N=24" in rows and f"K={k}, N=16" in rows
     assert f"ReLLaX N=24 (K={k}) - DIN" in rows and f"ReLLaX N=24 - N=16 (K={k})" in rows
+    assert "## Batch sweep" in text and f"K={k}, B=16" in rows and f"K={k}, B=8" in rows
+    assert f"ReLLaX B=16 (K={k}) - DIN" in rows and f"ReLLaX B=16 - B=8 (K={k})" in rows
     assert "- ReLLaX >= DIN, for the ReLLaX run with the best valid AUC (" in text
     assert "Read a DIN retrained" not in text  # every step read the DIN the baselines scored
     chance = rows["zero-shot SUBR - chance"][1]  # its AUC - 0.5, exactly

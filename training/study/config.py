@@ -14,11 +14,11 @@ __all__ = ["ExperimentConfig", "serves_as_rellax"]
 
 
 def serves_as_rellax(step: str) -> bool:
-    """A study step that is ReLLaX as a bundle serves it (exact CFLoRA with SPA, any K, N, gate
-    init, recipe dtype or stage order): what the report and `make demo` select among on validation.
+    """A study step that is ReLLaX as a bundle serves it (exact CFLoRA with SPA, any K, N, batch,
+    gate init, recipe dtype or stage order): what the report and `make demo` select among on validation.
     Not the merged model, the ablations without SPA or gates, nor ReLLa."""
     return step in ("rellax", "rellax-bf16", "rellax-random-init", "rellax-two-stage") or step.startswith(
-        ("rellax-k", "rellax-n")
+        ("rellax-k", "rellax-n", "rellax-b")
     )
 
 
@@ -45,6 +45,9 @@ class ExperimentConfig:
     k_sweep: tuple[int, ...] = setting((10, 15), help="Extra K values for ReLLaX.")
     n_sweep: tuple[int, ...] = setting(
         (2048,), help="More training rows for ReLLaX, at the K of the K sweep with the best valid AUC."
+    )
+    b_sweep: tuple[int, ...] = setting(
+        (16,), help="Other optimizer batch sizes for ReLLaX, at the K of the K sweep with the best valid AUC."
     )
     bf16_rerun: bool = setting(
         True, help="Retrain ReLLaX in the bf16 recipe (rellax-bf16) when its run trained in another dtype.",
@@ -85,6 +88,8 @@ class ExperimentConfig:
             found.append(f"n_values={self.n_values!r} needs positive N")
         if self.n_sweep and min(self.n_sweep) <= 0:
             found.append(f"n_sweep={self.n_sweep!r} needs positive N")
+        if self.b_sweep and min(self.b_sweep) <= 0:
+            found.append(f"b_sweep={self.b_sweep!r} needs positive batch sizes")
         return found
 
     def to_json(self) -> dict[str, Any]:

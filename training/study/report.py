@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from training.metrics import null_auc_se, paired_bootstrap_auc_diff
-from training.study.config import serves_as_rellax
+from training.study.config import ExperimentConfig, serves_as_rellax
 from training.study.tune_report import tune_section
 from training.tables import markdown_table
 
@@ -221,6 +222,12 @@ def _comparisons(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, st
                 shorter = records[at_k[r["k"]]]
                 label = f"ReLLaX N={r['n_rows']:,} - N={shorter['n_rows']:,} (K={r['k']})"
                 extra.append((label, n, at_k[r["k"]]))
+    for n, r in sorted(records.items()):
+        if _is_batch_step(n):
+            extra.append((f"ReLLaX B={_batch(r)} (K={r['k']}) - DIN", n, "DIN"))
+            if r["k"] in at_k:
+                label = f"ReLLaX B={_batch(r)} - B={_batch(records[at_k[r['k']]])} (K={r['k']})"
+                extra.append((label, n, at_k[r["k"]]))
     best = _best_rellax(records)
     if best and not any((x, y) == (best[0], "DIN") for _, x, y in (*COMPARISONS, *extra)):
         extra.append((f"{best[0]} - DIN (the ReLLaX run with the best valid AUC)", best[0], "DIN"))
@@ -350,6 +357,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
         lines += ["", "## K sweep (ReLLaX, same rows and recipe)", ""]
         lines.append(_table([_row(f"K={k}", sweep[k]) for k in sorted(sweep)]))
     lines += _n_sweep_section(records)
+    lines += _batch_sweep_section(records)
     diffs = _diffs(records, labels)
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
     lines.append(_diff_table("comparison", diffs))
@@ -398,6 +406,27 @@ def _n_sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
     runs = [at_k[r["k"]] for r in longer if r["k"] in at_k] + longer
     lines = ["", "## N sweep (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
     lines.append(_table([_row(f"K={r['k']}, N={r['n_rows']:,}", r) for r in runs]))
+    return lines
+
+
+def _is_batch_step(name: str) -> bool:
+    return re.fullmatch(r"rellax-b\d+", name) is not None
+
+
+def _batch(r: dict[str, Any]) -> int:
+    """A run's optimizer batch; records from before the batch sweep trained at the study's default."""
+    return int(r.get("batch_size") or ExperimentConfig.batch_size)
+
+
+def _batch_sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
+    """ReLLaX at other optimizer batch sizes (rellax-b*), beside the run at the same K and batch 8."""
+    other = [r for n, r in records.items() if _is_batch_step(n)]
+    if not other:
+        return []
+    at_k = {r["k"]: r for n, r in records.items() if n == "rellax" or n.startswith("rellax-k")}
+    runs = [at_k[r["k"]] for r in other if r["k"] in at_k] + other
+    lines = ["", "## Batch sweep (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
+    lines.append(_table([_row(f"K={r['k']}, B={_batch(r)}", r) for r in runs]))
     return lines
 
 
