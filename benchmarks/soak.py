@@ -241,6 +241,9 @@ def run(
         "rss_growth_mb": round(last["rss_mb"] - first["rss_mb"], 1),
         "fd_growth": last["fds"] - first["fds"],
         "thread_growth": last["threads"] - first["threads"],
+        # Thread pools (asyncio's default executor, anyio's worker threads) start threads lazily, up to
+        # their caps, when calls overlap: more under a busy CPU. A leak keeps growing after that.
+        "thread_growth_second_half": last["threads"] - windows[len(windows) // 2]["threads"],
         "max_sockets": max(w["sockets"] for w in windows),
         "max_redis_clients": max(w["redis_clients"] for w in windows),
         "p99_drift": round(last["p99_ms"] / max(first["p99_ms"], 1e-3), 2),

@@ -20,7 +20,10 @@ def test_thirty_seconds_at_seventy_percent_leaks_nothing() -> None:
     # Leaks grow without bound; a warm-up allocation does not. The bounds are generous on purpose:
     # 30 s shows a leak of a request's worth per request, not a slow one (that is the 10-min run's).
     assert result["rss_growth_mb"] <= 64, windows
-    assert result["fd_growth"] <= 4 and result["thread_growth"] <= 4, windows
+    assert result["fd_growth"] <= 4, windows
+    # Threads over the run's second half: thread pools warm up lazily, later on a busy CPU (a run
+    # beside another test job grew 9 threads over the 30 s, none alone); a leak grows throughout.
+    assert result["thread_growth_second_half"] <= 4, windows
     assert result["max_redis_clients"] <= 16, windows  # a pool, not a connection per request
     assert result["max_sockets"] <= 64 + 16 + 2, windows  # the client pool + Redis + listeners
     assert table_rows(markdown(result))[0][0] == "at s"

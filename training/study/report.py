@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -356,8 +357,10 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     if len(sweep) > 1:
         lines += ["", "## K sweep (ReLLaX, same rows and recipe)", ""]
         lines.append(_table([_row(f"K={k}", sweep[k]) for k in sorted(sweep)]))
-    lines += _n_sweep_section(records)
-    lines += _batch_sweep_section(records)
+    lines += _sweep_section(
+        records, "N sweep", lambda n: n.startswith("rellax-n"), lambda r: f"K={r['k']}, N={r['n_rows']:,}"
+    )
+    lines += _sweep_section(records, "Batch sweep", _is_batch_step, lambda r: f"K={r['k']}, B={_batch(r)}")
     diffs = _diffs(records, labels)
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
     lines.append(_diff_table("comparison", diffs))
@@ -397,15 +400,21 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     return text
 
 
-def _n_sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
-    """ReLLaX on more training rows (rellax-n*), beside the run at the same K on the default N."""
-    longer = [r for n, r in records.items() if n.startswith("rellax-n")]
-    if not longer:
+def _sweep_section(
+    records: dict[str, dict[str, Any]],
+    title: str,
+    member: Callable[[str], bool],
+    label: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """A sweep's runs (the steps `member` picks), each beside the run at the same K with the study's
+    defaults: the N sweep (rellax-n*) and the batch sweep (rellax-b*)."""
+    swept = [r for n, r in records.items() if member(n)]
+    if not swept:
         return []
     at_k = {r["k"]: r for n, r in records.items() if n == "rellax" or n.startswith("rellax-k")}
-    runs = [at_k[r["k"]] for r in longer if r["k"] in at_k] + longer
-    lines = ["", "## N sweep (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
-    lines.append(_table([_row(f"K={r['k']}, N={r['n_rows']:,}", r) for r in runs]))
+    runs = [at_k[r["k"]] for r in swept if r["k"] in at_k] + swept
+    lines = ["", f"## {title} (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
+    lines.append(_table([_row(label(r), r) for r in runs]))
     return lines
 
 
@@ -416,18 +425,6 @@ def _is_batch_step(name: str) -> bool:
 def _batch(r: dict[str, Any]) -> int:
     """A run's optimizer batch; records from before the batch sweep trained at the study's default."""
     return int(r.get("batch_size") or ExperimentConfig.batch_size)
-
-
-def _batch_sweep_section(records: dict[str, dict[str, Any]]) -> list[str]:
-    """ReLLaX at other optimizer batch sizes (rellax-b*), beside the run at the same K and batch 8."""
-    other = [r for n, r in records.items() if _is_batch_step(n)]
-    if not other:
-        return []
-    at_k = {r["k"]: r for n, r in records.items() if n == "rellax" or n.startswith("rellax-k")}
-    runs = [at_k[r["k"]] for r in other if r["k"] in at_k] + other
-    lines = ["", "## Batch sweep (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
-    lines.append(_table([_row(f"K={r['k']}, B={_batch(r)}", r) for r in runs]))
-    return lines
 
 
 def _best_rellax(records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]] | None:
