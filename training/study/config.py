@@ -4,13 +4,14 @@ from the fields (`training.config.with_config`), as the training recipes do."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from training.config import artefact, not_positive, setting
 
-__all__ = ["ExperimentConfig", "serves_as_rellax"]
+__all__ = ["ExperimentConfig", "is_batch_step", "serves_as_rellax"]
 
 
 def serves_as_rellax(step: str) -> bool:
@@ -20,6 +21,11 @@ def serves_as_rellax(step: str) -> bool:
     return step in ("rellax", "rellax-bf16", "rellax-random-init", "rellax-two-stage") or step.startswith(
         ("rellax-k", "rellax-n", "rellax-b")
     )
+
+
+def is_batch_step(step: str) -> bool:
+    """A batch-sweep step (`rellax-b16`), not `rellax-bf16`."""
+    return re.fullmatch(r"rellax-b\d+", step) is not None
 
 
 def _runs() -> Path:

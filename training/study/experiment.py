@@ -43,7 +43,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import re
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -74,7 +73,7 @@ from training.llm.loop import LoopConfig
 from training.llm.runs import keep_weights, restore_weights
 from training.llm.setup import default_index_dir, din_checksum, load_base_lm, load_din, load_or_build_index
 from training.metrics import ctr_metrics
-from training.study.config import ExperimentConfig
+from training.study.config import ExperimentConfig, is_batch_step
 from training.study.tune import DIN_HOLDOUT
 
 __all__ = ["ExperimentConfig", "plan", "progress", "run"]
@@ -416,7 +415,7 @@ def _step(ctx: _Context, name: str) -> dict[str, Any] | None:
         return ctx.save(name, _stage2(ctx, name, cfg.k))
     if name.startswith("rellax-k"):
         return ctx.save(name, _stage2(ctx, name, int(name.removeprefix("rellax-k"))))
-    if name.startswith("rellax-n") or re.fullmatch(r"rellax-b\d+", name):
+    if name.startswith("rellax-n") or is_batch_step(name):
         k = _best_k(ctx)
         if k is None:
             log.info("waiting for the K sweep", step=name)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from training.metrics import null_auc_se, paired_bootstrap_auc_diff
-from training.study.config import ExperimentConfig, serves_as_rellax
+from training.study.config import ExperimentConfig, is_batch_step, serves_as_rellax
 from training.study.tune_report import tune_section
 from training.tables import markdown_table
 
@@ -224,7 +223,7 @@ def _comparisons(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, st
                 label = f"ReLLaX N={r['n_rows']:,} - N={shorter['n_rows']:,} (K={r['k']})"
                 extra.append((label, n, at_k[r["k"]]))
     for n, r in sorted(records.items()):
-        if _is_batch_step(n):
+        if is_batch_step(n):
             extra.append((f"ReLLaX B={_batch(r)} (K={r['k']}) - DIN", n, "DIN"))
             if r["k"] in at_k:
                 label = f"ReLLaX B={_batch(r)} - B={_batch(records[at_k[r['k']]])} (K={r['k']})"
@@ -360,7 +359,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     lines += _sweep_section(
         records, "N sweep", lambda n: n.startswith("rellax-n"), lambda r: f"K={r['k']}, N={r['n_rows']:,}"
     )
-    lines += _sweep_section(records, "Batch sweep", _is_batch_step, lambda r: f"K={r['k']}, B={_batch(r)}")
+    lines += _sweep_section(records, "Batch sweep", is_batch_step, lambda r: f"K={r['k']}, B={_batch(r)}")
     diffs = _diffs(records, labels)
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
     lines.append(_diff_table("comparison", diffs))
@@ -416,10 +415,6 @@ def _sweep_section(
     lines = ["", f"## {title} (ReLLaX at the K with the best valid AUC, same rows and recipe)", ""]
     lines.append(_table([_row(label(r), r) for r in runs]))
     return lines
-
-
-def _is_batch_step(name: str) -> bool:
-    return re.fullmatch(r"rellax-b\d+", name) is not None
 
 
 def _batch(r: dict[str, Any]) -> int:
