@@ -237,10 +237,19 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
 
     bundle = make_tiny_bundle(tmp_path / "bundle", n_items=1682)
     both = run(
-        replace(cfg, out=tmp_path / "ranking-cascade.json", bundle=bundle, rellax_users=3, cascade_m=(2, 5))
-    )
+        replace(
+            cfg, out=tmp_path / "ranking-cascade.json", bundle=bundle, rellax_users=3, cascade_m=(2, 5, 10),
+            kept=tmp_path / "kept",
+        )
+    )  # fmt: skip
     m = both["models"]
     assert m["ReLLaX"]["cases"] == 3 and len(m["ReLLaX"]["ranks"]) == 3
+    assert m["ReLLaX"]["dtype"] == "float32" and m["ReLLaX"]["bundle"].startswith("rellax-")
+    text = "\n".join(ranking_section(tmp_path / "ranking-cascade.json"))
+    d10 = both["ndcg10_diffs"]["cascade M=10 - ReLLaX"]
+    assert "cascade M=10 NDCG@10 within 0.01 of pure ReLLaX's: " in text
+    assert f"{d10['diff']:+.4f} (95% interval [{d10['lo']:+.4f}, {d10['hi']:+.4f}]) on 3 users" in text
+    assert f"bundle `{m['ReLLaX']['bundle']}` (K={m['ReLLaX']['k']}) scored in float32" in text
     assert len(m["cascade M=2"]["ranks"]) == len(m["cascade M=5"]["ranks"]) == 3
     first = np.array(m["LLM-SRec"]["ranks"][:3])
     for name, depth in (("cascade M=2", 2), ("cascade M=5", 5)):

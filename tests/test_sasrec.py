@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +144,7 @@ def test_rellax_ranks_the_candidates_the_service_would_score(tmp_path: Path) -> 
     from rellax.entities import HistoryEvent, Profile
     from training.llm.tiny_bundle import make_tiny_bundle
     from training.llmsrec.ranking import RankingCase
-    from training.llmsrec.ranking_eval import rellax_scores
+    from training.llmsrec.ranking_eval import kept_rellax_scores, rellax_scores
 
     bundle = Bundle.load(make_tiny_bundle(tmp_path / "bundle"))
     rng = np.random.default_rng(0)
@@ -168,3 +169,18 @@ def test_rellax_ranks_the_candidates_the_service_would_score(tmp_path: Path) -> 
     top = rellax_scores(bundle, profiles, cases, [np.array([2, 0]), np.array([5])])
     np.testing.assert_allclose(top[0], scores[0][[2, 0]], atol=1e-5)
     assert top[1].shape == (1,)
+
+    # Kept as they come (an hour of CPU on the real cases): a second call reads, not scores — shown
+    # by a planted value coming back — and a case whose candidates changed is scored again.
+    kept, seconds = kept_rellax_scores(bundle, profiles, cases, tmp_path / "kept", every=1)
+    np.testing.assert_allclose(kept, np.stack(scores), atol=1e-5)
+    assert seconds > 0
+    (path,) = (tmp_path / "kept").glob("rellax-*.npz")
+    with np.load(path) as z:
+        planted = {k: z[k].copy() for k in z.files}
+    planted["scores"][0, 0] = 42.0
+    np.savez(path, **planted)
+    moved = [cases[0], replace(cases[1], candidates=cases[1].candidates[::-1].copy())]
+    again, _ = kept_rellax_scores(bundle, profiles, moved, tmp_path / "kept")
+    assert again[0, 0] == 42.0
+    np.testing.assert_allclose(again[1], scores[1][::-1], atol=1e-5)

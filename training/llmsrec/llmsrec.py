@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rellax import precision
 from rellax.entities import Item
 from rellax.llmsrec import LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
 from rellax.logs import get_logger
@@ -239,6 +240,9 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
         "examples": step * cfg.batch_size,
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(cfg).items()},
         "trainable_params": int(sum(p.numel() for p in params.values())),
+        # the frozen base's dtype (bf16 by itself on a native-bf16 CPU): item vectors and test scores
+        # were computed in it, where a bundle's user pass runs in the served dtype
+        "dtype": precision.name(precision.compute_dtype(lm)),
     }
     (cfg.out / "metrics.json").write_text(json.dumps(result, indent=1))
     ckpt.unlink(missing_ok=True)

@@ -9,7 +9,9 @@ relative NDCG@10 drop of the two sequential models: how much of what they learnt
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,12 +19,20 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from rellax.logs import get_logger
 from training.llmsrec.config import RankingConfig
 from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases, ranks
 
-__all__ = ["RankingConfig", "cascade_scores", "paired_ndcg_diff", "rellax_scores", "run"]
+__all__ = [
+    "RankingConfig",
+    "cascade_scores",
+    "kept_rellax_scores",
+    "paired_ndcg_diff",
+    "rellax_scores",
+    "run",
+]
 
 log = get_logger(__name__)
 
@@ -69,6 +79,59 @@ def rellax_scores(
         # 2-core CPU 64-row chunks scored ~1.1 candidates/s against ~1.7 (benchmarks/results/torch_rows.md).
         out.append(bundle.score_inputs([p.model_input for p in prepared], max_rows=4))
     return out
+
+
+def _rellax_key(bundle) -> str:  # noqa: ANN001
+    """What ReLLaX's scores depend on: the bundle's files but its LLM-SRec folder (a new LLM-SRec
+    must not throw away an hour of ReLLaX scoring), its config and the dtype it is scored in."""
+    files = {k: v for k, v in bundle.manifest["files"].items() if not k.startswith("llmsrec/")}
+    blob = json.dumps([files, bundle.manifest["config"], bundle.dtype], sort_keys=True).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def kept_rellax_scores(
+    bundle, profiles: dict, cases: list[RankingCase], folder: Path, every: int = 4
+) -> tuple[np.ndarray, float]:  # noqa: ANN001
+    """`rellax_scores` of every case and the seconds they took, kept in `folder` as they come and
+    reused by case (user and candidates must match): all 153 test users cost about an hour of CPU, so
+    a paused or lost session goes on from the last kept case, and a new LLM-SRec re-scores nothing."""
+    path = Path(folder) / f"rellax-{_rellax_key(bundle)}.npz"
+    kept: dict[int, tuple[np.ndarray, np.ndarray, float]] = {}
+    if path.exists():
+        with np.load(path) as z:
+            kept = {
+                int(u): (c, s, float(t))
+                for u, c, s, t in zip(z["users"], z["candidates"], z["scores"], z["seconds"], strict=True)
+            }
+    out: list[tuple[np.ndarray, np.ndarray, float] | None] = [
+        kept[c.user_id] if c.user_id in kept and np.array_equal(kept[c.user_id][0], c.candidates) else None
+        for c in cases
+    ]
+    todo = [i for i, s in enumerate(out) if s is None]
+    log.info("ranking.rellax", cases=len(cases), kept=len(cases) - len(todo), path=str(path))
+
+    def save() -> None:
+        kept.update({cases[i].user_id: s for i, s in enumerate(out) if s is not None})
+        users = sorted(kept)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(
+            tmp,
+            users=np.array(users),
+            candidates=np.stack([kept[u][0] for u in users]),
+            scores=np.stack([kept[u][1] for u in users]),
+            seconds=np.array([kept[u][2] for u in users]),
+        )
+        os.replace(tmp, path)  # a kill mid-write leaves the previous file whole
+
+    for n, i in enumerate(tqdm(todo, desc="ReLLaX ranking", unit="user"), 1):
+        started = time.perf_counter()
+        scores = rellax_scores(bundle, profiles, [cases[i]])[0]
+        out[i] = (cases[i].candidates, scores, time.perf_counter() - started)
+        if n % every == 0 or n == len(todo):
+            save()
+    done = [s for s in out if s is not None]
+    return np.stack([s[1] for s in done]), sum(s[2] for s in done)
 
 
 def cascade_scores(first: np.ndarray, second_top: list[np.ndarray], m: int) -> np.ndarray:
@@ -156,12 +219,13 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
         from rellax.bundle import Bundle
         from training.llm.data import Catalogue
 
-        bundle, profiles = Bundle.load(cfg.bundle), Catalogue.from_tables(data).profiles
+        bundle, profiles = Bundle.load(cfg.bundle, dtype=cfg.dtype), Catalogue.from_tables(data).profiles
         n = len(cases) if cfg.rellax_users is None else min(cfg.rellax_users, len(cases))
-        started = time.perf_counter()
-        full = np.stack(rellax_scores(bundle, profiles, cases[:n]))
-        seconds = time.perf_counter() - started
+        full, seconds = kept_rellax_scores(bundle, profiles, cases[:n], cfg.kept)
         record("ReLLaX", full, seconds)
+        models["ReLLaX"].update(
+            dtype=bundle.dtype, bundle=bundle.model_version, k=bundle.config.k, cases=n
+        )  # fmt: skip
         if llmsrec is not None:
             # The cascade's second stage is ReLLaX on LLM-SRec's top M: the very scores ReLLaX gave those
             # candidates above (a score does not depend on its batch: tests/test_batch_invariance.py).
@@ -171,7 +235,6 @@ def run(cfg: RankingConfig) -> dict[str, Any]:
             second = [full[i][top] for i, top in enumerate(tops)]
             for m in cfg.cascade_m:
                 record(f"cascade M={m}", cascade_scores(llmsrec[:n], second, m), seconds * m / full.shape[1])
-        models["ReLLaX"]["cases"] = n
     comparisons = {
         f"{a} - {b}": paired_ndcg_diff(
             np.array(models[a]["ranks"]), np.array(models[b]["ranks"]), seed=cfg.seed

@@ -453,6 +453,17 @@ def ranking_section(path: Path) -> list[str]:
     lines.append(markdown_table(columns, cells, align="l" + "r" * 7))
     if r.get("ndcg10_diffs"):
         lines += ["", _diff_table("NDCG@10 comparison (paired bootstrap)", r["ndcg10_diffs"], "diff")]
+    rellax = r["models"].get("ReLLaX", {})
+    if "bundle" in rellax:
+        lines += ["", f"ReLLaX is bundle `{rellax['bundle']}` (K={rellax['k']}) scored in {rellax['dtype']}; "
+                  "a cascade's seconds are ReLLaX's share for its M of the 100 candidates."]  # fmt: skip
+    target = r.get("ndcg10_diffs", {}).get("cascade M=10 - ReLLaX")
+    if target is not None:
+        shifted = {"lo": target["lo"] + 0.01, "hi": target["hi"] + 0.01}  # within 0.01: d + 0.01 >= 0
+        met = _verdict(target["diff"] + 0.01, shifted).replace("includes 0", "includes -0.01")
+        lines += ["", f"Target, cascade M=10 NDCG@10 within 0.01 of pure ReLLaX's: {met}, "
+                  f"{target['diff']:+.4f} (95% interval [{target['lo']:+.4f}, {target['hi']:+.4f}]) "
+                  f"on {rellax.get('cases', rellax.get('n'))} users."]  # fmt: skip
     missing = [m for m in ("LLM-SRec", "ReLLaX") if m not in r["models"]]
     if missing:
         lines += ["", f"Rankers not run yet: {', '.join(missing)} (train LLM-SRec, pass a bundle)."]
