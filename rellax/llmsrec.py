@@ -209,15 +209,7 @@ class LLMSRecRanker:
         missing = [n for n in cls.FILES if not (folder / n).exists()]
         if missing:
             raise BundleError(f"{folder}: LLM-SRec file(s) missing: {missing}")
-        config = json.loads((folder / "llmsrec.json").read_text())
-        model = LLMSRec(lm, cf_dim=int(config["cf_dim"]), out_dim=int(config["out_dim"]))
-        result = model.load_state_dict(load_file(folder / WEIGHTS), strict=False)
-        lacking = [n for n in result.missing_keys if not n.startswith("lm.")]
-        if result.unexpected_keys or lacking:
-            raise BundleError(
-                f"{folder / WEIGHTS} does not fit LLM-SRec: {(result.unexpected_keys + lacking)[:3]}"
-            )
-        model.to(next(lm.parameters()).device)
+        model, config = cls.load_model(folder, lm)
         stored = load_file(folder / ITEM_VECTORS)
         ids, vectors = stored["item_ids"].numpy(), stored["vectors"].numpy()
         if len(ids) != len(vectors) or vectors.shape[1] != int(config["out_dim"]):
@@ -228,6 +220,22 @@ class LLMSRecRanker:
         if hnsw.get_current_count() != len(ids):
             raise BundleError(f"{folder / HNSW} holds {hnsw.get_current_count()} items, vectors {len(ids)}")
         return cls(model, SASRec.load(folder), tokenizer, items, ids, vectors, hnsw, int(config["k"]), domain)
+
+    @staticmethod
+    def load_model(folder: Path, lm: nn.Module) -> tuple[LLMSRec, dict]:
+        """The trained small modules of `folder` over `lm`, and its llmsrec.json; BundleError when
+        the weights do not fit."""
+        from safetensors.torch import load_file
+
+        config = json.loads((Path(folder) / "llmsrec.json").read_text())
+        model = LLMSRec(lm, cf_dim=int(config["cf_dim"]), out_dim=int(config["out_dim"]))
+        result = model.load_state_dict(load_file(Path(folder) / WEIGHTS), strict=False)
+        lacking = [n for n in result.missing_keys if not n.startswith("lm.")]
+        if result.unexpected_keys or lacking:
+            raise BundleError(
+                f"{Path(folder) / WEIGHTS} does not fit LLM-SRec: {(result.unexpected_keys + lacking)[:3]}"
+            )
+        return model.to(next(lm.parameters()).device), config
 
     @torch.no_grad()
     def user_vector(self, history: Sequence[HistoryEvent]) -> np.ndarray:

@@ -3,6 +3,7 @@ padded batches, what trains and what stays frozen, and the loss terms."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,6 +180,20 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     history = [HistoryEvent(int(i), 4.0, int(t)) for i, t in zip(case.history, case.times, strict=True)]
     served = ranker.scores(ranker.user_vector(history), case.candidates.tolist())
     np.testing.assert_allclose(served, straight["test_scores"][0], atol=2e-5)
+    # What a clone keeps (docs/results/llmsrec: small modules + teacher, no item vectors or index)
+    # and what `make demo` rebuilds from it: the same item vectors, a folder the service loads.
+    from training.llmsrec.llmsrec import KEPT_FILES, keep, restore
+
+    keep(tmp_path / "straight", tmp_path / "kept")
+    assert sorted(p.name for p in (tmp_path / "kept").iterdir()) == sorted([*KEPT_FILES, "metrics.json"])
+    restored = restore(tmp_path / "kept", tmp_path / "restored", model_dir=tiny_model_dir)
+    assert "test_scores" not in restored and restored["test"] == straight["test"]
+    again = load_file(tmp_path / "restored" / "item_vectors.safetensors")
+    assert torch.equal(again["item_ids"], vectors["item_ids"])
+    torch.testing.assert_close(again["vectors"], vectors["vectors"], atol=2e-5, rtol=0)
+    back = LLMSRecRanker.load(tmp_path / "restored", lm, tokenizer, items)
+    again_served = back.scores(back.user_vector(history), case.candidates.tolist())
+    np.testing.assert_allclose(again_served, served, atol=2e-5)
     # Candidate generation: hnswlib's top 10 (history excluded) against the exact top 10.
     ids, recall = np.array(sorted(items)), []
     for c in ranking_cases(samples, "test", ids, seed=0)[:20]:
@@ -257,3 +272,19 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
         assert np.all((r < depth) == (first < depth))  # in the top M exactly when LLM-SRec put it there
         assert np.all(r[first >= depth] == first[first >= depth])  # below it, LLM-SRec's own rank
     assert {"cascade M=2 - ReLLaX", "cascade M=5 - ReLLaX"} <= set(both["ndcg10_diffs"])
+
+
+def test_the_repositorys_kept_llmsrec_is_whole() -> None:
+    """docs/results/llmsrec, which `make demo` serves on a fresh machine, holds every trained part
+    `restore` needs (no item vectors or index: those are rebuilt), within the 10 MB a run may take."""
+    from training.llm.runs import MAX_WEIGHTS_BYTES
+    from training.llmsrec.llmsrec import KEPT_FILES
+
+    folder = Path(__file__).resolve().parents[1] / "docs" / "results" / "llmsrec"
+    if not folder.exists():
+        pytest.skip("no LLM-SRec run committed")
+    missing = [name for name in (*KEPT_FILES, "metrics.json") if not (folder / name).exists()]
+    assert not missing, missing
+    assert sum(p.stat().st_size for p in folder.iterdir()) <= MAX_WEIGHTS_BYTES
+    metrics = json.loads((folder / "metrics.json").read_text())
+    assert metrics["test"]["n"] == 153 and "test_scores" not in metrics

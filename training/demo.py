@@ -8,7 +8,8 @@ recipe trial (docs/results/tune/), from its trainable weights (stage-1 LoRA, sta
 gates and A/B), so a newcomer serves the study's model, not a 64-row toy. DIN and the item index
 are rebuilt here as always (the same seeded recipes; a DIN retrained on another CPU differs in its
 last digits, valid AUC 0.7443 vs 0.7441 measured). `--train-here` (or no committed run) trains the
-demo-size stages instead."""
+demo-size stages instead. LLM-SRec likewise: the committed run (docs/results/llmsrec/, its small
+modules and SASRec teacher) with the catalogue's item vectors rebuilt here, else a demo-size one."""
 
 from __future__ import annotations
 
@@ -165,10 +166,13 @@ def demo_paths() -> dict[str, Path]:
     }
 
 
-def ensure_llmsrec(paths: dict[str, Path]) -> tuple[Path, dict]:
-    """A finished full `rellax train llmsrec` run when the cache has one, else a demo-size one
-    (teacher included) trained here once: (folder, its metrics)."""
-    from training.llmsrec.llmsrec import LLMSRecConfig
+def ensure_llmsrec(paths: dict[str, Path], kept: Path = RESULTS / "llmsrec") -> tuple[Path, dict]:
+    """A finished full `rellax train llmsrec` run when the cache has one, else the committed one
+    (`kept`, see `training.llmsrec.llmsrec.keep`), else a demo-size one (teacher included) trained
+    here once: (folder, its metrics)."""
+    from rellax.assets import file_sha256
+    from rellax.llmsrec import WEIGHTS
+    from training.llmsrec.llmsrec import LLMSRecConfig, restore
     from training.llmsrec.llmsrec import main as train_llmsrec
     from training.llmsrec.sasrec import SASRecTrainConfig
     from training.llmsrec.sasrec import main as train_sasrec
@@ -176,6 +180,12 @@ def ensure_llmsrec(paths: dict[str, Path]) -> tuple[Path, dict]:
     full = LLMSRecConfig().out
     if (full / "metrics.json").exists():
         return full, json.loads((full / "metrics.json").read_text())
+    if (kept / WEIGHTS).exists():  # the committed run: its item vectors rebuilt here, not retrained
+        folder = paths["llmsrec"].with_name("llmsrec-kept")
+        made = json.loads((folder / "metrics.json").read_text()) if (folder / "metrics.json").exists() else {}
+        if made.get("restored_from", {}).get("weights_sha256") != file_sha256(kept / WEIGHTS):
+            made = restore(kept, folder)
+        return folder, made
     folder = paths["llmsrec"]
     if (folder / "metrics.json").exists():
         return folder, json.loads((folder / "metrics.json").read_text())

@@ -58,6 +58,10 @@ class LLMSRecConfig:
     valid_users: int | None = setting(None, help="Validation users (null: every validation case).")
     test_users: int | None = setting(None, help="Test users (null: every test case).")
     eval_batch: int = setting(32, help="Prompts per forward pass when scoring.")
+    keep: Path | None = setting(
+        None,
+        help="Also copy the trained parts here (no item vectors); make demo serves docs/results/llmsrec.",
+    )
 
     def problems(self) -> list[str]:
         return not_positive(

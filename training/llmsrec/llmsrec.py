@@ -28,8 +28,9 @@ import torch
 from tqdm import tqdm
 
 from rellax import precision
+from rellax.assets import file_sha256
 from rellax.entities import Item
-from rellax.llmsrec import LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
+from rellax.llmsrec import SASREC_FILES, WEIGHTS, LLMSRec, LLMSRecRanker, llmsrec_loss, recent_history
 from rellax.logs import get_logger
 from rellax.prompt import build_item_prompt, build_user_prompt
 from rellax.sasrec import SASRec
@@ -37,7 +38,7 @@ from training.llmsrec.config import LLMSRecConfig
 from training.llmsrec.ranking import RankingCase, rank_metrics, ranking_cases
 from training.llmsrec.sasrec import train_sequences
 
-__all__ = ["LLMSRecConfig", "catalogue_vectors", "main", "user_vectors"]
+__all__ = ["LLMSRecConfig", "catalogue_vectors", "keep", "main", "restore", "user_vectors"]
 
 log = get_logger(__name__)
 
@@ -246,5 +247,50 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
     }
     (cfg.out / "metrics.json").write_text(json.dumps(result, indent=1))
     ckpt.unlink(missing_ok=True)
+    if cfg.keep is not None:
+        keep(cfg.out, cfg.keep)
     log.info("llmsrec.done", out=str(cfg.out), test_ndcg10=round(result["test"]["ndcg@10"], 4))
     return result
+
+
+# A finished run's trained parts: LLM-SRec's small modules and its SASRec teacher (~3 MB of
+# safetensors). The item vectors and their index are outputs of these over the base LLM, rebuilt
+# by `restore` in one catalogue pass, so they are not kept.
+KEPT_FILES = ("llmsrec.json", WEIGHTS, *SASREC_FILES)
+
+
+def keep(run: Path, dest: Path) -> None:
+    """Copy a finished run's trained parts and its metrics (without per-case scores) to `dest`, e.g.
+    docs/results/llmsrec, so `make demo` on a fresh machine serves this run instead of a demo-size one."""
+    import shutil
+
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in KEPT_FILES:
+        shutil.copy2(run / name, dest / name)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("test_scores", None)
+    (dest / "metrics.json").write_text(json.dumps(metrics, indent=1))
+
+
+def restore(kept: Path, out: Path, model_dir: Path | None = None) -> dict[str, Any]:
+    """A run folder (what `LLMSRecRanker.load` reads) from `keep`'s files over the base LLM: the
+    catalogue's item vectors and their index recomputed; returns the kept metrics."""
+    from data.loading import load_dataset
+    from rellax.assets import prepare_model
+    from training.llm.data import Catalogue
+    from training.llm.setup import load_base_lm
+
+    data, _, _ = load_dataset()
+    items = Catalogue.from_tables(data).items
+    lm, tokenizer = load_base_lm(prepare_model(model_dir))
+    model, config = LLMSRecRanker.load_model(kept, lm)
+    model.eval()
+    vectors = catalogue_vectors(model, SASRec.load(kept), tokenizer, items)
+    ids = sorted(vectors)
+    LLMSRecRanker.write(out, model, ids, torch.stack([vectors[i] for i in ids]), kept, int(config["k"]))
+    metrics = json.loads((kept / "metrics.json").read_text())
+    metrics["restored_from"] = {"folder": str(kept), "weights_sha256": file_sha256(kept / WEIGHTS)}
+    metrics["dtype"] = precision.name(precision.compute_dtype(lm))  # of the item vectors made here
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    log.info("llmsrec.restored", kept=str(kept), out=str(out))
+    return metrics
