@@ -459,11 +459,10 @@ def ranking_section(path: Path) -> list[str]:
                   "a cascade's seconds are ReLLaX's share for its M of the 100 candidates."]  # fmt: skip
     target = r.get("ndcg10_diffs", {}).get("cascade M=10 - ReLLaX")
     if target is not None:
-        shifted = {"lo": target["lo"] + 0.01, "hi": target["hi"] + 0.01}  # within 0.01: d + 0.01 >= 0
-        met = _verdict(target["diff"] + 0.01, shifted).replace("includes 0", "includes -0.01")
+        met = _verdict(target["diff"], target, bound=-0.01)
         lines += ["", f"Target, cascade M=10 NDCG@10 within 0.01 of pure ReLLaX's: {met}, "
                   f"{target['diff']:+.4f} (95% interval [{target['lo']:+.4f}, {target['hi']:+.4f}]) "
-                  f"on {rellax.get('cases', rellax.get('n'))} users."]  # fmt: skip
+                  f"on {rellax['n']} users."]  # fmt: skip
     missing = [m for m in ("LLM-SRec", "ReLLaX") if m not in r["models"]]
     if missing:
         lines += ["", f"Rankers not run yet: {', '.join(missing)} (train LLM-SRec, pass a bundle)."]
@@ -518,13 +517,14 @@ def _best_reading(records: dict[str, dict[str, Any]], diffs: dict[str, dict[str,
             f"{r['test']['auc']:.4f} vs DIN {din:.4f}, difference {d:+.4f}{span}."]  # fmt: skip
 
 
-def _verdict(d: float, ci: dict[str, float] | None) -> str:
-    """Met or missed, and whether the bootstrap interval lets us say so: a point estimate whose
-    interval straddles 0 is not a measured gain or loss, and the reading must not claim one."""
-    word = "met" if d >= 0 else "missed"
-    if ci is None or ci["lo"] > 0 or ci["hi"] < 0:
+def _verdict(d: float, ci: dict[str, float] | None, bound: float = 0.0) -> str:
+    """Met (d >= bound) or missed, and whether the bootstrap interval lets us say so: a point
+    estimate whose interval straddles the bound is not a measured pass or fail, and the reading must
+    not claim one. `bound` < 0 reads a "within |bound| of" target."""
+    word = "met" if d >= bound else "missed"
+    if ci is None or ci["lo"] > bound or ci["hi"] < bound:
         return word
-    return f"{word} on the point estimate only, not significant (the interval includes 0)"
+    return f"{word} on the point estimate only, not significant (the interval includes {bound:g})"
 
 
 def _paper_pattern(records: dict[str, dict[str, Any]]) -> list[str]:
