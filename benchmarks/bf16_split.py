@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import save  # noqa: E402
 
 from rellax.model_input import ModelInput  # noqa: E402
-from rellax.precision import cpu_supports_bf16  # noqa: E402
+from rellax.precision import cpu_model, cpu_supports_bf16  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
 from training.tables import markdown_table  # noqa: E402
 
@@ -298,7 +298,7 @@ def main() -> None:
         "workload": {**info, "k": args.k, "tokens": tokens},
         "whole_model": whole_model(base, tokenizer, texts),
         "per_gemm": per_gemm(base, tokens),
-        "cpu": _cpu_model(),
+        "cpu": cpu_model(),
         "load_avg_before": [round(x, 2) for x in load_before],
         "load_avg_after": [round(x, 2) for x in os.getloadavg()],
         "torch_threads": torch.get_num_threads(),
@@ -307,13 +307,6 @@ def main() -> None:
         "wall_s": round(time.perf_counter() - started, 1),
     }
     save(args.out, "bf16_split", result, render(result))
-
-
-def _cpu_model() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.partition(":")[2].strip()
-    return platform.processor()
 
 
 def render(result: dict) -> str:

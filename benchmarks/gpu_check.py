@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from results_io import save  # noqa: E402
 from scoring import careful  # noqa: E402  (transformers batched, left-padded: the same as scoring.py's (b))
 
 from rellax.model_input import ModelInput  # noqa: E402
+from rellax.precision import cpu_model  # noqa: E402
 from rellax.prompt import Prompt, build_prompt  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
 from training.tables import markdown_table  # noqa: E402
@@ -90,17 +90,6 @@ def prompts_for(tokenizer, tiny: bool, candidates: int, ks: list[int]) -> dict[i
         ]
         for k in ks
     }
-
-
-def cpu_name() -> str:
-    """The CPU's model name (/proc/cpuinfo), else the machine type."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return platform.machine()
 
 
 def best_rate(fn, n: int, repeats: int = 3) -> tuple[float, np.ndarray]:  # noqa: ANN001
@@ -167,7 +156,7 @@ def main() -> None:
             print(rows[-1], flush=True)
     finally:
         asyncio.run(backend.close())
-    device_name = torch.cuda.get_device_name(0) if cuda else cpu_name()
+    device_name = torch.cuda.get_device_name(0) if cuda else cpu_model()
     result = {
         "device": str(device),
         "device_name": device_name,

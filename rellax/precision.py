@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -38,6 +39,7 @@ __all__ = [
     "cast_for_compute",
     "compute",
     "compute_dtype",
+    "cpu_model",
     "cpu_supports_bf16",
     "name",
     "resolve",
@@ -61,6 +63,21 @@ def cpu_supports_bf16() -> bool:
         if line.startswith("flags"):
             return bool(_BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
     return False
+
+
+@functools.cache
+def cpu_model() -> str:
+    """The CPU's model name and its native-bf16 flags ("Intel(R) Xeon(R) Processor [amx_bf16
+    avx512_bf16]"): results record it because the same code runs several times faster, and in
+    another dtype, on one kind of 2-core machine than on another."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:  # not Linux
+        return platform.processor() or platform.machine()
+    name = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln.partition(":")[2].split() for ln in lines if ln.startswith("flags")), [])
+    bf16 = sorted(_BF16_CPU_FLAGS & set(flags))
+    return f"{name or platform.machine()} [{' '.join(bf16) or 'no native bf16'}]"
 
 
 def resolve_dtype(device: torch.device, dtype: torch.dtype | None) -> torch.dtype:

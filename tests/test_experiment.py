@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rellax.precision import cpu_model
 from training.metrics import ctr_metrics
 from training.tables import table_rows
 
@@ -134,6 +135,7 @@ def test_records_hold_metrics_predictions_and_training_facts(study, ran, ml100k_
         assert r["score_dtype"] == "float32", name
         assert r["trainable_params"] > 0 and r["samples_per_s"] > 0 and 0 <= r["valid_auc"] <= 1
         assert r["device"] in ("cpu/float32", "cpu/bfloat16")  # where it trained, recorded with it
+        assert r["cpu"] == r["score_cpu"] == cpu_model()  # and on which CPU (speed depends on it)
     best = max(("rella-n8", "rella-n16"), key=lambda n: _record(study, n)["valid_auc"])
     for name in ("spa", "cflora", "rellax", "rellax-random-init", "rellax-k3"):  # one stage, largest N
         r = _record(study, name)
@@ -292,6 +294,15 @@ def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> 
     assert "Not run yet." in text and "ReLLaX >= DIN on test AUC: not measured yet." in text
     pending = text.split("Pending steps")[1].split("\n")[0]
     assert "rellax-merged" in pending and "baselines" not in pending  # finished, though not "done" here
+    assert "Not in this study's plan" not in text  # this study asked for recency and the hold-out DIN
+    status["config"] = {**status["config"], "zero_shot": ["subr"], "din_holdout": False}
+    (results / "experiment.json").write_text(json.dumps(status))
+    text = render(results, tmp_path / "results.md")
+    measured_later = text.split("Not measured yet: ")[1].split("\n")[0]
+    unplanned = text.split("Not in this study's plan (the option that adds it): ")[1].split("\n")[0]
+    assert "zero-shot SUBR - zero-shot recency (`--zero-shot recency`)" in unplanned
+    assert "ReLLaX - DIN (hold-out, the DIN it reads) (`--din-holdout`)" in unplanned
+    assert "recency" not in measured_later and "ReLLaX - DIN;" in measured_later  # planned, not run yet
 
 
 def test_a_target_whose_interval_includes_zero_is_not_called_met() -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rellax import precision
 from rellax.entities import Item
 from rellax.llmsrec import LLMSRec, llmsrec_loss
 from rellax.prompt import build_item_prompt, build_user_prompt
@@ -180,6 +181,7 @@ def test_training_runs_resumes_and_saves_the_catalogues_vectors(
     history = [HistoryEvent(int(i), 4.0, int(t)) for i, t in zip(case.history, case.times, strict=True)]
     served = ranker.scores(ranker.user_vector(history), case.candidates.tolist())
     np.testing.assert_allclose(served, straight["test_scores"][0], atol=2e-5)
+    assert straight["cpu"] == precision.cpu_model()  # the machine its train_seconds were measured on
     # What a clone keeps (docs/results/llmsrec: small modules + teacher, no item vectors or index)
     # and what `make demo` rebuilds from it: the same item vectors, a folder the service loads.
     from training.llmsrec.llmsrec import KEPT_FILES, keep, restore

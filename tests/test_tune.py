@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from rellax.precision import cpu_model
 from training.study.tune import Trial, TuneConfig, run
 from training.tables import table_rows
 
@@ -60,6 +61,7 @@ def test_trials_end_at_their_budget_and_are_reused(tune: TuneConfig) -> None:
     # training seconds on the curve (a tiny step can round to 0.0), never more than the run's total
     assert s1["curve"][0]["seconds"] == 0.0 and 0.0 <= s1["curve"][1]["seconds"] <= s1["fit_seconds"]
     assert s1["trial"]["target_modules"] == ["q_proj", "v_proj"] and s1["device"].startswith("cpu/")
+    assert s1["cpu"] == cpu_model() and "[" in s1["cpu"]  # the processor and its native-bf16 flags
     over = json.loads((tune.results / "s2-over-s1.json").read_text())
     joint = json.loads((tune.results / "s2-joint.json").read_text())
     assert over["examples"] == 4 and over["trial"]["prompts"] == "subr"
@@ -80,6 +82,20 @@ def test_the_report_draws_the_trials(tune: TuneConfig, tmp_path: Path) -> None:
     assert "## Recipe trials" in text and (tmp_path / "tune_trials.png").stat().st_size > 0
     assert [row[0] for row in table_rows(text)[1:]] == ["s1", "s2-joint", "s2-over-s1"]
     assert 0.0 < din < 1.0 and f"DIN's validation AUC on the same rows: {din:.4f}" in text
+    # The reading the recipe rests on: text alone vs DIN's signal, each against its yardstick.
+    s1 = json.loads((tune.results / "s1.json").read_text())
+    gain = s1["best_valid_auc"] - s1["start_valid_auc"]
+    assert (
+        f"- Text only (the 1 stage-1 trials): the largest gain over a trial's own start is {gain:+.4f}"
+        in text
+    )
+    aucs = {
+        n: json.loads((tune.results / f"{n}.json").read_text())["best_valid_auc"]
+        for n in ("s2-joint", "s2-over-s1")
+    }
+    best = max(aucs, key=aucs.__getitem__)
+    assert f"- With DIN's signal (the 2 stage-2 and one-stage trials): best `{best}`" in text
+    assert f"DIN on the same rows {din:.4f} (" in text
     status = json.loads((tune.results / "tune.json").read_text())
     other = tmp_path / "other"
     other.mkdir()
@@ -87,6 +103,13 @@ def test_the_report_draws_the_trials(tune: TuneConfig, tmp_path: Path) -> None:
         (other / p.name).write_text(p.read_text())
     (other / "tune.json").write_text(json.dumps({**status, "valid_rows": 512}))
     assert "DIN's validation AUC" not in "\n".join(tune_section(other, tmp_path))
+    # Which machine ran each trial: samples/s compare only within one.
+    assert f"Machines (seconds and samples/s compare only within one): {cpu_model()}: s1, s2-joint" in text
+    older = json.loads((other / "s1.json").read_text())
+    del older["cpu"]  # a trial recorded before the CPU was
+    (other / "s1.json").write_text(json.dumps(older))
+    native = "native bf16" if older["native_bf16"] else "no native bf16"
+    assert f"model not recorded ({native}): s1" in "\n".join(tune_section(other, tmp_path))
 
 
 def test_stage2_builds_on_kept_weights_when_the_cache_lost_them(tune: TuneConfig) -> None:

@@ -53,6 +53,7 @@ class TrainResult:
     steps: int = 0
     examples: int = 0
     device: str = ""  # where it trained, and the frozen base's dtype: "cpu/float32", "cuda:0/bfloat16"
+    cpu: str = ""  # the processor (`precision.cpu_model`); "A + B" when a paused run resumed elsewhere
     world_size: int = 1  # processes (torchrun); examples, steps and samples/s count all of them
 
     def to_json(self) -> dict[str, Any]:
@@ -171,6 +172,9 @@ def train_loop(
         result = TrainResult(**state["result"])
         log.info("resumed", checkpoint=str(checkpoint), step=step, world_size=world)
     result.device = f"{device}/{precision.name(base_dtype)}"
+    here = torch.cuda.get_device_name(device) if device.type == "cuda" else precision.cpu_model()
+    if here not in result.cpu.split(" + "):
+        result.cpu = f"{result.cpu} + {here}" if result.cpu else here
     if step == 0 and result.best_valid_auc < 0:  # the starting point is a candidate too
         result.best_valid_auc = evaluate() if validates else 0.0
         result.curve.append({"step": 0, "examples": 0, "valid_auc": result.best_valid_auc, "seconds": 0.0})

@@ -244,6 +244,7 @@ def main(cfg: LLMSRecConfig, deadline: float | None = None) -> dict[str, Any]:
         # the frozen base's dtype (bf16 by itself on a native-bf16 CPU): item vectors and test scores
         # were computed in it, where a bundle's user pass runs in the served dtype
         "dtype": precision.name(precision.compute_dtype(lm)),
+        "cpu": precision.cpu_model(),  # train_seconds compare only within one kind of machine
     }
     (cfg.out / "metrics.json").write_text(json.dumps(result, indent=1))
     ckpt.unlink(missing_ok=True)

@@ -21,7 +21,8 @@ Steps, in order (a step needing an unfinished one waits for a later invocation).
 the answers the conclusions rest on first.
   baselines            DIN (and the hold-out DIN, when the LLM steps read it), LR one-hot, mean
                        prior, LR on prompt features
-  zero-shot-subr       the base LLM on SUBR K prompts (zero-shot-recency too, if configured)
+  zero-shot-recency    the base LLM on recency / SUBR K prompts (each `--zero-shot` mode; both by
+  zero-shot-subr       default: the paper's claim that SUBR helps even without training)
   rellax               ReLLaX, one stage: LoRA + SPA + CFLoRA gates (identity init)
   rella-n{N}           ReLLa: LoRA only (stage 1), the same prompts
   spa / cflora         LoRA + SPA only / LoRA + gates only
@@ -234,6 +235,7 @@ class _Context:
             "test": ctr_metrics(self.labels, p),
             "score_seconds": round(seconds, 1),
             "score_dtype": SCORE_DTYPE,
+            "score_cpu": precision.cpu_model(),  # the machine that finished the scoring (speed depends on it)
             **extra,
             "predictions": [round(float(x), 6) for x in p],
         }
@@ -277,6 +279,7 @@ def _training_facts(metrics: dict[str, Any]) -> dict[str, Any]:
         "trainable_params": metrics["trainable_params"],
         "run_id": metrics.get("run_id"),
         "device": r.get("device", ""),
+        "cpu": r.get("cpu", ""),
     }
 
 
@@ -388,8 +391,18 @@ def _merged(ctx: _Context, exact: dict[str, Any]) -> dict[str, Any]:
     examples = ctx.examples(tok, index, din, exact["k"], "subr", True, True, "rellax-merged prompts")
     with merged_at_mean_gates(model, load_mean_gates(folder)):
         p, seconds = ctx.score("rellax-merged", model, examples, model_id=f"merged-{exact['run_id']}")
-    keep = ("valid_auc", "trainable_params", "train_seconds", "samples_per_s", "n_rows", "k", "run", "device")
-    return ctx.llm_payload(p, seconds, **{k: exact[k] for k in keep}, merged_from="rellax")
+    keep = (
+        "valid_auc",
+        "trainable_params",
+        "train_seconds",
+        "samples_per_s",
+        "n_rows",
+        "k",
+        "run",
+        "device",
+        "cpu",
+    )
+    return ctx.llm_payload(p, seconds, **{k: exact[k] for k in keep if k in exact}, merged_from="rellax")
 
 
 def _zero_shot(ctx: _Context, name: str, mode: Mode) -> dict[str, Any]:

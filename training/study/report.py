@@ -18,7 +18,7 @@ import numpy as np
 
 from training.metrics import null_auc_se, paired_bootstrap_auc_diff
 from training.study.config import ExperimentConfig, is_batch_step, serves_as_rellax
-from training.study.tune_report import tune_section
+from training.study.tune_report import machines_note, tune_section
 from training.tables import markdown_table
 
 __all__ = ["load_results", "render"]
@@ -44,6 +44,12 @@ COMPARISONS = (
     ("ReLLa - LR on prompt features", "rella", "LR on prompt features"),
     ("ReLLa - zero-shot SUBR", "rella", "zero-shot-subr"),  # did stage 1 move its starting point?
 )
+# Steps a study runs only when asked: a comparison that needs one is "not in this run's plan", not
+# "not measured yet", unless the run's config asked for it.
+OPTIONAL = {
+    "zero-shot-recency": ("--zero-shot recency", lambda cfg: "recency" in cfg.get("zero_shot", ())),
+    "DIN (hold-out)": ("--din-holdout", lambda cfg: bool(cfg.get("din_holdout"))),
+}
 TARGETS = (
     ("ReLLaX >= DIN on test AUC", "rellax", "DIN"),
     ("zero-shot SUBR >= zero-shot recency", "zero-shot-subr", "zero-shot-recency"),
@@ -206,6 +212,22 @@ def _din_drift(records: dict[str, dict[str, Any]]) -> list[str]:
     ]
 
 
+def _machines(records: dict[str, dict[str, Any]]) -> list[str]:
+    """Where each LLM step trained and was scored (recorded since 2026-12-08; earlier steps say so)."""
+    where = {}
+    for name, r in records.items():
+        if "score_seconds" not in r or name == "rella":  # 'rella' repeats the selected rella-n* step
+            continue
+        trained, scored = r.get("cpu", ""), r.get("score_cpu", "")
+        if not trained and not scored:
+            where[name] = "not recorded (run before the study recorded the CPU)"
+        elif not r.get("train_examples") or trained == scored or not scored:
+            where[name] = trained or scored
+        else:
+            where[name] = f"trained on {trained or 'an unrecorded CPU'}, scored on {scored}"
+    return machines_note(where)
+
+
 def _comparisons(records: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
     """COMPARISONS, plus each K-sweep run against DIN and against the main ReLLaX run's K, each
     N-sweep run against DIN and against the run at its K on the default N, and, once `rellax-bf16`
@@ -363,10 +385,21 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     diffs = _diffs(records, labels)
     lines += ["", "## Paired bootstrap, AUC(a) - AUC(b), 1,000 resamples of the same rows", ""]
     lines.append(_diff_table("comparison", diffs))
-    missing = [label for label, a, b in COMPARISONS if label not in diffs]
+    missing, unplanned = [], []
+    for label, a, b in COMPARISONS:
+        if label in diffs:
+            continue
+        flag = next((OPTIONAL[n][0] for n in (a, b) if n in OPTIONAL and not OPTIONAL[n][1](cfg)), None)
+        if flag:
+            unplanned.append(f"{label} (`{flag}`)")
+        else:
+            missing.append(label)
     if missing:
         lines += ["", f"Not measured yet: {'; '.join(missing)}."]
+    if unplanned:
+        lines += ["", f"Not in this study's plan (the option that adds it): {'; '.join(unplanned)}."]
     lines += _din_drift(records)
+    lines += _machines(records)
     mixed = _mixed_dtypes(records, diffs)
     if mixed:
         lines += ["", "Trained in different dtypes, so the difference mixes the recipe's dtype with the "

@@ -105,6 +105,7 @@ def _record(cfg: TuneConfig, trial: Trial, metrics: dict[str, Any]) -> dict[str,
         "samples_per_s": round(result["samples_per_s"], 3),
         "trainable_params": metrics["trainable_params"],
         "device": result.get("device", ""),
+        "cpu": result.get("cpu", ""),
         "native_bf16": cpu_supports_bf16(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -11,7 +11,7 @@ from typing import Any
 from training.metrics import null_auc_se
 from training.tables import markdown_table
 
-__all__ = ["load_trials", "tune_section"]
+__all__ = ["load_trials", "machines_note", "tune_section"]
 
 
 def load_trials(folder: Path) -> dict[str, dict[str, Any]]:
@@ -19,6 +19,59 @@ def load_trials(folder: Path) -> dict[str, dict[str, Any]]:
     if not folder.is_dir():
         return {}
     return {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json")) if p.name != "tune.json"}
+
+
+def machines_note(where: dict[str, str]) -> list[str]:
+    """{step: CPU} as one sentence grouped by machine: seconds and samples/s compare only within
+    one machine (a 2-core AMX Xeon trains in bf16 several times faster than a 2-core EPYC in fp32)."""
+    groups: dict[str, list[str]] = {}
+    for name, cpu in where.items():
+        groups.setdefault(cpu, []).append(name)
+    if not groups:
+        return []
+    parts = [f"{cpu}: {', '.join(names)}" for cpu, names in groups.items()]
+    return ["", f"Machines (seconds and samples/s compare only within one): {'; '.join(parts)}."]
+
+
+def _cpu(record: dict[str, Any]) -> str:
+    """The trial's CPU; for trials run before it was recorded, whether the CPU had native bf16."""
+    if record.get("cpu"):
+        return record["cpu"]
+    if "native_bf16" in record:
+        return f"model not recorded ({'native bf16' if record['native_bf16'] else 'no native bf16'})"
+    return "not recorded"
+
+
+def _reading(trials: dict[str, dict[str, Any]], din_valid_auc: float | None) -> list[str]:
+    """Two sentences the recipe rests on: did text alone (stage 1) move validation beyond noise, and
+    how close did DIN's signal through SPA + gates (ReLLaX trials, the + DIN's logit one excluded)
+    come to DIN itself on the same rows."""
+    noise = 2 * null_auc_se(next(iter(trials.values()))["valid_rows"])
+    lines = []
+    text_only = {n: r for n, r in trials.items() if r["trial"]["stage"] == 1 and r["examples"] > 0}
+    if text_only:
+        name, r = max(text_only.items(), key=lambda kv: kv[1]["best_valid_auc"] - kv[1]["start_valid_auc"])
+        gain = r["best_valid_auc"] - r["start_valid_auc"]
+        verdict = "within noise" if gain < noise else "beyond noise"
+        lines.append(
+            f"- Text only (the {len(text_only)} stage-1 trials): the largest gain over a trial's own start "
+            f"is {gain:+.4f} (`{name}`), {verdict} (2 standard errors of a {r['valid_rows']}-row AUC: "
+            f"{noise:.3f})."
+        )
+    with_din = {
+        n: r for n, r in trials.items() if r["trial"]["stage"] == 2 and not r["trial"].get("din_residual")
+    }
+    if with_din:
+        name, r = max(with_din.items(), key=lambda kv: kv[1]["best_valid_auc"])
+        line = (
+            f"- With DIN's signal (the {len(with_din)} stage-2 and one-stage trials): best `{name}`, "
+            f"{r['start_valid_auc']:.4f} -> {r['best_valid_auc']:.4f} after {r['best_seconds'] / 60:.1f} "
+            "training minutes"
+        )
+        if din_valid_auc is not None:
+            line += f"; DIN on the same rows {din_valid_auc:.4f} ({r['best_valid_auc'] - din_valid_auc:+.4f})"
+        lines.append(line + ".")
+    return ["", *lines] if lines else []
 
 
 def _per_hour(record: dict[str, Any]) -> float:
@@ -99,6 +152,7 @@ def tune_section(folder: Path, out_dir: Path) -> list[str]:
             "DIN's own logit), so the LLM learns a correction to DIN (as FLIP and ClickPrompt do for small "
             "language models). It is reported beside ReLLaX, never instead of it.",
         ]
+    lines += machines_note({name: _cpu(r) for name, r in trials.items()})
     if din_valid_auc is not None:
         lines += ["", f"DIN's validation AUC on the same rows: {din_valid_auc:.4f}."]
     best = max(trials.items(), key=lambda kv: kv[1]["best_valid_auc"])
@@ -107,6 +161,7 @@ def tune_section(folder: Path, out_dir: Path) -> list[str]:
         f"Highest valid AUC so far: `{best[0]}` {best[1]['best_valid_auc']:.4f} after "
         f"{best[1]['best_seconds'] / 60:.1f} training minutes.",
     ]
+    lines += _reading(trials, din_valid_auc)
     pending = [n for n, state in status.get("status", {}).items() if n not in trials]
     if pending:
         lines += ["", f"Trials not finished yet (`rellax experiment tune` runs them): {', '.join(pending)}."]
