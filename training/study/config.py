@@ -59,7 +59,7 @@ class ExperimentConfig:
         True, help="Retrain ReLLaX in the bf16 recipe (rellax-bf16) when its run trained in another dtype.",
         flag="--bf16-rerun/--no-bf16-rerun",
     )  # fmt: skip
-    zero_shot: tuple[str, ...] = setting(("subr",), help="Zero-shot modes scored (subr, recency).")
+    zero_shot: tuple[str, ...] = setting(("recency", "subr"), help="Zero-shot modes scored (subr, recency).")
     valid_rows: int = setting(512, help="Validation rows for selection and the curves.")
     stage1_lr: float = setting(1e-3, help="Learning rate of the stage-1 (ReLLa) runs.")
     stage2_lr: float = setting(1e-3, help="Learning rate of the ReLLaX-family runs.")
