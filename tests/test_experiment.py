@@ -305,6 +305,30 @@ def test_a_partial_study_renders_what_is_missing(study, ran, tmp_path: Path) -> 
     assert "recency" not in measured_later and "ReLLaX - DIN;" in measured_later  # planned, not run yet
 
 
+def test_the_report_asks_what_rellax_adds_to_din() -> None:
+    """A ReLLaX that copies DIN adds nothing when averaged with it; one that carries signal DIN
+    lacks does, and the report tells the two apart with an interval."""
+    from scipy.special import expit as sigmoid
+
+    from training.study.report import _beyond_din
+
+    rng = np.random.default_rng(0)
+    n = 2000
+    a, b = rng.normal(size=n), rng.normal(size=n)  # two independent sources of the label
+    labels = (a + b + 0.5 * rng.normal(size=n) > 0).astype(np.int64)
+    din = {"test": {"auc": 0.0}, "predictions": sigmoid(a).tolist()}  # knows a only
+
+    def records(llm: np.ndarray) -> dict:
+        return {"DIN": din, "rellax": {"predictions": sigmoid(llm).tolist(), "valid_auc": 0.7}}
+
+    copy = _beyond_din(records(a + 0.1 * rng.normal(size=n)), labels)
+    assert len(copy) == 1 and copy[0].startswith("- What rellax adds to DIN (a diagnostic, not a model)")
+    assert "correlates 0.99 with DIN's" in copy[0] and copy[0].endswith(": nothing beyond DIN.")
+    other = _beyond_din(records(b), labels)[0]  # knows what DIN does not
+    assert "correlates 0.0" in other or "correlates -0.0" in other
+    assert other.endswith(": a gain beyond DIN.")
+
+
 def test_a_target_whose_interval_includes_zero_is_not_called_met() -> None:
     """SUBR's +0.0053 over recency with interval [-0.0109, +0.0224] is no measured gain: the
     verdict says so, while a gain whose whole interval is above 0 (or a loss below it) stays plain."""

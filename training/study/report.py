@@ -422,6 +422,7 @@ def render(folder: Path = Path("docs/results"), out: Path = Path("docs/results.m
     lines += ranking_section(folder / "ranking.json")
     lines += ["", "## Reading", ""]
     lines += _reading(records, diffs, valid_rows, float(labels.mean()))
+    lines += _beyond_din(records, labels)
     lines += _progress_reading(progress, valid_rows, float(labels.mean()), len(labels))
     if pending:
         why = "not run yet, or paused mid-way; `rellax experiment ml100k` resumes them"
@@ -460,6 +461,35 @@ def _best_rellax(records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any
     ship, chosen without looking at test."""
     family = {n: r for n, r in records.items() if serves_as_rellax(n) and r.get("valid_auc") is not None}
     return max(family.items(), key=lambda kv: kv[1]["valid_auc"]) if family else None
+
+
+def _logit(p: list[float]) -> np.ndarray:
+    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)  # predictions are rounded to 6 digits
+    return np.log(q / (1 - q))
+
+
+def _beyond_din(records: dict[str, dict[str, Any]], labels: np.ndarray) -> list[str]:
+    """Does ReLLaX carry anything DIN lacks? A diagnostic, not a model: the mean of its and DIN's
+    logits against DIN alone on the same rows. No gain (and a high logit correlation) means the LLM
+    has learnt a noisy copy of DIN's signal, so beating DIN needs knowledge only the text carries."""
+    din = records.get("DIN")
+    best = _best_rellax(records)
+    names = dict.fromkeys(n for n in ("rellax", best[0] if best else None) if n in records)
+    if din is None or not names:
+        return []
+    din_logit = _logit(din["predictions"])
+    out = []
+    for name in names:
+        logit = _logit(records[name]["predictions"])
+        mean = 1 / (1 + np.exp(-(logit + din_logit) / 2))
+        ci = paired_bootstrap_auc_diff(labels, mean, din["predictions"])
+        gain = "a gain beyond DIN" if ci["lo"] > 0 else "nothing beyond DIN"
+        out.append(
+            f"- What {name} adds to DIN (a diagnostic, not a model): its logit correlates "
+            f"{np.corrcoef(logit, din_logit)[0, 1]:.2f} with DIN's; the mean of the two logits - DIN "
+            f"{ci['diff']:+.4f} (95% interval [{ci['lo']:+.4f}, {ci['hi']:+.4f}]): {gain}."
+        )
+    return out
 
 
 def ranking_section(path: Path) -> list[str]:
