@@ -68,6 +68,13 @@ TRIALS: tuple[Trial, ...] = (
     _one_stage("one-stage-b8-lr1e-3-subr", note="one-stage on SUBR prompts only (as validation and serving)"),
     _one_stage("one-stage-b16-lr1e-3-subr", batch_size=16),
     _one_stage("one-stage-b8-lr3e-4-subr", lr=3e-4),
+    _one_stage(
+        "one-stage-b16-lr1e-3-subr-n1024",
+        batch_size=16,
+        epochs=2,
+        n_rows=1024,
+        note="the batch-16 trial on 4x the rows: does more data carry it past DIN's valid AUC?",
+    ),
     _one_stage("one-stage-b8-lr1e-3-subr-k10", k=10, note="K=10 prompts: ~1.4x tokens"),
     _one_stage(
         "one-stage-din-residual",
