@@ -309,6 +309,7 @@ def test_the_report_asks_what_rellax_adds_to_din() -> None:
     """A ReLLaX that copies DIN adds nothing when averaged with it; one that carries signal DIN
     lacks does, and the report tells the two apart with an interval."""
     from scipy.special import expit as sigmoid
+    from sklearn.metrics import roc_auc_score
 
     from training.study.report import _beyond_din
 
@@ -327,6 +328,8 @@ def test_the_report_asks_what_rellax_adds_to_din() -> None:
     other = _beyond_din(records(b), labels)[0]  # knows what DIN does not
     assert "correlates 0.0" in other or "correlates -0.0" in other
     assert other.endswith(": a gain beyond DIN.")
+    gain = roc_auc_score(labels, a + b) - roc_auc_score(labels, a)  # the mean logit ranks as the sum
+    assert f"the mean of the two logits - DIN {gain:+.4f} (95% interval [+0." in other
 
 
 def test_a_target_whose_interval_includes_zero_is_not_called_met() -> None:

@@ -481,7 +481,7 @@ def _beyond_din(records: dict[str, dict[str, Any]], labels: np.ndarray) -> list[
     out = []
     for name in names:
         logit = _logit(records[name]["predictions"])
-        mean = 1 / (1 + np.exp(-(logit + din_logit) / 2))
+        mean = 1 / (1 + np.exp(-(logit + din_logit) / 2))  # a probability: the bootstrap clips to (0, 1)
         ci = paired_bootstrap_auc_diff(labels, mean, din["predictions"])
         gain = "a gain beyond DIN" if ci["lo"] > 0 else "nothing beyond DIN"
         out.append(
