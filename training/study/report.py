@@ -464,14 +464,17 @@ def _best_rellax(records: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any
 
 
 def _logit(p: list[float]) -> np.ndarray:
-    q = np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6)  # predictions are rounded to 6 digits
-    return np.log(q / (1 - q))
+    from scipy.special import logit
+
+    return logit(np.clip(np.asarray(p, dtype=np.float64), 1e-6, 1 - 1e-6))  # rounded to 6 digits: 0, 1 occur
 
 
 def _beyond_din(records: dict[str, dict[str, Any]], labels: np.ndarray) -> list[str]:
     """Does ReLLaX carry anything DIN lacks? A diagnostic, not a model: the mean of its and DIN's
     logits against DIN alone on the same rows. No gain (and a high logit correlation) means the LLM
     has learnt a noisy copy of DIN's signal, so beating DIN needs knowledge only the text carries."""
+    from scipy.special import expit
+
     din = records.get("DIN")
     best = _best_rellax(records)
     names = dict.fromkeys(n for n in ("rellax", best[0] if best else None) if n in records)
@@ -481,7 +484,7 @@ def _beyond_din(records: dict[str, dict[str, Any]], labels: np.ndarray) -> list[
     out = []
     for name in names:
         logit = _logit(records[name]["predictions"])
-        mean = 1 / (1 + np.exp(-(logit + din_logit) / 2))  # a probability: the bootstrap clips to (0, 1)
+        mean = expit((logit + din_logit) / 2)  # a probability: the bootstrap clips its inputs to (0, 1)
         ci = paired_bootstrap_auc_diff(labels, mean, din["predictions"])
         gain = "a gain beyond DIN" if ci["lo"] > 0 else "nothing beyond DIN"
         out.append(
