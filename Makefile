@@ -75,6 +75,7 @@ bench: setup
 	$(PY) benchmarks/concurrency.py
 	$(PY) benchmarks/soak.py
 	$(PY) benchmarks/rerank.py
+	$(PY) benchmarks/allocator.py
 
 clean:
 	rm -rf $(VENV) .venv-vllm .pytest_cache

@@ -130,8 +130,10 @@ _register_package_commands()
 def main() -> None:
     """The console entry point: rellax's own errors (`rellax.errors`) end the command with their
     message and exit status 1, not a traceback; anything else is a bug and keeps its traceback."""
+    from rellax.allocator import reexec_with_tuning
     from rellax.errors import RellaxError
 
+    reexec_with_tuning()  # glibc reads its malloc settings only at start-up (rellax/allocator.py)
     try:
         app()
     except RellaxError as err:

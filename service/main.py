@@ -14,6 +14,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from rellax.allocator import is_tuned
 from rellax.errors import BundleError
 from rellax.logs import get_logger
 from service.api import api_router
@@ -113,6 +114,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             dtype=getattr(backend, "compute_dtype", None),
             canary=app.state.canary_ok,
             llmsrec=getattr(bundle, "llmsrec", None) is not None,
+            malloc_tuned=is_tuned(),
         )
         yield
 

@@ -420,6 +420,11 @@ class ReadyResponse(_Model):
     fits_in_deadline: int | None = Field(
         None, description="Candidates one request can have scored within RELLAX_DEADLINE_MS at that rate."
     )
+    malloc_tuned: bool = Field(
+        False,
+        description="The process started with rellax's glibc malloc settings (faster CPU scoring; "
+        "RELLAX_MALLOC_TUNING).",
+    )
 
 
 class ErrorDetail(_Model):

@@ -14,7 +14,7 @@ def test_readme_config_table_lists_every_setting() -> None:
     documented = set(re.findall(r"^\| `(RELLAX_[A-Z_]+)` \|", README.read_text(), flags=re.M))
     wanted = {f"RELLAX_{name.upper()}" for name in Settings.model_fields}
     assert wanted <= documented, sorted(wanted - documented)
-    assert {"RELLAX_CACHE_DIR", "RELLAX_LOG_LEVEL", "RELLAX_DEVICE"} <= documented
+    assert {"RELLAX_CACHE_DIR", "RELLAX_LOG_LEVEL", "RELLAX_DEVICE", "RELLAX_MALLOC_TUNING"} <= documented
 
 
 def test_readme_cli_table_lists_every_command() -> None:

@@ -16,6 +16,7 @@ import pytest
 from fastapi import FastAPI
 from service_support import GatedTorchBackend, asgi_app, make_settings, tiny_bundle
 
+from rellax import allocator
 from rellax.entities import HistoryEvent, Profile
 from service.keys import hash_key
 from service.metrics import STAGES
@@ -198,6 +199,7 @@ async def test_health_ready_metrics_and_docs(redis_url: str) -> None:
         "checks": {"accepting": True, "bundle": True, "redis": True, "canary": True, "batcher": True},
         "model_version": tiny_bundle().model_version,
         "dtype": "float32",  # what the model computes in, as RELLAX_DTYPE resolved
+        "malloc_tuned": allocator.is_tuned(),  # this pytest process's own start-up environment
     }
     # measured at start-up on a real-sized batch; the deadline (30 s in these tests) covers that many
     assert cps > 0 and fits == int(cps * 30)

@@ -17,6 +17,7 @@ from service_support import tiny_bundle, tiny_bundle_path
 from typer.testing import CliRunner
 
 from cli.main import app
+from rellax import allocator
 from service.embedded_redis import free_port
 from service.settings import Settings
 from service.store import HistoryStore, connect
@@ -109,6 +110,8 @@ def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
         "RELLAX_LOG_JSON": "true",
     }
     env.pop("RELLAX_REDIS_URL", None)
+    for unset in ("GLIBC_TUNABLES", "RELLAX_MALLOC_TUNING"):
+        env.pop(unset, None)  # so the tuned start-up below is `rellax`'s own re-exec (rellax/allocator.py)
     cmd = [
         sys.executable,
         "-m",
@@ -133,6 +136,7 @@ def test_serve_starts_embedded_redis_and_answers(tmp_path: Path) -> None:
             except httpx.HTTPError:
                 time.sleep(0.3)
         assert ready is not None and ready.status_code == 200, (tmp_path / "serve.log").read_text()[-3000:]
+        assert ready.json()["malloc_tuned"] is allocator.wanted(env)
         item = sorted(tiny_bundle().items)[0]
         r = httpx.post(f"{url}/v1/score", json={"user_id": "196", "item_ids": [item]}, timeout=60)
         assert r.status_code == 200 and r.json()["cold_start"] is True

@@ -6,6 +6,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from rellax.allocator import is_tuned
 from rellax.errors import HistoryStoreError
 from service.deps import MetricsDep, StoreDep
 from service.schemas import HealthResponse, ReadyResponse
@@ -48,6 +49,7 @@ async def readyz(request: Request, store: StoreDep) -> JSONResponse:
         dtype=getattr(getattr(state, "backend", None), "compute_dtype", None),
         candidates_per_s=None if cps is None else round(cps, 3),
         fits_in_deadline=None if cps is None else state.settings.fits_in_deadline(cps),
+        malloc_tuned=is_tuned(),
     )
     return JSONResponse(body.model_dump(), status_code=200 if ready else 503)
 
