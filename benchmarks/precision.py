@@ -1,13 +1,14 @@
-"""Precision benchmark: one bundle served in fp32 and in bf16 on the same test rows.
+"""Precision benchmark: one bundle served in fp32, bf16 and fp16 on the same test rows.
 
     .venv/bin/python benchmarks/precision.py [--bundle DIR] [--rows 2000] [--ks 15]
 
 For each K: the same seeded ML-100K test rows (`training.fewshot.eval_rows`, seed 1234, the rows
 `rellax eval` scores) go through the serving path (`Bundle.prepare`: SUBR, prompt, DIN h, SPA) once,
-and the prepared inputs are scored by the bundle loaded with dtype="float32" and with "bfloat16"
-(`rellax.precision`'s recipe). Reported: AUC and LogLoss of each, the paired bootstrap 95% interval
-of AUC(bf16) - AUC(fp32), LogLoss(bf16) - LogLoss(fp32), max / p99 / mean |P(yes) bf16 - fp32| and
-candidates/s of each. Targets: |dP| <= 0.005 and |dAUC| <= 0.001.
+and the prepared inputs are scored by the bundle loaded with dtype="float32", "float16" and (where
+the CPU has native bf16) "bfloat16" (`rellax.precision`'s recipe for both half dtypes). Reported per
+half dtype against fp32: AUC and LogLoss of each, the paired bootstrap 95% interval of AUC(half) -
+AUC(fp32), LogLoss(half) - LogLoss(fp32), max / p99 / mean |P(yes) half - fp32| and candidates/s of
+each. Targets: |dP| <= 0.005 and |dAUC| <= 0.001.
 
 Batch invariance, per dtype: one user (196, the README's example) with its latest history; a
 candidate it has not rated scored alone, beside one other candidate, and inside a 50-candidate
@@ -33,16 +34,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from data.loading import artefact_dir, load_dataset  # noqa: E402
+from rellax import allocator  # noqa: E402
 from rellax.bundle import Bundle  # noqa: E402
 from rellax.entities import HistoryEvent  # noqa: E402
 from rellax.paths import cache_dir  # noqa: E402
-from rellax.precision import cpu_supports_bf16  # noqa: E402
+from rellax.precision import cpu_model, cpu_supports_bf16  # noqa: E402
 from training.fewshot import eval_rows  # noqa: E402
 from training.llm.data import Catalogue  # noqa: E402
 from training.metrics import ctr_metrics, paired_bootstrap_auc_diff  # noqa: E402
 from training.tables import markdown_table  # noqa: E402
 
-DTYPES = ("float32", "bfloat16")
+HALF = ("bfloat16", "float16")
 TARGET_P, TARGET_AUC = 0.005, 0.001
 
 
@@ -97,6 +99,24 @@ def score_resumable(bundle: Bundle, inputs: list, store: Path, chunk: int) -> tu
     return np.array(p), seconds
 
 
+def versus_fp32(labels: np.ndarray, half: np.ndarray, fp32: np.ndarray, metrics: dict) -> dict:
+    """One half-precision run against the fp32 reference on the same rows: paired AUC interval,
+    LogLoss difference, |dP| and whether both targets are met."""
+    gap = np.abs(half - fp32)
+    auc = paired_bootstrap_auc_diff(labels, half, fp32)
+    logloss = ctr_metrics(labels, half)["logloss"] - metrics["float32"]["logloss"]
+    return {
+        "auc_minus_fp32": auc,
+        "logloss_minus_fp32": logloss,
+        "abs_p_diff": {
+            "max": float(gap.max()),
+            "p99": float(np.percentile(gap, 99)),
+            "mean": float(gap.mean()),
+        },
+        "meets": {"p_yes": bool(gap.max() <= TARGET_P), "auc": bool(abs(auc["diff"]) <= TARGET_AUC)},
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bundle", type=Path, default=artefact_dir("bundles", "demo"))
@@ -105,10 +125,10 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=250)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    if not cpu_supports_bf16():
-        print("this CPU has no native bf16 (AMX / AVX-512-BF16): bf16 would be emulated; nothing to measure")
-        return
-    bundles = {dtype: Bundle.load(args.bundle, dtype=dtype) for dtype in DTYPES}
+    dtypes = ["float32", "float16"] + (["bfloat16"] if cpu_supports_bf16() else [])
+    if "bfloat16" not in dtypes:
+        print("this CPU has no native bf16 (AMX / AVX-512-BF16): bf16 would be emulated, not measured")
+    bundles = {dtype: Bundle.load(args.bundle, dtype=dtype) for dtype in dtypes}
     _, samples, _ = load_dataset()
     rows = eval_rows(samples, "test", args.rows, seed=1234)
     labels = samples.label[rows].astype(np.int64)
@@ -122,23 +142,18 @@ def main() -> None:
             scores[dtype], seconds[dtype] = score_resumable(
                 bundle, inputs, work / f"k{k}-{dtype}-{args.rows}.npz", args.chunk
             )
-        gap = np.abs(scores["bfloat16"] - scores["float32"])
-        metrics = {dtype: ctr_metrics(labels, scores[dtype]) for dtype in DTYPES}
-        auc = paired_bootstrap_auc_diff(labels, scores["bfloat16"], scores["float32"])
+        metrics = {dtype: ctr_metrics(labels, scores[dtype]) for dtype in dtypes}
         results.append(
             {
                 "K": k,
                 "rows": int(len(rows)),
                 "metrics": metrics,
-                "auc_bf16_minus_fp32": auc,
-                "logloss_bf16_minus_fp32": metrics["bfloat16"]["logloss"] - metrics["float32"]["logloss"],
-                "abs_p_diff": {
-                    "max": float(gap.max()),
-                    "p99": float(np.percentile(gap, 99)),
-                    "mean": float(gap.mean()),
+                "rows_per_s": {dtype: len(rows) / seconds[dtype] for dtype in dtypes},
+                "versus_fp32": {
+                    half: versus_fp32(labels, scores[half], scores["float32"], metrics)
+                    for half in HALF
+                    if half in scores
                 },
-                "rows_per_s": {dtype: len(rows) / seconds[dtype] for dtype in DTYPES},
-                "meets": {"p_yes": bool(gap.max() <= TARGET_P), "auc": bool(abs(auc["diff"]) <= TARGET_AUC)},
             }
         )
         print(json.dumps(results[-1], indent=2), flush=True)
@@ -151,7 +166,8 @@ def main() -> None:
         "seed": 1234,
         "targets": {"max_abs_p_yes": TARGET_P, "abs_auc": TARGET_AUC},
         "results": results,
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": cpu_model(),
+        "malloc_tuned": allocator.is_tuned(),  # GLIBC_TUNABLES as `rellax` sets them (README)
         "cpus": os.cpu_count(),
         "platform": platform.platform(),
     }
@@ -163,36 +179,40 @@ def main() -> None:
 
 def render(report: dict) -> str:
     lines = [
-        f"# Precision benchmark: the same bundle in fp32 and bf16 ({report['cpus']} CPUs)",
+        f"# Precision benchmark: the same bundle in fp32, fp16 and bf16 "
+        f"({report['cpu']}, {report['cpus']} CPUs)",
         "",
         f"Bundle {report['model_version']}, the seeded test rows of `rellax eval` (seed {report['seed']}), "
-        "served through `Bundle.prepare` + `score_inputs`; bf16 is `rellax.precision`'s recipe.",
+        "served through `Bundle.prepare` + `score_inputs`; fp16 and bf16 are `rellax.precision`'s "
+        "recipe (decoder linears in the half dtype; embeddings, norms, residual stream, head, CFLoRA "
+        "and SPA in fp32).",
         "",
     ]
     cells = []
     for r in report["results"]:
-        m, d, gap, speed = r["metrics"], r["auc_bf16_minus_fp32"], r["abs_p_diff"], r["rows_per_s"]
-        cells.append((
-            r["K"], r["rows"], f"{m['float32']['auc']:.4f}", f"{m['bfloat16']['auc']:.4f}",
-            f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]", f"{m['float32']['logloss']:.4f}",
-            f"{m['bfloat16']['logloss']:.4f}", f"{gap['max']:.4f} / {gap['p99']:.4f} / {gap['mean']:.4f}",
-            f"{speed['float32']:.2f} / {speed['bfloat16']:.2f}",
-        ))  # fmt: skip
+        m, speed = r["metrics"], r["rows_per_s"]
+        fp32 = m["float32"]
+        cells.append((r["K"], r["rows"], "float32", f"{fp32['auc']:.4f}", "", f"{fp32['logloss']:.4f}",
+                      "", "", f"{speed['float32']:.2f}", ""))  # fmt: skip
+        for half, v in r["versus_fp32"].items():
+            d, gap = v["auc_minus_fp32"], v["abs_p_diff"]
+            cells.append((
+                r["K"], r["rows"], half, f"{m[half]['auc']:.4f}",
+                f"{d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}]",
+                f"{m[half]['logloss']:.4f}", f"{v['logloss_minus_fp32']:+.4f}",
+                f"{gap['max']:.4f} / {gap['p99']:.4f} / {gap['mean']:.4f}", f"{speed[half]:.2f}",
+                f"{'met' if v['meets']['p_yes'] else 'missed'} / {'met' if v['meets']['auc'] else 'missed'}",
+            ))  # fmt: skip
     columns = (
-        "K", "rows", "AUC fp32", "AUC bf16", "dAUC [95% CI]", "LogLoss fp32", "LogLoss bf16",
-        "max / p99 / mean abs dP", "rows/s fp32 / bf16",
+        "K", "rows", "dtype", "AUC", "dAUC vs fp32 [95% CI]", "LogLoss", "dLogLoss",
+        "max / p99 / mean abs dP", "rows/s", "targets dP / dAUC",
     )  # fmt: skip
-    lines.append(markdown_table(columns, cells, align="rrrrlrrll"))
+    lines.append(markdown_table(columns, cells, align="rrlrlrrlrl"))
     t = report["targets"]
     lines += [
         "",
         f"Targets: max abs dP <= {t['max_abs_p_yes']}, abs dAUC <= {t['abs_auc']}. "
-        + "; ".join(
-            f"K={r['K']}: P(yes) {'met' if r['meets']['p_yes'] else 'missed'}, "
-            f"AUC {'met' if r['meets']['auc'] else 'missed'}"
-            for r in report["results"]
-        )
-        + ". RELLAX_DTYPE=auto serves fp32; bf16 is an opt-in for throughput.",
+        "RELLAX_DTYPE=auto serves fp32.",
     ]
     inv = report.get("batch_invariance")
     if inv:

@@ -92,7 +92,7 @@ class Bundle:
 
     @property
     def dtype(self) -> str:
-        """The dtype the model computes in ("float32" / "bfloat16"): `dtype="auto"` resolved."""
+        """The dtype the model computes in ("float32" / "bfloat16" / "float16"): `dtype="auto"` resolved."""
         return precision.name(self.scorer.dtype)
 
     @property
@@ -107,8 +107,8 @@ class Bundle:
     def load(cls, path: Path | str, dtype: str = "auto") -> Bundle:
         """Verify checksums, then load every part.
 
-        dtype: "auto" (= float32, `rellax.precision.resolve`), "float32" or "bfloat16";
-            bf16 is `rellax.precision`'s recipe (the SPA projector and CFLoRA gates stay fp32).
+        dtype: "auto" (= float32, `rellax.precision.resolve`), "float32", "bfloat16" or "float16";
+            bf16/fp16 are `rellax.precision`'s recipe (the SPA projector and CFLoRA gates stay fp32).
         """
         path = Path(path)
         manifest = verify(path)

@@ -46,7 +46,11 @@ __all__ = [
     "resolve_dtype",
 ]
 
-DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 _TRAINED = frozenset({"lora_A", "lora_B", "gate"})  # CFLoRA's / peft's small modules: their own dtype
 _BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
 
@@ -98,7 +102,7 @@ def resolve(dtype: str | None) -> torch.dtype:
     if dtype in (None, "auto"):
         return torch.float32
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+        raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
     return DTYPES[dtype]
 
 
@@ -116,8 +120,8 @@ def _base_linears(lm: nn.Module) -> Iterator[nn.Linear]:
 
 
 def cast_for_compute(lm: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Put `lm` in the recipe for `dtype`, in place: fp32 casts everything to fp32; bf16 casts the
-    decoder's linear weights only (see the module docstring). Returns `lm`."""
+    """Put `lm` in the recipe for `dtype`, in place: fp32 casts everything to fp32; bf16 and fp16
+    cast the decoder's linear weights only (see the module docstring). Returns `lm`."""
     if dtype not in DTYPES.values():
         raise ValueError(f"unsupported compute dtype {dtype}")
     lm.to(torch.float32)

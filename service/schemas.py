@@ -412,7 +412,7 @@ class ReadyResponse(_Model):
     checks: dict[str, bool] = Field(description="accepting (not draining), bundle, redis, canary, batcher.")
     model_version: str | None = Field(description="Loaded bundle version.")
     dtype: str | None = Field(
-        None, description="Dtype the model computes in (RELLAX_DTYPE resolved): float32 or bfloat16."
+        None, description="Dtype the model computes in (RELLAX_DTYPE resolved): float32, bfloat16 or float16."
     )
     candidates_per_s: float | None = Field(
         None, description="Model candidates/s measured at start-up on one batch of real-sized prompts."

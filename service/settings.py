@@ -33,7 +33,7 @@ class Settings(BaseSettings):
         default_factory=default_bundle_path,
         description="Bundle directory to serve (default: the demo bundle in the cache).",
     )
-    dtype: Literal["auto", "float32", "bfloat16"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto",
         description=(
             "Dtype the torch backend scores in: auto = float32, the reference; bfloat16 (bf16 linear "

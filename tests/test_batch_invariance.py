@@ -8,6 +8,7 @@ noise of the compute dtype may differ, with a bound per dtype (for this 2-layer 
 figures on SmolLM2-135M are in benchmarks/results/precision.md):
 - fp32: 1e-5. Different batch shapes pick different GEMM blockings; fp32 accumulates in another order
   and that moves the 7th significant digit (measured here: <= 3e-8; on SmolLM2 <= 4e-7).
+- fp16 (every CPU; native where it has AVX-512-FP16 / AMX-FP16): 1e-4, as bf16 below.
 - bf16 (only where the CPU has native bf16): 1e-4 (measured here: <= 6e-8). The same reordering can
   decide whether a product rounds up or down in bf16's 8-bit mantissa, and a deep model compounds
   it: on SmolLM2 (30 layers) a candidate moved by up to 6.5e-3 between batches in bf16, which is one
@@ -25,8 +26,8 @@ from rellax.bundle import Bundle
 from rellax.entities import HistoryEvent, Profile
 from rellax.precision import cpu_supports_bf16
 
-BOUNDS = {"float32": 1e-5, "bfloat16": 1e-4}
-DTYPES = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
+BOUNDS = {"float32": 1e-5, "bfloat16": 1e-4, "float16": 1e-4}
+DTYPES = ["float32", "float16"] + (["bfloat16"] if cpu_supports_bf16() else [])
 
 
 @pytest.fixture(scope="module", params=DTYPES)
@@ -56,19 +57,20 @@ def test_a_candidate_scores_the_same_alone_in_a_pair_and_in_a_long_request(bundl
     assert spread > 10 * bound  # the candidates really score differently: the bound is not vacuous
 
 
-def test_auto_serves_fp32_and_bf16_keeps_the_trained_modules_fp32() -> None:
-    """RELLAX_DTYPE=auto is the fp32 reference; bf16 casts only the decoder's linear weights: the SPA
-    projector and CFLoRA's A, B and gates stay in the fp32 they were trained in."""
+@pytest.mark.parametrize("half", ["bfloat16", "float16"])
+def test_auto_serves_fp32_and_half_precision_keeps_the_trained_modules_fp32(half: str) -> None:
+    """RELLAX_DTYPE=auto is the fp32 reference; bf16 and fp16 cast only the decoder's linear weights:
+    the SPA projector and CFLoRA's A, B and gates stay in the fp32 they were trained in."""
     assert Bundle.load(tiny_bundle_path(), dtype="auto").dtype == "float32"
-    bf16 = Bundle.load(tiny_bundle_path(), dtype="bfloat16")
-    assert bf16.dtype == "bfloat16"
-    model = bf16.scorer.model
+    loaded = Bundle.load(tiny_bundle_path(), dtype=half)
+    assert loaded.dtype == half
+    model = loaded.scorer.model
     kinds = {n: p.dtype for n, p in model.named_parameters()}
     small = {n for n in kinds if n.startswith("spa.") or {"lora_A", "lora_B", "gate"} & set(n.split("."))}
     assert small and all(kinds[n] == torch.float32 for n in small)
     assert kinds["lm.model.embed_tokens.weight"] == kinds["lm.model.norm.weight"] == torch.float32
-    assert kinds["lm.model.layers.0.mlp.down_proj.weight"] == torch.bfloat16
-    assert kinds["lm.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert kinds["lm.model.layers.0.mlp.down_proj.weight"] == getattr(torch, half)
+    assert kinds["lm.model.layers.0.self_attn.q_proj.base_layer.weight"] == getattr(torch, half)
 
 
 def test_chunked_forward_passes_score_like_one_pass(bundle: Bundle) -> None:

@@ -41,7 +41,8 @@ class TorchBackend:
 
     @property
     def compute_dtype(self) -> str:
-        """The dtype the bundle's model computes in ("float32" / "bfloat16"), for /readyz and logs."""
+        """The dtype the bundle's model computes in ("float32" / "bfloat16" / "float16"), for /readyz
+        and logs."""
         return str(self.bundle.dtype)
 
     @property

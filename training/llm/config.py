@@ -141,8 +141,8 @@ class EvalConfig:
     index_dir: Path | None = setting(None, help="Item index folder (default: the data set's, for this LLM).")
     # "auto" resolves as the service's RELLAX_DTYPE=auto does (`rellax.precision.resolve`), so the
     # table describes the bundle as served; recorded in eval.json.
-    dtype: Literal["auto", "float32", "bfloat16"] = setting(
-        "auto", help="auto (as RELLAX_DTYPE=auto serves: float32), float32 or bfloat16."
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = setting(
+        "auto", help="auto (as RELLAX_DTYPE=auto serves: float32), float32, bfloat16 or float16."
     )
 
     def to_json(self) -> dict[str, Any]:

@@ -74,6 +74,8 @@ def main(cfg: EvalConfig) -> dict[str, Any]:
         index = load_or_build_index(
             cfg.index_dir or default_index_dir(cfg.model_dir), lm, tok, catalogue, manifest
         )
+        if dtype == torch.float16:  # after the index, which embeds in fp32 or bf16 only
+            precision.cast_for_compute(lm, dtype)
         return lm, tok, index
 
     def run(  # noqa: ANN001
