@@ -17,6 +17,8 @@ decoder linears (q/k/v/o, gate/up/down), everything else fp32:
 - `outlier channels in fp32`: weights and inputs rounded as above except the 16 input channels of
   each linear with the largest |x| on these prompts (LLM.int8()'s outlier split, emulated): asks
   whether a few massive activation channels carry the error;
+- `fp16 recipe`: what RELLAX_DTYPE=float16 serves (the bf16 recipe with fp16 weights: 11
+  significant bits instead of 8), where the CPU has native fp16;
 - `bf16x3`: split operands, x*W ~ xh*Wh + xh*Wl + xl*Wh with h/l the bf16 high and low parts, three
   bf16 products summed in fp32 (the main one through oneDNN's bf16 mode for an fp32 output, the two
   corrections as one native bf16 GEMM over [xh | xl]): about fp32's accuracy at 3x bf16's FLOPs.
@@ -52,7 +54,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 from results_io import save  # noqa: E402
 
 from rellax.model_input import ModelInput  # noqa: E402
-from rellax.precision import cpu_model, cpu_supports_bf16  # noqa: E402
+from rellax.precision import cpu_model, cpu_supports_bf16, cpu_supports_fp16  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
 from training.tables import markdown_table  # noqa: E402
 
@@ -195,6 +197,8 @@ def whole_model(base: nn.Module, tokenizer, texts: list[ModelInput]) -> list[dic
         ),
         "bf16x3 split operands": (with_split, torch.float32, False),
     }
+    if cpu_supports_fp16():  # the same recipe with 3 more mantissa bits (emulated, and slow, elsewhere)
+        variants["fp16 recipe (RELLAX_DTYPE=float16)"] = (lambda lm: lm, torch.float16, False)
     rows, reference = [], None
     for name, (prepare, dtype, onednn_bf16) in variants.items():
         scorer = Scorer(ScoringModel(prepare(copy.deepcopy(base)), yes, no), dtype=dtype)

@@ -134,7 +134,20 @@ def main() -> None:
     labels = samples.label[rows].astype(np.int64)
     work = cache_dir("precision-bench") / bundles["float32"].model_version
     work.mkdir(parents=True, exist_ok=True)
-    results = []
+    invariance = batch_invariance(bundles)
+    print(json.dumps(invariance, indent=2), flush=True)
+    report = {
+        "bundle": str(args.bundle),
+        "batch_invariance": invariance,
+        "model_version": bundles["float32"].model_version,
+        "seed": 1234,
+        "targets": {"max_abs_p_yes": TARGET_P, "abs_auc": TARGET_AUC},
+        "results": [],
+        "cpu": cpu_model(),
+        "malloc_tuned": allocator.is_tuned(),  # GLIBC_TUNABLES as `rellax` sets them (README)
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     for k in args.ks:
         inputs = prepare_rows(bundles["float32"], rows, k)
         scores, seconds = {}, {}
@@ -143,7 +156,7 @@ def main() -> None:
                 bundle, inputs, work / f"k{k}-{dtype}-{args.rows}.npz", args.chunk
             )
         metrics = {dtype: ctr_metrics(labels, scores[dtype]) for dtype in dtypes}
-        results.append(
+        report["results"].append(
             {
                 "K": k,
                 "rows": int(len(rows)),
@@ -156,24 +169,11 @@ def main() -> None:
                 },
             }
         )
-        print(json.dumps(results[-1], indent=2), flush=True)
-    invariance = batch_invariance(bundles)
-    print(json.dumps(invariance, indent=2), flush=True)
-    report = {
-        "bundle": str(args.bundle),
-        "batch_invariance": invariance,
-        "model_version": bundles["float32"].model_version,
-        "seed": 1234,
-        "targets": {"max_abs_p_yes": TARGET_P, "abs_auc": TARGET_AUC},
-        "results": results,
-        "cpu": cpu_model(),
-        "malloc_tuned": allocator.is_tuned(),  # GLIBC_TUNABLES as `rellax` sets them (README)
-        "cpus": os.cpu_count(),
-        "platform": platform.platform(),
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "precision.json").write_text(json.dumps(report, indent=2))
-    (args.out / "precision.md").write_text(render(report))
+        print(json.dumps(report["results"][-1], indent=2), flush=True)
+        # each finished K is written at once: a run stopped during the next K keeps this one
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "precision.json").write_text(json.dumps(report, indent=2))
+        (args.out / "precision.md").write_text(render(report))
     print(render(report))
 
 

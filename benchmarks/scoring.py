@@ -53,6 +53,7 @@ sys.path.insert(0, str(ROOT))
 
 from index.embed import resolve_dtype  # noqa: E402
 from rellax.model_input import ModelInput  # noqa: E402
+from rellax.precision import cpu_supports_bf16, cpu_supports_fp16  # noqa: E402
 from rellax.prompt import Prompt, build_prompt  # noqa: E402
 from rellax.tokens import add_soft_tokens, answer_token_ids  # noqa: E402
 from training.tables import markdown_table  # noqa: E402
@@ -63,7 +64,8 @@ FAST = resolve_dtype(torch.device("cpu"), None)
 
 
 def _short(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.").replace("bfloat16", "bf16").replace("float32", "fp32")
+    name = str(dtype).removeprefix("torch.")
+    return name.replace("bfloat16", "bf16").replace("float32", "fp32").replace("float16", "fp16")
 
 
 FAST_NAME = _short(FAST)
@@ -72,8 +74,13 @@ VARIANTS = {
     "b": f"(b) transformers {FAST_NAME}, batched, logits_to_keep=1",
     "c": f"(c) rellax runtime {FAST_NAME}, CFLoRA + SPA",
     **({"d": "(d) rellax runtime fp32, CFLoRA + SPA"} if torch.float32 != FAST else {}),
+    **({"e": "(e) rellax runtime fp16, CFLoRA + SPA"} if cpu_supports_fp16() else {}),
 }
-VARIANT_DTYPE = {"a": torch.float32, "b": FAST, "c": FAST, "d": torch.float32}
+VARIANT_DTYPE = {"a": torch.float32, "b": FAST, "c": FAST, "d": torch.float32, "e": torch.float16}
+# Half-precision recipes compared with fp32 per K: each only where the CPU computes it natively.
+HALF = [
+    d for d, native in ((torch.bfloat16, cpu_supports_bf16()), (torch.float16, cpu_supports_fp16())) if native
+]
 
 
 def matmul_peak(n: int = 2048, repeats: int = 10, dtype: torch.dtype = FAST) -> float:
@@ -160,18 +167,25 @@ def build_runtime(base, tokenizer, gate_dim: int = 256, embed_dim: int = 64, dty
     return Scorer(model, dtype=dtype, pad_id=tokenizer.pad_token_id or 0)
 
 
-def base_precision(base, tokenizer, prompts: list[Prompt]) -> dict[str, float]:  # noqa: ANN001
-    """max / mean |P(yes) bf16 recipe - fp32| of the base model (no adapters) through `Scorer`."""
+def base_precision(base, tokenizer, prompts: list[Prompt]) -> dict[str, dict[str, float]]:  # noqa: ANN001
+    """Per half dtype: max / mean |P(yes) recipe - fp32| of the base model (no adapters) through
+    `Scorer`."""
     from rellax.scorer import Scorer, ScoringModel
 
     yes, no = answer_token_ids(tokenizer)
     text = [ModelInput(p.input_ids) for p in prompts]  # the same ids, placeholders left as plain tokens
     p = {
         dtype: Scorer(ScoringModel(copy.deepcopy(base), yes, no), dtype=dtype).score(text)
-        for dtype in (torch.float32, torch.bfloat16)
+        for dtype in (torch.float32, *HALF)
     }
-    gap = np.abs(p[torch.bfloat16] - p[torch.float32])
-    return {"max": round(float(gap.max()), 4), "mean": round(float(gap.mean()), 4)}
+    out = {}
+    for dtype in HALF:
+        gap = np.abs(p[dtype] - p[torch.float32])
+        out[str(dtype).removeprefix("torch.")] = {
+            "max": round(float(gap.max()), 4),
+            "mean": round(float(gap.mean()), 4),
+        }
+    return out
 
 
 def model_flops(model, tokens: np.ndarray) -> np.ndarray:  # noqa: ANN001
@@ -204,8 +218,9 @@ def main() -> None:
     add_soft_tokens(tokenizer, fp32)  # the placeholder ids exist (zero rows) for every variant
     fast = copy.deepcopy(fp32).to(FAST)
     runtimes = {"c": build_runtime(fp32, tokenizer)}
-    if "d" in VARIANTS:
-        runtimes["d"] = build_runtime(fp32, tokenizer, dtype=torch.float32)
+    for kind in ("d", "e"):
+        if kind in VARIANTS:
+            runtimes[kind] = build_runtime(fp32, tokenizer, dtype=VARIANT_DTYPE[kind])
     rng = np.random.default_rng(1)
     peaks = {dtype: matmul_peak(dtype=dtype) for dtype in set(VARIANT_DTYPE[v] for v in VARIANTS)}
 
@@ -249,8 +264,8 @@ def main() -> None:
             print(rows[-1], flush=True)
         gap = np.abs(results["a"] - results["b"][: args.naive]).max()
         checks[f"K={k}"] = {"max_abs_p_yes_a_vs_b": round(float(gap), 4)}
-        if torch.float32 != FAST:
-            checks[f"K={k}"]["base_bf16_recipe_vs_fp32"] = base_precision(fp32, tokenizer, ps)
+        if HALF:
+            checks[f"K={k}"]["base_recipe_vs_fp32"] = base_precision(fp32, tokenizer, ps)
     by = {(r["K"], r["variant"][1]): r["candidates_per_s"] for r in rows}
     ratios = {
         f"K={k}": {
@@ -321,35 +336,40 @@ def render(result: dict) -> str:
 
 
 def _precision_lines(result: dict) -> list[str]:
-    """Per K: the bf16 recipe against fp32 (base model, these candidates; the trained demo bundle's
-    AUC on labelled rows from precision.json when it has that K). Targets 0.005 / 0.001."""
-    base = {
-        k[2:]: v["base_bf16_recipe_vs_fp32"]
-        for k, v in result["checks"].items()
-        if "base_bf16_recipe_vs_fp32" in v
-    }
+    """Per K and half dtype: the recipe against fp32 (base model, these candidates; the trained demo
+    bundle's max |dP| and AUC on labelled rows from precision.json when it has that K and dtype).
+    Targets 0.005 / 0.001."""
+    base: dict[tuple[str, str], dict] = {}
+    for k, v in result["checks"].items():
+        if "base_bf16_recipe_vs_fp32" in v:  # saved before fp16 was measured
+            base[k[2:], "bfloat16"] = v["base_bf16_recipe_vs_fp32"]
+        for dtype, gap in v.get("base_recipe_vs_fp32", {}).items():
+            base[k[2:], dtype] = gap
     if not base:
         return []
     saved = ROOT / "benchmarks" / "results" / "precision.json"
-    trained = {str(r["K"]): r for r in json.loads(saved.read_text())["results"]} if saved.exists() else {}
+    trained: dict[tuple[str, str], tuple[dict, int]] = {}
+    for r in json.loads(saved.read_text())["results"] if saved.exists() else []:
+        if "versus_fp32" in r:
+            for dtype, v in r["versus_fp32"].items():
+                trained[str(r["K"]), dtype] = (v["abs_p_diff"]["max"], v["auc_minus_fp32"], r["rows"])
+        else:  # saved before fp16 was measured: bf16 only
+            trained[str(r["K"]), "bfloat16"] = (r["abs_p_diff"]["max"], r["auc_bf16_minus_fp32"], r["rows"])
     lines = [
-        "Precision of the bf16 recipe (`rellax.precision`) against fp32, per K (targets: max |dP| <= 0.005,"
-        " |dAUC| <= 0.001; RELLAX_DTYPE=auto serves fp32):",
+        "Precision of the half-precision recipes (`rellax.precision`) against fp32, per K (targets: max "
+        "|dP| <= 0.005, |dAUC| <= 0.001; RELLAX_DTYPE=auto serves fp32):",
         "",
     ]
     cells = []
-    for k, gap in base.items():
+    for (k, dtype), gap in base.items():
         cell = "not measured (benchmarks/precision.py --ks K)"
-        if k in trained:
-            t, d = trained[k], trained[k]["auc_bf16_minus_fp32"]
-            cell = (
-                f"{t['abs_p_diff']['max']:.4f}, {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] "
-                f"on {t['rows']} rows"
-            )
-        cells.append((k, f"{gap['max']} / {gap['mean']}", cell))
-    columns = ("K", "base model, these candidates: max / mean abs dP",
+        if (k, dtype) in trained:
+            worst, d, n = trained[k, dtype]
+            cell = f"{worst:.4f}, {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] on {n} rows"
+        cells.append((k, dtype, f"{gap['max']} / {gap['mean']}", cell))
+    columns = ("K", "dtype", "base model, these candidates: max / mean abs dP",
                "trained demo bundle, test rows: max abs dP, dAUC [95% CI]")  # fmt: skip
-    return [*lines, markdown_table(columns, cells, align="rll"), ""]
+    return [*lines, markdown_table(columns, cells, align="rlll"), ""]
 
 
 if __name__ == "__main__":

@@ -20,6 +20,13 @@ service promises, so scores are *served and evaluated in fp32* unless bf16 is as
 for (`resolve`); bf16 stays where only speed matters and the result is recorded (training's
 frozen base, the item index) and as an opt-in for throughput (RELLAX_DTYPE=bfloat16).
 
+fp16 runs the same recipe with fp16 linear weights. Its 11 significant bits (bf16: 8) are what the
+error needed: on the same SmolLM2 prompts max |P(yes) fp16 - fp32| was 0.0011 (bf16: 0.012), inside
+the contract (benchmarks/results/precision.md has the trained bundle's AUC). Its range (max 65504)
+is enough here because only the linears' inputs and outputs are fp16, never the residual stream.
+It is an opt-in (RELLAX_DTYPE=float16) rather than auto because its speed depends on the CPU: on a
+CPU without AMX-FP16 it ran at about fp32's speed.
+
 Every path that picks a dtype by itself records `name(dtype)` in its output.
 """
 
@@ -41,6 +48,7 @@ __all__ = [
     "compute_dtype",
     "cpu_model",
     "cpu_supports_bf16",
+    "cpu_supports_fp16",
     "name",
     "resolve",
     "resolve_dtype",
@@ -53,6 +61,7 @@ DTYPES: dict[str, torch.dtype] = {
 }
 _TRAINED = frozenset({"lora_A", "lora_B", "gate"})  # CFLoRA's / peft's small modules: their own dtype
 _BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+_FP16_CPU_FLAGS = frozenset({"amx_fp16", "avx512_fp16"})
 
 
 @functools.cache
@@ -66,6 +75,20 @@ def cpu_supports_bf16() -> bool:
     for line in text.splitlines():
         if line.startswith("flags"):
             return bool(_BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
+    return False
+
+
+@functools.cache
+def cpu_supports_fp16() -> bool:
+    """True when the CPU has native fp16 arithmetic (AVX-512-FP16, AMX-FP16); elsewhere fp16 matmul
+    is emulated. Used to decide what a benchmark can measure, not what is served."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return bool(_FP16_CPU_FLAGS & set(line.partition(":")[2].split()))
     return False
 
 

@@ -38,7 +38,9 @@ class Settings(BaseSettings):
         description=(
             "Dtype the torch backend scores in: auto = float32, the reference; bfloat16 (bf16 linear "
             "weights, fp32 residual stream) is ~2x faster on CPUs with AMX/AVX-512-BF16 but moved P(yes) "
-            "by up to 0.028 (benchmarks/results/precision.md). vLLM: its own choice (see its backend)."
+            "by up to 0.028; float16 (the same recipe in fp16) stays within 0.005 of fp32, at about "
+            "fp32's speed on CPUs without AMX-FP16 (benchmarks/results/precision.md). vLLM: its own "
+            "choice (see its backend)."
         ),
     )
     backend: Literal["torch", "vllm"] = Field(
