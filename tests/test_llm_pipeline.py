@@ -28,8 +28,10 @@ LOOP = dict(batch_size=8, micro_batch=4, bf16=False, evals_per_epoch=1)
 # fp32 1e-5 (the same ops, batched differently: GEMM blocking moves the 7th digit); bf16 2e-3 (the
 # same recipe, rellax.precision, on both sides; what differs is the batch shape, which decides some
 # bf16 roundings: the bound of tests/test_batch_invariance.py).
-PARITY = {"float32": 1e-5, "bfloat16": 2e-3}
+# fp16 (evaluation and serving only; nothing trains in it): 1e-3, the same recipe with 3 more bits.
+PARITY = {"float32": 1e-5, "bfloat16": 2e-3, "float16": 1e-3}
 PARITY_DTYPES = ["float32"] + (["bfloat16"] if cpu_supports_bf16() else [])
+EVAL_DTYPES = [*PARITY_DTYPES, "float16"]
 
 
 @pytest.fixture(scope="module")
@@ -324,7 +326,7 @@ def test_runs_are_reused_only_under_the_same_config(
     assert again["run_id"] != s2_first and again["stage1_run_id"] == other["run_id"]
 
 
-@pytest.mark.parametrize("dtype", PARITY_DTYPES)
+@pytest.mark.parametrize("dtype", EVAL_DTYPES)
 def test_eval_scores_every_mode_on_the_same_rows(
     dtype: str,
     runs: dict[str, Path],
