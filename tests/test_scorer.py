@@ -132,14 +132,20 @@ def test_margin_guards(scoring, soft_tokenizer) -> None:  # noqa: ANN001
         Scorer(scoring, dtype=torch.float32).score(text_prompts, [torch.zeros(0, EMBED_DIM)])
 
 
-@pytest.mark.parametrize("cast", [True, False])
-def test_bf16_tracks_the_fp32_reference(scoring, soft_tokenizer, cast: bool) -> None:  # noqa: ANN001
+def _gated_inputs_and_fp32(scoring, soft_tokenizer) -> tuple:  # noqa: ANN001
+    """Gated model, SPA prompts, DIN vectors and gate inputs, and the fp32 reference scores."""
     _gated(scoring)
     prompts = _prompts(soft_tokenizer, spa=True)
     din = torch.randn(200, EMBED_DIM)
     vectors = [din[p.soft_item_ids] for p in prompts]
     h = torch.randn(len(prompts), GATE_DIM)
     reference = Scorer(copy.deepcopy(scoring), dtype=torch.float32).score(prompts, vectors, h)
+    return prompts, vectors, h, reference
+
+
+@pytest.mark.parametrize("cast", [True, False])
+def test_bf16_tracks_the_fp32_reference(scoring, soft_tokenizer, cast: bool) -> None:  # noqa: ANN001
+    prompts, vectors, h, reference = _gated_inputs_and_fp32(scoring, soft_tokenizer)
     model = copy.deepcopy(scoring)
     got = Scorer(model, dtype=torch.bfloat16, cast=cast).score(prompts, vectors, h)
     in_bf16 = {n for n, p in model.named_parameters() if p.dtype == torch.bfloat16}
@@ -159,12 +165,7 @@ def test_fp16_recipe_casts_like_bf16_and_tracks_fp32_closer(scoring, soft_tokeni
     """fp16 runs the same recipe (decoder linears only) with 11 significant bits to bf16's 8: on
     SmolLM2 that is what brings P(yes) within the 0.005 the service promises (README, "Numeric
     precision"), so here its error must be well below bf16's on the same prompts."""
-    _gated(scoring)
-    prompts = _prompts(soft_tokenizer, spa=True)
-    din = torch.randn(200, EMBED_DIM)
-    vectors = [din[p.soft_item_ids] for p in prompts]
-    h = torch.randn(len(prompts), GATE_DIM)
-    reference = Scorer(copy.deepcopy(scoring), dtype=torch.float32).score(prompts, vectors, h)
+    prompts, vectors, h, reference = _gated_inputs_and_fp32(scoring, soft_tokenizer)
     errors = {}
     for dtype in (torch.bfloat16, torch.float16):
         model = copy.deepcopy(scoring)
