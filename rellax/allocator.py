@@ -10,8 +10,9 @@ heap grows instead. Either way every allocation touches new pages and pays one p
 caching allocator on CPU, so the process's malloc is where this is fixed. The tunables below keep
 blocks under 1 GiB on the heap, never trim it, put every thread on the main arena (per-thread heaps
 cap at 64 MB) and turn the thread cache off so freed blocks coalesce: 0 faults for the same tensor,
-and fp32 scoring about a third faster on a 2-core Xeon (benchmarks/results/allocator.md). The
-price: the process keeps its peak heap (RSS does not shrink after a large batch).
+and fp32 scoring 1.08x (the service's 4-prompt passes) to 1.23x (one 32-prompt pass) faster on a
+2-core Xeon (benchmarks/results/allocator.md). The price: the process keeps its peak heap (RSS does
+not shrink after a large batch).
 
 glibc reads GLIBC_TUNABLES only when the process starts, so `rellax` re-executes itself once with
 them set (`reexec_with_tuning`, from the console entry point) unless they are already there, the

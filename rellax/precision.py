@@ -65,45 +65,40 @@ _FP16_CPU_FLAGS = frozenset({"amx_fp16", "avx512_fp16"})
 
 
 @functools.cache
+def _cpu_info() -> tuple[str, frozenset[str]] | None:
+    """(model name, flags) from /proc/cpuinfo; None where there is none (not Linux)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    name = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("model name")), "")
+    flags = next((ln.partition(":")[2].split() for ln in lines if ln.startswith("flags")), [])
+    return name, frozenset(flags)
+
+
 def cpu_supports_bf16() -> bool:
     """True when the CPU has native bf16 matmul (AMX or AVX-512-BF16), where bf16 is several times
     faster than fp32; elsewhere bf16 is emulated and slower, so fp32 is the better default."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:  # not Linux: assume no native bf16
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool(_BF16_CPU_FLAGS & set(line.partition(":")[2].split()))
-    return False
+    info = _cpu_info()
+    return info is not None and bool(_BF16_CPU_FLAGS & info[1])
 
 
-@functools.cache
 def cpu_supports_fp16() -> bool:
     """True when the CPU has native fp16 arithmetic (AVX-512-FP16, AMX-FP16); elsewhere fp16 matmul
     is emulated. Used to decide what a benchmark can measure, not what is served."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return bool(_FP16_CPU_FLAGS & set(line.partition(":")[2].split()))
-    return False
+    info = _cpu_info()
+    return info is not None and bool(_FP16_CPU_FLAGS & info[1])
 
 
-@functools.cache
 def cpu_model() -> str:
     """The CPU's model name and its native-bf16 flags ("Intel(R) Xeon(R) Processor [amx_bf16
     avx512_bf16]"): results record it because the same code runs several times faster, and in
     another dtype, on one kind of 2-core machine than on another."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:  # not Linux
+    info = _cpu_info()
+    if info is None:  # not Linux
         return platform.processor() or platform.machine()
-    name = next((ln.partition(":")[2].strip() for ln in lines if ln.startswith("model name")), "")
-    flags = next((ln.partition(":")[2].split() for ln in lines if ln.startswith("flags")), [])
-    bf16 = sorted(_BF16_CPU_FLAGS & set(flags))
+    name, flags = info
+    bf16 = sorted(_BF16_CPU_FLAGS & flags)
     return f"{name or platform.machine()} [{' '.join(bf16) or 'no native bf16'}]"
 
 
