@@ -345,8 +345,6 @@ def _precision_lines(result: dict) -> list[str]:
             base[k[2:], "bfloat16"] = v["base_bf16_recipe_vs_fp32"]
         for dtype, gap in v.get("base_recipe_vs_fp32", {}).items():
             base[k[2:], dtype] = gap
-    if not base:
-        return []
     saved = ROOT / "benchmarks" / "results" / "precision.json"
     trained: dict[tuple[str, str], tuple[dict, int]] = {}
     for r in json.loads(saved.read_text())["results"] if saved.exists() else []:
@@ -360,13 +358,16 @@ def _precision_lines(result: dict) -> list[str]:
         "|dP| <= 0.005, |dAUC| <= 0.001; RELLAX_DTYPE=auto serves fp32):",
         "",
     ]
+    if not base and not trained:
+        return []
     cells = []
-    for (k, dtype), gap in base.items():
+    for k, dtype in sorted(base.keys() | trained.keys(), key=lambda kd: (int(kd[0]), kd[1])):
+        gap = base.get((k, dtype))
         cell = "not measured (benchmarks/precision.py --ks K)"
         if (k, dtype) in trained:
             worst, d, n = trained[k, dtype]
             cell = f"{worst:.4f}, {d['diff']:+.4f} [{d['lo']:+.4f}, {d['hi']:+.4f}] on {n} rows"
-        cells.append((k, dtype, f"{gap['max']} / {gap['mean']}", cell))
+        cells.append((k, dtype, "not measured" if gap is None else f"{gap['max']} / {gap['mean']}", cell))
     columns = ("K", "dtype", "base model, these candidates: max / mean abs dP",
                "trained demo bundle, test rows: max abs dP, dAUC [95% CI]")  # fmt: skip
     return [*lines, markdown_table(columns, cells, align="rlll"), ""]
