@@ -102,9 +102,9 @@ def main() -> None:
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    rows = [int(r) for r in args.rows.split(",")]
+    passes = [int(r) for r in args.rows.split(",")]
     if args.child:
-        child(args.candidates, args.k, rows)
+        child(args.candidates, args.k, passes)
         return
     if not allocator.wanted({}):
         print("skipped: not a glibc Linux process, so rellax leaves the allocator alone")
@@ -116,7 +116,7 @@ def main() -> None:
     runs: dict[str, list[list[dict]]] = {name: [] for name in envs}
     for round_ in range(args.rounds):
         for name, env in envs.items():
-            runs[name].append(measure(env, args.candidates, args.k, rows))
+            runs[name].append(measure(env, args.candidates, args.k, passes))
             print(f"round {round_ + 1} {name}: {runs[name][-1]}", flush=True)
     rows = []
     for name, rounds in runs.items():
@@ -134,7 +134,7 @@ def main() -> None:
                 "same_p_yes_as_defaults": same,
             })  # fmt: skip
     result = {
-        "workload": {"candidates": args.candidates, "k": args.k, "rounds": args.rounds, "rows": rows},
+        "workload": {"candidates": args.candidates, "k": args.k, "rounds": args.rounds, "rows": passes},
         "tunables": allocator.TUNING,
         "rows": rows,
         "cpu": cpu_model(),

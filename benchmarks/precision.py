@@ -99,12 +99,12 @@ def score_resumable(bundle: Bundle, inputs: list, store: Path, chunk: int) -> tu
     return np.array(p), seconds
 
 
-def versus_fp32(labels: np.ndarray, half: np.ndarray, fp32: np.ndarray, metrics: dict) -> dict:
+def versus_fp32(labels: np.ndarray, scores: dict[str, np.ndarray], metrics: dict, half: str) -> dict:
     """One half-precision run against the fp32 reference on the same rows: paired AUC interval,
     LogLoss difference, |dP| and whether both targets are met."""
-    gap = np.abs(half - fp32)
-    auc = paired_bootstrap_auc_diff(labels, half, fp32)
-    logloss = ctr_metrics(labels, half)["logloss"] - metrics["float32"]["logloss"]
+    gap = np.abs(scores[half] - scores["float32"])
+    auc = paired_bootstrap_auc_diff(labels, scores[half], scores["float32"])
+    logloss = metrics[half]["logloss"] - metrics["float32"]["logloss"]
     return {
         "auc_minus_fp32": auc,
         "logloss_minus_fp32": logloss,
@@ -163,9 +163,7 @@ def main() -> None:
                 "metrics": metrics,
                 "rows_per_s": {dtype: len(rows) / seconds[dtype] for dtype in dtypes},
                 "versus_fp32": {
-                    half: versus_fp32(labels, scores[half], scores["float32"], metrics)
-                    for half in HALF
-                    if half in scores
+                    half: versus_fp32(labels, scores, metrics, half) for half in HALF if half in scores
                 },
             }
         )
