@@ -4,7 +4,6 @@ time), and the re-exec that applies them."""
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 import textwrap
@@ -15,7 +14,7 @@ import pytest
 from rellax import allocator
 
 pytestmark = pytest.mark.skipif(
-    not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+    not allocator.wanted({}),
     reason="the malloc tunables are glibc's; elsewhere rellax leaves the allocator alone",
 )
 
